@@ -1,0 +1,314 @@
+"""The dependency graph: which parameter slices must be removed together.
+
+Model (DepGraph, refined to index level): every dimension of every tensor in the program is a
+*slot*; each index of a slot is an *element*. Op rules (`rules.py`) state how the elements of an
+op's input dims map to the elements of its output dims (identity, concat offsets, split ranges,
+flatten blocks, grouped-conv group structure, ...). The transitive closure of those couplings is
+computed once, as connected components over all elements (scipy, linear time). A component is one
+prunable index: removing it removes the matching slice of every parameter it touches. A *group*
+is a set of components that share slots (the paper's group): its members are (parameter, dim)
+pairs, and its indices are its components.
+
+Elements coupled to anything that must keep its size (program inputs and outputs, dims of ops we
+have no rule for, symbolic dims, spatial dims) are joined to the FROZEN sentinel element 0 and are
+never pruned. Index maps are built once; groups are read off the component labels, so querying a
+group costs time linear in the group, never a re-walk of the graph.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
+from torch.export import ExportedProgram
+from torch.export.graph_signature import InputKind, OutputKind
+
+FROZEN = 0  # sentinel element id
+
+
+@dataclass
+class Member:
+    """One (tensor, dim) coupled into a group: a parameter, buffer or constant of the program."""
+
+    name: str  # fully qualified name, e.g. "layer1.0.conv1.weight"
+    kind: str  # "parameter" | "buffer" | "constant"
+    dim: int
+    slot: int
+    role: str = ""  # e.g. "norm_weight" for BN-scale importance
+
+
+@dataclass
+class Group:
+    """Coupled slices: pruning index k removes slice k of every member at once."""
+
+    id: int
+    components: np.ndarray  # component labels, one per prunable index
+    members: list[Member] = field(default_factory=list)
+
+    @property
+    def size(self) -> int:
+        return int(len(self.components))
+
+
+class Builder:
+    """Collects slots and element couplings while the op rules walk the graph."""
+
+    def __init__(self) -> None:
+        self.slot_off: list[int] = []
+        self.slot_size: list[int] = []
+        self.slot_symbolic: list[bool] = []
+        self.slot_frozen_hint: list[bool] = []  # eager, slot-level guess used only to choose factors
+        self.n_elems = 1  # element 0 is FROZEN
+        self.edges_a: list[np.ndarray] = []
+        self.edges_b: list[np.ndarray] = []
+        self.handled: set[int] = set()
+        # node name -> rewrite(kept_count, kept_indices) -> None; filled by rules that carry literals
+        self.rewrites: dict[str, Callable] = {}
+        self.roles: dict[int, str] = {}  # slot -> role of the parameter dim it belongs to
+
+    # --- slots -----------------------------------------------------------------------------
+    def new(self, size: int | torch.SymInt) -> int:
+        sid = len(self.slot_off)
+        concrete = isinstance(size, int)
+        n = int(size) if concrete else 1
+        self.slot_off.append(self.n_elems)
+        self.slot_size.append(n)
+        self.slot_symbolic.append(not concrete)
+        self.slot_frozen_hint.append(False)
+        self.n_elems += n
+        if not concrete:
+            self.freeze(sid)
+        return sid
+
+    def new_like(self, shape: Sequence) -> list[int]:
+        return [self.new(s) for s in shape]
+
+    def size(self, slot: int) -> int:
+        return self.slot_size[slot]
+
+    def elems(self, slot: int) -> np.ndarray:
+        off = self.slot_off[slot]
+        return np.arange(off, off + self.slot_size[slot], dtype=np.int64)
+
+    def is_frozen_hint(self, slot: int) -> bool:
+        return self.slot_frozen_hint[slot]
+
+    # --- couplings -------------------------------------------------------------------------
+    def _pairs(self, a: np.ndarray, b: np.ndarray) -> None:
+        self.edges_a.append(np.asarray(a, dtype=np.int64))
+        self.edges_b.append(np.asarray(b, dtype=np.int64))
+
+    def freeze(self, slot: int) -> None:
+        self.handled.add(slot)
+        self.slot_frozen_hint[slot] = True
+        e = self.elems(slot)
+        self._pairs(e, np.zeros_like(e))
+
+    def freeze_elems(self, slot: int, idx: np.ndarray) -> None:
+        self.handled.add(slot)
+        e = self.slot_off[slot] + np.asarray(idx, dtype=np.int64)
+        self._pairs(e, np.zeros_like(e))
+
+    def union(self, a: int, b: int) -> None:
+        """Identity coupling: element i of slot a is element i of slot b."""
+        self.handled.update((a, b))
+        if a == b:
+            return
+        if self.slot_symbolic[a] or self.slot_symbolic[b] or self.slot_size[a] != self.slot_size[b]:
+            self.freeze(a)
+            self.freeze(b)
+            return
+        if self.slot_frozen_hint[a] or self.slot_frozen_hint[b]:
+            self.slot_frozen_hint[a] = self.slot_frozen_hint[b] = True
+        self._pairs(self.elems(a), self.elems(b))
+
+    def union_map(self, a: int, ia: np.ndarray, b: int, ib: np.ndarray) -> None:
+        """Element ia[j] of slot a is coupled to element ib[j] of slot b (offsets, blocks, groups)."""
+        self.handled.update((a, b))
+        if self.slot_symbolic[a] or self.slot_symbolic[b]:
+            self.freeze(a)
+            self.freeze(b)
+            return
+        self._pairs(self.slot_off[a] + np.asarray(ia, dtype=np.int64),
+                    self.slot_off[b] + np.asarray(ib, dtype=np.int64))
+
+    def tie_blocks(self, slot: int, n_blocks: int) -> None:
+        """Couple index j of every one of `n_blocks` equal contiguous blocks of `slot` (group structure)."""
+        self.handled.add(slot)
+        n = self.slot_size[slot]
+        if n_blocks <= 1 or self.slot_symbolic[slot]:
+            return
+        per = n // n_blocks
+        first = np.tile(np.arange(per), n_blocks - 1)
+        others = np.arange(per, n)
+        self.union_map(slot, first, slot, others)
+
+
+@dataclass
+class ParamInfo:
+    name: str
+    kind: str
+    slots: list[int]
+    node_name: str
+
+
+class DependencyGraph:
+    """Dependency graph of an ExportedProgram; see the module docstring."""
+
+    def __init__(self, ep: ExportedProgram, ignore: Sequence[str] = (), split_policy: str = "largest"):
+        from . import rules  # late import: rules import Builder from here
+
+        self.ep = ep
+        self.builder = b = Builder()
+        self.split_policy = split_policy
+        self.frozen_ops: Counter[str] = Counter()
+        self.node_slots: dict[str, object] = {}  # node name -> list[int] | list[list[int]] | None
+        self.params: dict[str, ParamInfo] = {}  # fqn -> info
+        sig = ep.graph_signature
+        kinds = {
+            InputKind.PARAMETER: "parameter",
+            InputKind.BUFFER: "buffer",
+            InputKind.CONSTANT_TENSOR: "constant",
+        }
+        placeholder_kind: dict[str, tuple[str, str | None]] = {}
+        for spec in sig.input_specs:
+            placeholder_kind[spec.arg.name] = (kinds.get(spec.kind, "input"), spec.target)
+
+        for node in ep.graph.nodes:
+            b.handled = set()
+            if node.op == "placeholder":
+                val = node.meta.get("val")
+                if not isinstance(val, torch.Tensor):
+                    self.node_slots[node.name] = None
+                    continue
+                slots = b.new_like(val.shape)
+                self.node_slots[node.name] = slots
+                kind, target = placeholder_kind.get(node.name, ("input", None))
+                if kind == "input":
+                    for s in slots:
+                        b.freeze(s)
+                else:
+                    self.params[target] = ParamInfo(target, kind, slots, node.name)
+                    if any(fnmatch.fnmatchcase(target, pat) for pat in ignore):
+                        for s in slots:
+                            b.freeze(s)
+            elif node.op == "call_function":
+                self.node_slots[node.name] = rules.apply_rule(self, node)
+            elif node.op == "output":
+                user_outputs = [
+                    spec.arg.name
+                    for spec in sig.output_specs
+                    if spec.kind in (OutputKind.USER_OUTPUT, OutputKind.USER_INPUT_MUTATION)
+                    and hasattr(spec.arg, "name")
+                ]
+                for name in user_outputs:
+                    slots = self.node_slots.get(name)
+                    for s in _flat_slots(slots):
+                        b.freeze(s)
+        self._finalize()
+
+    # --- helpers for rules -------------------------------------------------------------------
+    def slots_of(self, arg) -> list[int] | None:
+        if isinstance(arg, torch.fx.Node):
+            s = self.node_slots.get(arg.name)
+            if s is None or (s and isinstance(s[0], list)):
+                return None
+            return s
+        return None
+
+    # --- closure -----------------------------------------------------------------------------
+    def _finalize(self) -> None:
+        b = self.builder
+        n = b.n_elems
+        if b.edges_a:
+            ea = np.concatenate(b.edges_a)
+            eb = np.concatenate(b.edges_b)
+        else:
+            ea = eb = np.zeros(0, dtype=np.int64)
+        adj = coo_matrix((np.ones(len(ea), dtype=np.int8), (ea, eb)), shape=(n, n)).tocsr()
+        _, labels = connected_components(adj, directed=False)
+        self.labels = labels
+        frozen_label = labels[FROZEN]
+        self.frozen_label = int(frozen_label)
+        self.slot_off = np.asarray(b.slot_off, dtype=np.int64)
+        self.slot_size = np.asarray(b.slot_size, dtype=np.int64)
+
+        # groups: components linked through shared parameter slots
+        param_slots = sorted({s for p in self.params.values() for s in p.slots})
+        comp_ids, slot_idx = [], []
+        for i, s in enumerate(param_slots):
+            lab = labels[b.slot_off[s]: b.slot_off[s] + b.slot_size[s]]
+            lab = np.unique(lab[lab != frozen_label])
+            comp_ids.append(lab)
+            slot_idx.append(np.full(len(lab), i, dtype=np.int64))
+        self.groups: list[Group] = []
+        self.slot_group: dict[int, int] = {}
+        if comp_ids and sum(len(c) for c in comp_ids):
+            comps = np.concatenate(comp_ids)
+            sidx = np.concatenate(slot_idx)
+            uniq, comp_pos = np.unique(comps, return_inverse=True)
+            ns = len(param_slots)
+            m = ns + len(uniq)
+            g = coo_matrix((np.ones(len(comps), dtype=np.int8), (sidx, ns + comp_pos)), shape=(m, m)).tocsr()
+            _, glabels = connected_components(g, directed=False)
+            comp_group = glabels[ns:]
+            order = np.unique(comp_group)
+            remap = {int(x): i for i, x in enumerate(order)}
+            for i in range(len(order)):
+                self.groups.append(Group(i, uniq[comp_group == order[i]]))
+            for i, s in enumerate(param_slots):
+                if len(comp_ids[i]):
+                    self.slot_group[s] = remap[int(glabels[i])]
+        for p in self.params.values():
+            for d, s in enumerate(p.slots):
+                gid = self.slot_group.get(s)
+                if gid is not None:
+                    self.groups[gid].members.append(Member(p.name, p.kind, d, s, b.roles.get(s, "")))
+        # groups made only of buffers or constants remove nothing worth removing: keep those with a parameter
+        self.groups = [g for g in self.groups if any(m.kind == "parameter" for m in g.members)]
+
+    def slot_labels(self, slot: int) -> np.ndarray:
+        off = self.slot_off[slot]
+        return self.labels[off: off + self.slot_size[slot]]
+
+    def summary(self) -> list[dict]:
+        """Groups as plain data: members (name, dim) and size (prunable indices)."""
+        return [
+            {
+                "id": g.id,
+                "size": g.size,
+                "members": [{"name": m.name, "dim": m.dim} for m in g.members],
+            }
+            for g in self.groups
+        ]
+
+
+def _flat_slots(slots) -> list[int]:
+    if slots is None:
+        return []
+    out: list[int] = []
+    for s in slots:
+        if isinstance(s, list):
+            out.extend(s)
+        else:
+            out.append(s)
+    return out
+
+
+def build_graph(
+    model: ExportedProgram | torch.nn.Module,
+    example_inputs: tuple | None = None,
+    ignore: Sequence[str] = (),
+) -> DependencyGraph:
+    """Dependency graph of an ExportedProgram, or of a module exported with `example_inputs` first."""
+    if isinstance(model, torch.nn.Module):
+        if example_inputs is None:
+            raise ValueError("an nn.Module needs example_inputs to be exported")
+        model = torch.export.export(model, tuple(example_inputs))
+    return DependencyGraph(model, ignore=ignore)

@@ -1,0 +1,341 @@
+"""Selection and physical removal: from a dependency graph and a spec to a smaller ExportedProgram.
+
+Removal works on the unlifted module of the program (`ep.module()`): parameters, buffers and
+constants are replaced by their kept slices, shape literals in the graph are rewritten by the op
+rules that own them, and the module is exported again with the program's own example inputs and
+dynamic dims, so the result is a valid ExportedProgram by construction.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.utils._pytree as pytree
+from torch.export import Dim, ExportedProgram
+from torch.export.graph_signature import InputKind
+
+from .counting import count
+from .graph import DependencyGraph
+from .importance import IMPORTANCES, group_scores, relative
+
+
+class PruneError(ValueError):
+    """The spec cannot be applied to this program (bad ratio, nothing to prune, re-export failed)."""
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    ratio: float = 0.5
+    importance: str = "l2"
+    global_pruning: bool = False
+    round_to: int | None = None
+    max_ratio: float = 1.0
+    ignore: tuple[str, ...] = ()
+    seed: int = 0
+
+    def validate(self) -> None:
+        if not 0.0 < self.ratio < 1.0:
+            raise PruneError(f"ratio must be in (0, 1), got {self.ratio}")
+        if self.importance not in IMPORTANCES:
+            raise PruneError(f"unknown importance {self.importance!r}; choose one of {', '.join(IMPORTANCES)}")
+        if not 0.0 < self.max_ratio <= 1.0:
+            raise PruneError(f"max ratio must be in (0, 1], got {self.max_ratio}")
+        if self.round_to is not None and self.round_to < 1:
+            raise PruneError(f"round-to must be a positive integer, got {self.round_to}")
+
+
+@dataclass
+class PrunePlan:
+    """Which components (prunable indices) go; `pruned[label]` is True for a removed component."""
+
+    graph: DependencyGraph
+    pruned: np.ndarray
+    per_group: dict[int, int] = field(default_factory=dict)
+
+    def kept(self, slot: int) -> np.ndarray:
+        return np.flatnonzero(~self.pruned[self.graph.slot_labels(slot)])
+
+    def removed(self, slot: int) -> np.ndarray:
+        return np.flatnonzero(self.pruned[self.graph.slot_labels(slot)])
+
+
+def program_tensors(ep: ExportedProgram) -> dict[str, torch.Tensor]:
+    """Parameters, buffers and constants of the program by fully qualified name."""
+    out = dict(ep.state_dict)
+    out.update({k: v for k, v in ep.constants.items() if isinstance(v, torch.Tensor)})
+    return out
+
+
+def _n_to_prune(n: int, ratio: float) -> int:
+    # keep int(n * (1 - ratio)) indices, as Torch-Pruning does, so equal ratios compare equal
+    return n - int(n * (1.0 - ratio) + 1e-9)
+
+
+def _cap(n: int, max_ratio: float) -> int:
+    return min(int(math.floor(n * max_ratio + 1e-9)), n - 1)
+
+
+def _round_keep(n: int, k: int, round_to: int | None) -> int:
+    if not round_to or round_to <= 1 or n <= round_to:
+        return k
+    keep = n - k
+    keep = min(n, int(math.ceil(keep / round_to) * round_to))
+    return n - keep
+
+
+def select(graph: DependencyGraph, config: PruneConfig, tensors: dict[str, torch.Tensor]) -> PrunePlan:
+    config.validate()
+    scores = group_scores(graph, tensors, config.importance, config.seed)
+    pruned = np.zeros(int(graph.labels.max()) + 1, dtype=bool)
+    plan = PrunePlan(graph, pruned)
+    choice: dict[int, np.ndarray] = {}
+    if config.global_pruning:
+        rel = {g.id: relative(scores[g.id]) for g in graph.groups}
+        target = sum(_n_to_prune(g.size, config.ratio) for g in graph.groups)
+        gid = np.concatenate([np.full(g.size, g.id) for g in graph.groups]) if graph.groups else np.zeros(0)
+        pos = np.concatenate([np.arange(g.size) for g in graph.groups]) if graph.groups else np.zeros(0)
+        allrel = np.concatenate([rel[g.id] for g in graph.groups]) if graph.groups else np.zeros(0)
+        order = np.argsort(allrel, kind="stable")
+        caps = {g.id: _cap(g.size, config.max_ratio) for g in graph.groups}
+        taken: dict[int, list[int]] = {g.id: [] for g in graph.groups}
+        done = 0
+        for o in order:
+            if done >= target:
+                break
+            g = int(gid[o])
+            if len(taken[g]) < caps[g]:
+                taken[g].append(int(pos[o]))
+                done += 1
+        for g in graph.groups:
+            k = _round_keep(g.size, len(taken[g.id]), config.round_to)
+            # rounding keeps more: drop the most important of the chosen ones
+            idx = sorted(taken[g.id], key=lambda i, s=rel[g.id]: s[i])[:k]
+            choice[g.id] = np.asarray(idx, dtype=np.int64)
+    else:
+        for g in graph.groups:
+            k = min(_n_to_prune(g.size, config.ratio), _cap(g.size, config.max_ratio))
+            k = _round_keep(g.size, k, config.round_to)
+            choice[g.id] = np.argsort(scores[g.id], kind="stable")[:k]
+    for g in graph.groups:
+        idx = choice[g.id]
+        pruned[g.components[idx]] = True
+        plan.per_group[g.id] = int(len(idx))
+    _keep_every_slot_nonempty(plan, scores)
+    return plan
+
+
+def _keep_every_slot_nonempty(plan: PrunePlan, scores: dict[int, np.ndarray]) -> None:
+    """A slot whose every index would go (a chunk of a split, say) keeps its most important one."""
+    g = plan.graph
+    comp_score = np.zeros(len(plan.pruned))
+    for grp in g.groups:
+        comp_score[grp.components] = scores[grp.id]
+    comp_group = np.full(len(plan.pruned), -1)
+    for grp in g.groups:
+        comp_group[grp.components] = grp.id
+    for s in range(len(g.slot_off)):
+        if g.slot_size[s] == 0:
+            continue
+        lab = g.slot_labels(s)
+        if plan.pruned[lab].all():
+            best = lab[np.argmax(comp_score[lab])]
+            plan.pruned[best] = False
+            gid = int(comp_group[best])
+            if gid >= 0:
+                plan.per_group[gid] -= 1
+
+
+def _set_tensor(root: torch.nn.Module, fqn: str, value: torch.Tensor) -> None:
+    prefix, _, name = fqn.rpartition(".")
+    mod = root.get_submodule(prefix) if prefix else root
+    old = getattr(mod, name)
+    if isinstance(old, torch.nn.Parameter):
+        setattr(mod, name, torch.nn.Parameter(value, requires_grad=old.requires_grad))
+    elif name in mod._buffers:
+        mod._buffers[name] = value
+    else:
+        setattr(mod, name, value)
+
+
+def _sliced(t: torch.Tensor, plan: PrunePlan, slots: Sequence[int]) -> torch.Tensor | None:
+    out = t
+    changed = False
+    for d, s in enumerate(slots):
+        kept = plan.kept(s)
+        if len(kept) != t.shape[d]:
+            out = out.index_select(d, torch.as_tensor(kept, device=t.device))
+            changed = True
+    return out.detach().clone() if changed else None
+
+
+def apply_zeroing(ep: ExportedProgram, plan: PrunePlan) -> torch.nn.Module:
+    """The oracle's model: the unpruned program with every removed slice set to zero."""
+    gm = ep.module()
+    tensors = program_tensors(ep)
+    for info in plan.graph.params.values():
+        t = tensors[info.name].detach().clone()
+        for d, s in enumerate(info.slots):
+            rem = plan.removed(s)
+            if len(rem):
+                t.index_fill_(d, torch.as_tensor(rem, device=t.device), 0)
+        _set_tensor(gm, info.name, t)
+    return gm
+
+
+def pruned_module(ep: ExportedProgram, plan: PrunePlan) -> torch.fx.GraphModule:
+    """The program's module with the plan's slices removed and its shape literals rewritten."""
+    gm = ep.module()
+    tensors = program_tensors(ep)
+    for info in plan.graph.params.values():
+        new = _sliced(tensors[info.name], plan, info.slots)
+        if new is not None:
+            _set_tensor(gm, info.name, new)
+    rewrites = plan.graph.builder.rewrites
+    for node in gm.graph.nodes:
+        rw = rewrites.get(node.name)
+        if rw is not None and node.op == "call_function":
+            rw(node, plan.kept)
+    gm.recompile()
+    return gm
+
+
+def example_inputs(ep: ExportedProgram) -> tuple[tuple, dict]:
+    """The program's saved example inputs, or inputs made from its placeholders' shapes."""
+    if ep.example_inputs is not None:
+        return ep.example_inputs
+    leaves = []
+    for spec in ep.graph_signature.input_specs:
+        if spec.kind != InputKind.USER_INPUT:
+            continue
+        node = next(n for n in ep.graph.nodes if n.name == spec.arg.name)
+        v = node.meta.get("val")
+        if isinstance(v, torch.Tensor):
+            shape = [int(s.node.hint) if not isinstance(s, int) else s for s in v.shape]
+            if v.dtype.is_floating_point:
+                leaves.append(torch.randn(shape, dtype=v.dtype))
+            else:
+                leaves.append(torch.zeros(shape, dtype=v.dtype))
+        else:
+            leaves.append(v)
+    return pytree.tree_unflatten(leaves, ep.call_spec.in_spec)
+
+
+def dynamic_shapes(ep: ExportedProgram, args: tuple, kwargs: dict):
+    """The program's dynamic input dims as named Dims with their original bounds."""
+    dims: dict[str, Dim] = {}
+    bounds = {str(k): v for k, v in ep.range_constraints.items()}
+    leaves = []
+    for spec in ep.graph_signature.input_specs:
+        if spec.kind != InputKind.USER_INPUT:
+            continue
+        node = next(n for n in ep.graph.nodes if n.name == spec.arg.name)
+        v = node.meta.get("val")
+        if not isinstance(v, torch.Tensor):
+            leaves.append(None)
+            continue
+        spec_d = {}
+        for i, s in enumerate(v.shape):
+            if isinstance(s, int):
+                continue
+            name = str(s.node.expr)
+            if name not in dims:
+                vr = bounds.get(name)
+                lo = int(vr.lower) if vr is not None and vr.lower.is_finite else None
+                hi = int(vr.upper) if vr is not None and vr.upper.is_finite else None
+                kw = {}
+                if lo is not None:
+                    kw["min"] = max(lo, 0)
+                if hi is not None:
+                    kw["max"] = hi
+                dims[name] = Dim("d_" + name.replace(" ", "_"), **kw) if name.isidentifier() else Dim.AUTO
+            spec_d[i] = dims[name]
+        leaves.append(spec_d or None)
+    if not dims:
+        return None
+    a_ds, k_ds = pytree.tree_unflatten(leaves, ep.call_spec.in_spec)
+    if not kwargs:
+        return tuple(a_ds)
+    return {**{f"_arg{i}": d for i, d in enumerate(a_ds)}, **k_ds}
+
+
+def reexport(ep: ExportedProgram, module: torch.nn.Module) -> ExportedProgram:
+    args, kwargs = example_inputs(ep)
+    ds = dynamic_shapes(ep, args, kwargs)
+    try:
+        return torch.export.export(module, tuple(args), dict(kwargs), dynamic_shapes=ds, strict=False)
+    except Exception as e:  # the pruned graph failed to trace: report it, one line
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise PruneError(f"re-export of the pruned program failed: {msg}") from e
+
+
+@dataclass
+class PruneResult:
+    program: ExportedProgram
+    report: dict
+    plan: PrunePlan
+
+
+def prune(
+    model: ExportedProgram | torch.nn.Module,
+    config: PruneConfig,
+    example_args: tuple | None = None,
+) -> PruneResult:
+    """Prune a program (or a module, exported first with `example_args`) and report what changed."""
+    config.validate()
+    t0 = time.perf_counter()
+    ep = model if isinstance(model, ExportedProgram) else torch.export.export(model, tuple(example_args or ()))
+    graph = DependencyGraph(ep, ignore=config.ignore)
+    t_graph = time.perf_counter()
+    tensors = program_tensors(ep)
+    plan = select(graph, config, tensors)
+    module = pruned_module(ep, plan)
+    t_removed = time.perf_counter()
+    new_ep = reexport(ep, module)
+    t_end = time.perf_counter()
+    before, after = count(ep), count(new_ep)
+    new_tensors = program_tensors(new_ep)
+    layers = [
+        {
+            "name": info.name,
+            "kind": info.kind,
+            "shape_before": list(tensors[info.name].shape),
+            "shape_after": list(new_tensors[info.name].shape) if info.name in new_tensors else None,
+        }
+        for info in graph.params.values()
+        if info.kind == "parameter"
+    ]
+    report = {
+        "spec": {
+            "ratio": config.ratio,
+            "importance": config.importance,
+            "global": config.global_pruning,
+            "round_to": config.round_to,
+            "max_ratio": config.max_ratio,
+            "ignore": list(config.ignore),
+        },
+        "params_before": before.params,
+        "params_after": after.params,
+        "macs_before": before.macs,
+        "macs_after": after.macs,
+        "num_groups": len(graph.groups),
+        "pruned_groups": sum(1 for k in plan.per_group.values() if k > 0),
+        "frozen_ops": sorted(graph.frozen_ops),
+        "duration_s": round(t_end - t0, 4),
+        "timings_s": {
+            "graph": round(t_graph - t0, 4),
+            "select_and_remove": round(t_removed - t_graph, 4),
+            "reexport": round(t_end - t_removed, 4),
+        },
+        "groups": [
+            {"id": g.id, "size": g.size, "pruned": plan.per_group.get(g.id, 0),
+             "members": [f"{m.name}:{m.dim}" for m in g.members]}
+            for g in graph.groups
+        ],
+        "layers": layers,
+    }
+    return PruneResult(new_ep, report, plan)
