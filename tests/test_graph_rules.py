@@ -232,7 +232,7 @@ def test_dynamic_batch_survives_and_static_programs_stay_static() -> None:
     out = prune(ep, PruneConfig(ratio=0.3)).program
     assert out.module()(torch.randn(7, 3, 8, 8)).shape == (7, 4)
     static = prune(_export(Residual(), torch.randn(2, 3, 8, 8), dynamic_batch=False), PruneConfig(ratio=0.3))
-    with pytest.raises(AssertionError, match="7"):
+    with pytest.raises(AssertionError, match="size"):
         static.program.module()(torch.randn(7, 3, 8, 8))
 
 
