@@ -15,7 +15,8 @@ def _save_program(ep, out: Path) -> None:
     import torch
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=out.name + ".", suffix=".tmp", dir=out.parent)
+    # torch wants the .pt2 suffix; the dot prefix keeps the partial file out of sight until the rename
+    fd, tmp = tempfile.mkstemp(prefix="." + out.stem + ".", suffix=".partial.pt2", dir=out.parent)
     os.close(fd)
     try:
         torch.export.save(ep, tmp)
@@ -154,6 +155,9 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # output piped into `head`: not an error of ours
+        sys.stderr.close()
+        return 141
     except (ValueError, OSError, RuntimeError) as e:
         # one line a person can act on; the engine's errors already name what is wrong
         msg = " ".join(str(e).split()) or type(e).__name__

@@ -1,0 +1,98 @@
+"""The `prunery` command line end to end on saved .pt2 files, in a subprocess as a user runs it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from prunery import zoo
+from prunery.core import load_program
+
+REPORT_KEYS = {"params_before", "params_after", "macs_before", "macs_after", "num_groups", "pruned_groups",
+               "frozen_ops", "duration_s", "layers"}
+
+
+def run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "prunery.cli", *args], capture_output=True, text=True,
+                          cwd=cwd, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("cli") / "resnet.pt2"
+    torch.export.save(zoo.export("resnet_basic"), path)
+    return path
+
+
+def test_analyze_prints_groups_as_text_and_json(model: Path) -> None:
+    text = run("analyze", str(model))
+    assert text.returncode == 0, text.stderr
+    data = json.loads(run("analyze", str(model), "--json").stdout)
+    assert data["num_groups"] == len(data["groups"]) > 0
+    assert text.stdout.splitlines()[0] == f"{data['num_groups']} groups"
+    for g in data["groups"]:
+        assert g["size"] > 0 and g["members"]
+        assert all(set(m) == {"name", "dim"} for m in g["members"])
+    names = {(m["name"], m["dim"]) for g in data["groups"] for m in g["members"]}
+    assert ("fc.weight", 0) not in names  # the logits are the program's output
+    assert ("fc.weight", 1) in names
+
+
+def test_prune_writes_model_and_report(model: Path, tmp_path: Path) -> None:
+    out, report_path = tmp_path / "small.pt2", tmp_path / "report.json"
+    proc = run("prune", str(model), "-o", str(out), "--ratio", "0.5", "--importance", "l1", "--global",
+               "--round-to", "2", "--max-ratio", "0.8", "--ignore", "layer3.*", "--report", str(report_path))
+    assert proc.returncode == 0, proc.stderr
+    assert "params" in proc.stdout
+    report = json.loads(report_path.read_text())
+    assert REPORT_KEYS <= set(report)
+    assert report["params_after"] < report["params_before"] and report["macs_after"] < report["macs_before"]
+    layers = {layer["name"]: layer for layer in report["layers"]}
+    assert len(layers) == len(dict(zoo.build("resnet_basic")[0].named_parameters()))
+    for name, layer in layers.items():
+        if name.startswith("layer3."):
+            assert layer["shape_after"] == layer["shape_before"], name
+    assert any(layer["shape_after"] != layer["shape_before"] for layer in layers.values())
+    ep = load_program(out)
+    y = ep.module()(*zoo.ZOO["resnet_basic"].example_inputs(5))
+    assert y.shape == (5, 10)
+
+
+@pytest.mark.parametrize("content", [b"", b"not a zip", None])
+def test_prune_refuses_bad_files_with_one_line(content: bytes | None, tmp_path: Path) -> None:
+    bad = tmp_path / "bad.pt2"
+    if content is None:  # a zip that is not a .pt2
+        with zipfile.ZipFile(bad, "w") as z:
+            z.writestr("notes.txt", "hello")
+    else:
+        bad.write_bytes(content)
+    out = tmp_path / "out.pt2"
+    proc = run("prune", str(bad), "-o", str(out), "--ratio", "0.5")
+    assert proc.returncode != 0
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("prunery: error:") and "refused" in lines[0]
+    assert not out.exists() and list(tmp_path.iterdir()) == [bad]
+
+
+def test_prune_refuses_bad_ratio_and_missing_file(model: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out.pt2"
+    proc = run("prune", str(model), "-o", str(out), "--ratio", "1.5")
+    assert proc.returncode != 0 and "ratio must be in (0, 1)" in proc.stderr
+    proc = run("prune", str(tmp_path / "missing.pt2"), "-o", str(out), "--ratio", "0.5")
+    assert proc.returncode != 0 and len(proc.stderr.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+def test_demo_runs_end_to_end(tmp_path: Path) -> None:
+    proc = run("demo", "--model", "conv1d", "--out", str(tmp_path / "demo"))
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((tmp_path / "demo" / "report.json").read_text())
+    assert report["params_after"] < report["params_before"]
+    assert (tmp_path / "demo" / "conv1d-pruned.pt2").is_file()
+    assert "output shape (4, 10)" in proc.stdout
