@@ -34,10 +34,12 @@ import copy
 import json
 import math
 import os
+import signal
 import tempfile
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -53,7 +55,29 @@ TP_BATCH = 1
 RUN_BATCH = 3
 
 
-def _best(fn: Callable[[Any], Any], repeat: int, setup: Callable[[], Any] = lambda: None) -> tuple[float, Any]:
+class TimeLimit(Exception):
+    """A Torch-Pruning run exceeded ``--tp-timeout``."""
+
+
+@contextmanager
+def _time_limit(seconds: float) -> Iterator[None]:
+    """Raise TimeLimit in the main thread after ``seconds`` (SIGALRM; interrupts pure-Python loops)."""
+
+    def handler(_signum: int, _frame: Any) -> None:
+        raise TimeLimit(f"did not finish within {seconds:g}s")
+
+    old = signal.signal(signal.SIGALRM, handler)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def _best(
+    fn: Callable[[Any], Any], repeat: int, setup: Callable[[], Any] = lambda: None
+) -> tuple[float, Any]:
     """Warm up once, then time ``fn(setup())`` ``repeat`` times (setup untimed); min seconds, last result."""
     out = fn(setup())
     best = math.inf
@@ -128,7 +152,7 @@ def _layer_diff(
     return diff
 
 
-def bench_model(name: str, ratio: float, repeat: int, workdir: str) -> dict[str, Any]:
+def bench_model(name: str, ratio: float, repeat: int, workdir: str, tp_timeout: float) -> dict[str, Any]:
     import torch_pruning as tp
 
     entry = zoo.BENCH_ZOO.get(name) or zoo.ZOO[name]
@@ -194,15 +218,16 @@ def bench_model(name: str, ratio: float, repeat: int, workdir: str) -> dict[str,
     tp_model: nn.Module | None = None
 
     def tp_prune(m: nn.Module) -> nn.Module:
-        pruner = tp.pruner.BasePruner(
-            m,
-            x_tp,
-            importance=tp.importance.GroupMagnitudeImportance(p=2),
-            pruning_ratio=ratio,
-            global_pruning=False,
-            ignored_layers=[m.get_submodule(n) for n in ignored],
-        )
-        pruner.step()
+        with _time_limit(tp_timeout):
+            pruner = tp.pruner.BasePruner(
+                m,
+                x_tp,
+                importance=tp.importance.GroupMagnitudeImportance(p=2),
+                pruning_ratio=ratio,
+                global_pruning=False,
+                ignored_layers=[m.get_submodule(n) for n in ignored],
+            )
+            pruner.step()
         return m
 
     try:
@@ -256,13 +281,15 @@ COLUMNS = [
 
 def _table_row(r: dict[str, Any]) -> str:
     cells = [
-        r["model"], _fmt(r["export_s"], ".3f"), _fmt(r["ours_build_s"], ".4f"), _fmt(r["ours_prune_s"], ".4f"),
+        r["model"], _fmt(r["export_s"], ".3f"),
+        _fmt(r["ours_build_s"], ".4f"), _fmt(r["ours_prune_s"], ".4f"),
         _fmt(r["ours_s"], ".4f"), _fmt(r["tp_s"], ".4f"), _fmt(r["time_ratio"], ".3f"),
         _fmt(r["ours_params"], ","), _fmt(r["tp_params"], ","), _fmt(r["red_ratio"], ".3f"),
         _fmt(r["ours_macs"], ","), _fmt(r["tp_macs"], ","), f"{_yn(r['ours_runs'])}/{_yn(r['tp_runs'])}",
         _fmt(r["f2f_s"], ".3f"),
     ]
-    return " ".join(c.rjust(w) if i else c.ljust(w) for i, (c, (_, w)) in enumerate(zip(cells, COLUMNS, strict=True)))
+    widths = [w for _, w in COLUMNS]
+    return " ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True)))
 
 
 def _header() -> str:
@@ -271,7 +298,8 @@ def _header() -> str:
 
 def _notes(r: dict[str, Any]) -> list[str]:
     out = []
-    for key in ("ours_error", "tp_error", "ours_run_err", "tp_run_err", "tp_macs_err", "tp_macs_tpcounter_err"):
+    keys = ("ours_error", "tp_error", "ours_run_err", "tp_run_err", "tp_macs_err", "tp_macs_tpcounter_err")
+    for key in keys:
         if r.get(key):
             out.append(f"  {r['model']}: {key}: {r[key]}")
     if r.get("red_ratio") is not None and r["red_ratio"] < 1 - 1e-9:
@@ -279,7 +307,8 @@ def _notes(r: dict[str, Any]) -> list[str]:
             f"  {r['model']}: our params reduction {r['ours_params_red']:.2%} < TP's {r['tp_params_red']:.2%}"
         )
     if r.get("layer_diff"):
-        out.append(f"  {r['model']}: {len(r['layer_diff'])} parameters shaped differently (before: ours vs TP):")
+        n = len(r["layer_diff"])
+        out.append(f"  {r['model']}: {n} parameters shaped differently (before: ours vs TP):")
         for d in r["layer_diff"][:12]:
             out.append(f"      {d['name']}: {d['before']}: {d['ours']} vs {d['tp']}")
         if len(r["layer_diff"]) > 12:
@@ -292,6 +321,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ratio", type=float, default=0.5)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--models", default="", help="comma-separated zoo names (default: ZOO + BENCH_ZOO)")
+    ap.add_argument("--tp-timeout", type=float, default=60.0, help="seconds per Torch-Pruning run")
     ap.add_argument("--json", dest="json_out", default=None, help="write the rows to this JSON file")
     args = ap.parse_args(argv)
     names = [n for n in args.models.split(",") if n] or [*zoo.ZOO, *zoo.BENCH_ZOO]
@@ -309,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.perf_counter()
     with tempfile.TemporaryDirectory() as workdir:
         for name in names:
-            r = bench_model(name, args.ratio, args.repeat, workdir)
+            r = bench_model(name, args.ratio, args.repeat, workdir, args.tp_timeout)
             rows.append(r)
             print(_table_row(r), flush=True)
             notes += _notes(r)
@@ -324,7 +354,8 @@ def main(argv: list[str] | None = None) -> int:
     worst = max((r["time_ratio"], r["model"]) for r in rows if r["time_ratio"]) if ratios else (math.nan, "-")
     least = min(reds) if reds else (math.nan, "-")
     print(
-        f"\nsummary: time ours/TP geomean {geo:.3f} over {len(ratios)} models, max {worst[0]:.3f} ({worst[1]}); "
+        f"\nsummary: time ours/TP geomean {geo:.3f} over {len(ratios)} models, "
+        f"max {worst[0]:.3f} ({worst[1]}); "
         f"min params reduction ours/TP {least[0]:.3f} ({least[1]}); "
         f"ours runs {sum(bool(r['ours_runs']) for r in rows)}/{len(rows)}, "
         f"TP runs {sum(bool(r['tp_runs']) for r in rows)}/{len(rows)}; TP failed: {tp_failed or 'none'}; "

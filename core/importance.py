@@ -4,6 +4,10 @@
 or the L1 norm (`l1`) of slice k of each member, or the absolute scale of the normalisation
 layers in the group (`bn`), or a random draw (`random`, a baseline). Members whose slot holds
 several elements of one component (a flatten into a Linear, a grouped conv) add all of them.
+The sum is divided by the number of members that carry index k: in most groups every index is
+carried by every member and the ranking is the paper's, but where a group joins indices that appear
+in different numbers of layers (the two halves of a split, one of which feeds a chain of blocks)
+an index is not favoured merely for appearing more often.
 The relative score `I[g,k] / mean_k I[g,k]` makes groups comparable for global pruning.
 """
 
@@ -25,6 +29,7 @@ def group_scores(
         raise ValueError(f"unknown importance {importance!r}; choose one of {', '.join(IMPORTANCES)}")
     n_labels = int(graph.labels.max()) + 1
     acc = np.zeros(n_labels, dtype=np.float64)
+    carriers = np.zeros(n_labels, dtype=np.float64)  # how many members carry each component
     rng = np.random.default_rng(seed)
     if importance != "random":
         for g in graph.groups:
@@ -33,6 +38,7 @@ def group_scores(
                     continue  # running statistics are not weights
                 if importance == "bn" and m.role != "norm_weight":
                     continue
+                carriers[np.unique(graph.slot_labels(m.slot))] += 1
                 t = tensors[m.name].detach().to(torch.float64)
                 dims = [d for d in range(t.dim()) if d != m.dim]
                 if importance == "l2":
@@ -45,7 +51,7 @@ def group_scores(
         if importance == "random":
             out[g.id] = rng.random(g.size)
         else:
-            out[g.id] = acc[g.components]
+            out[g.id] = acc[g.components] / np.maximum(carriers[g.components], 1)
     return out
 
 

@@ -407,6 +407,7 @@ def _couple_affine(g: DependencyGraph, node: Node, channel_slot: int, idxs: tupl
 
 @rule(aten.batch_norm.default, aten.instance_norm.default, aten._native_batch_norm_legit_no_training.default,
       aten._native_batch_norm_legit_functional.default, aten._native_batch_norm_legit.default,
+      aten._native_batch_norm_legit.no_stats,
       aten.native_batch_norm.default, aten.cudnn_batch_norm.default)
 def batch_norm(g: DependencyGraph, node: Node):
     x = node.args[0]
@@ -824,6 +825,11 @@ def _reshape_slots(g: DependencyGraph, xs: list[int], in_shape, out_shape) -> li
     out: list[int | None] = [None] * len(out_shape)
     i = j = 0
     ni, no = len(in_shape), len(out_shape)
+    # equal trailing dims map identically whatever comes before them ((B, N, C) -> (B*N, C) keeps C)
+    while ni and no and _same(in_shape[ni - 1], out_shape[no - 1]) and not _is_one(in_shape[ni - 1]):
+        out[no - 1] = xs[ni - 1]
+        b.handled.add(xs[ni - 1])
+        ni, no = ni - 1, no - 1
     while i < ni or j < no:
         # size-1 dims carry no channels: fresh (and frozen) on the output side
         if j < no and _is_one(out_shape[j]) and not (i < ni and _is_one(in_shape[i])):
@@ -908,3 +914,29 @@ def _couple_factors(g: DependencyGraph, whole: int, factors: list[int], sizes: l
     for k, s in enumerate(factors):
         if k != free:
             b.freeze(s)
+
+
+@rule(aten.repeat.default)
+def repeat(g: DependencyGraph, node: Node):
+    """x.repeat(r...): output index k*n + i along a repeated dim is input index i."""
+    b = g.builder
+    x, reps = node.args[0], node.args[1]
+    xs = g.slots_of(x)
+    if xs is None:
+        return NotImplemented
+    out_shape = _shape(node)
+    lead = len(out_shape) - len(xs)
+    out = [b.new(s) for s in out_shape[:lead]]
+    for i, s in enumerate(xs):
+        r = reps[lead + i]
+        n = b.size(s)
+        if isinstance(r, int) and r == 1:
+            out.append(s)
+            b.handled.add(s)
+        elif isinstance(r, int) and not b.slot_symbolic[s]:
+            o = b.new(out_shape[lead + i])
+            b.union_map(s, np.tile(np.arange(n), r), o, np.arange(n * r))
+            out.append(o)
+        else:
+            out.append(b.new(out_shape[lead + i]))
+    return out

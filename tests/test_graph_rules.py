@@ -292,3 +292,54 @@ def test_bad_specs_are_refused(bad: dict) -> None:
     ep = _export(Residual(), torch.randn(2, 3, 8, 8))
     with pytest.raises(ValueError):
         prune(ep, PruneConfig(**{"ratio": 0.5, **bad}))
+
+
+class C2f(nn.Module):
+    """YOLOv8-style C2f: chunk on channels, a chain of bottlenecks, cat of every partial result."""
+
+    def __init__(self, c: int = 16, n: int = 2) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, c, 3, padding=1)
+        self.cv1 = nn.Conv2d(c, c, 1)
+        self.m = nn.ModuleList(nn.Conv2d(c // 2, c // 2, 3, padding=1) for _ in range(n))
+        self.cv2 = nn.Conv2d((2 + n) * c // 2, 8, 1)
+
+    def forward(self, x):
+        y = list(F.silu(self.cv1(F.silu(self.stem(x)))).chunk(2, 1))
+        for m in self.m:
+            y.append(y[-1] + F.silu(m(y[-1])))
+        return self.cv2(torch.cat(y, 1))
+
+
+def test_c2f_chunk_and_concat_prune_consistently() -> None:
+    ep = _export(C2f(), torch.randn(2, 3, 8, 8))
+    g = DependencyGraph(ep)
+    members = _group_with(g, "cv1.weight", 0)
+    assert ("cv2.weight", 1) in members and ("m.0.weight", 1) in members
+    report = _check_oracle(ep)
+    shapes = {layer["name"]: layer["shape_after"] for layer in report["layers"]}
+    # cat(first half, second half, m0 out, m1 out): the second half and the m outputs share a group
+    assert shapes["cv2.weight"][1] == shapes["cv1.weight"][0] + 2 * shapes["m.0.weight"][0]
+    assert report["params_after"] < 0.85 * report["params_before"]
+
+
+class NonChannelCat(nn.Module):
+    """Cat and split on dim 2 of a 3-D tensor and a reshape of a 3-D tensor, between linears."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 12)
+        self.b = nn.Linear(4, 12)
+        self.c = nn.Linear(6, 5)
+
+    def forward(self, x):  # (B, N, 4)
+        y = torch.cat([self.a(x), self.b(x)], dim=2)  # (B, N, 24)
+        y = y.reshape(y.shape[0], y.shape[1], 4, 6).sum(2)  # (B, N, 6): a 4-D view of a 3-D tensor
+        return self.c(F.relu(y))
+
+
+def test_cat_on_dim2_and_reshape_of_3d_tensors() -> None:
+    ep = _export(NonChannelCat(), torch.randn(2, 7, 4))
+    g = DependencyGraph(ep)
+    assert ("c.weight", 1) in _group_with(g, "a.weight", 0)
+    _check_oracle(ep)

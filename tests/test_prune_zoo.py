@@ -59,3 +59,18 @@ def test_zoo_model_prunes(name: str, ratio: float, programs, tmp_path) -> None:
         with torch.no_grad():
             y_zeroed = apply_zeroing(ep, result.plan)(*x)
         torch.testing.assert_close(y, y_zeroed, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["resnet_basic", "mobilenetv2", "densenet", "unet", "functional", "groupnorm"])
+def test_core_aten_programs_prune_too(name: str, programs) -> None:
+    """After run_decompositions() the graph holds convolution/addmm/view/native norms instead: same results."""
+    ep = programs(name).run_decompositions()
+    result = prune(ep, PruneConfig(ratio=0.5))
+    assert result.report["frozen_ops"] == []
+    assert result.report["params_after"] < 0.5 * result.report["params_before"]
+    x = zoo.ZOO[name].example_inputs(3)
+    with torch.no_grad():
+        y = result.program.module()(*x)
+        assert y.shape == ep.module()(*x).shape
+        if not zoo.ZOO[name].normalised:
+            torch.testing.assert_close(y, apply_zeroing(ep, result.plan)(*x), atol=1e-5, rtol=1e-4)
