@@ -43,12 +43,12 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
-from prunery.core.counting import count
-from prunery.core.graph import DependencyGraph
-from prunery.core.prune import PruneConfig, program_tensors, prune, pruned_module, select
 from torch import nn
 
 from prunery import zoo
+from prunery.core.counting import count
+from prunery.core.graph import DependencyGraph
+from prunery.core.prune import PruneConfig, program_tensors, prune, pruned_module, select
 
 EXPORT_BATCH = 2  # smallest batch that keeps the batch dim dynamic in torch.export
 TP_BATCH = 1

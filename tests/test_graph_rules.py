@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
 from prunery.core import DependencyGraph, PruneConfig, apply_zeroing, build_graph, prune
 
 

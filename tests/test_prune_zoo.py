@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from prunery.core import PruneConfig, apply_zeroing, count, load_program, prune
 
 from prunery import zoo
+from prunery.core import PruneConfig, apply_zeroing, count, load_program, prune
 
 RATIOS = (0.3, 0.5, 0.7)
 

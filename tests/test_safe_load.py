@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from prunery.core.safe_load import ArchiveLoadError, UnsafeArchiveError, load_program, vet_archive
 
 Items = dict[str, bytes]
