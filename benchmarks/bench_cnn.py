@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import json
 import math
 import os
@@ -78,14 +79,21 @@ def _time_limit(seconds: float) -> Iterator[None]:
 def _best(
     fn: Callable[[Any], Any], repeat: int, setup: Callable[[], Any] = lambda: None
 ) -> tuple[float, Any]:
-    """Warm up once, then time ``fn(setup())`` ``repeat`` times (setup untimed); min seconds, last result."""
+    """Warm up once, then time ``fn(setup())`` ``repeat`` times (setup untimed); min seconds, last result.
+
+    As ``timeit`` does, the garbage collector is off during a timed call (and run before it)."""
     out = fn(setup())
     best = math.inf
     for _ in range(repeat):
         arg = setup()
-        t0 = time.perf_counter()
-        out = fn(arg)
-        best = min(best, time.perf_counter() - t0)
+        gc.collect()
+        gc.disable()
+        try:
+            t0 = time.perf_counter()
+            out = fn(arg)
+            best = min(best, time.perf_counter() - t0)
+        finally:
+            gc.enable()
     return best, out
 
 

@@ -2,8 +2,9 @@
 
 `I[g,k]` aggregates over every member of group g: the squared L2 norm (`l2`, the paper's formula)
 or the L1 norm (`l1`) of slice k of each member, or the absolute scale of the normalisation
-layers in the group (`bn`), or a random draw (`random`, a baseline). Members whose slot holds
-several elements of one component (a flatten into a Linear, a grouped conv) add all of them.
+layers in the group (`bn`; L2 magnitude where a group has none), or a random draw (`random`, a
+baseline). Members whose slot holds several elements of one component (a flatten into a Linear,
+a grouped conv) add all of them.
 The sum is divided by the number of members that carry index k: in most groups every index is
 carried by every member and the ranking is the paper's, but where a group joins indices that appear
 in different numbers of layers (the two halves of a split, one of which feeds a chain of blocks)
@@ -31,27 +32,25 @@ def group_scores(
     acc = np.zeros(n_labels, dtype=np.float64)
     carriers = np.zeros(n_labels, dtype=np.float64)  # how many members carry each component
     rng = np.random.default_rng(seed)
-    if importance != "random":
-        for g in graph.groups:
-            for m in g.members:
-                if m.kind != "parameter":
-                    continue  # running statistics are not weights
-                if importance == "bn" and m.role != "norm_weight":
-                    continue
-                carriers[np.unique(graph.slot_labels(m.slot))] += 1
-                t = tensors[m.name].detach().to(torch.float64)
-                dims = [d for d in range(t.dim()) if d != m.dim]
-                if importance == "l2":
-                    s = t.pow(2).sum(dim=dims) if dims else t.pow(2)
-                else:
-                    s = t.abs().sum(dim=dims) if dims else t.abs()
-                np.add.at(acc, graph.slot_labels(m.slot), s.cpu().numpy())
     out: dict[int, np.ndarray] = {}
     for g in graph.groups:
         if importance == "random":
             out[g.id] = rng.random(g.size)
-        else:
-            out[g.id] = acc[g.components] / np.maximum(carriers[g.components], 1)
+            continue
+        members = [m for m in g.members if m.kind == "parameter"]  # running statistics are not weights
+        norm = "l2" if importance == "l2" else "l1"
+        if importance == "bn":
+            scales = [m for m in members if m.role == "norm_weight"]
+            # a group with no normalisation layer has no scale to read: its magnitude ranks it instead
+            members, norm = (scales, "l1") if scales else (members, "l2")
+        for m in members:
+            lab = graph.slot_labels(m.slot)
+            carriers[np.unique(lab)] += 1
+            t = tensors[m.name].detach().to(torch.float64)
+            dims = [d for d in range(t.dim()) if d != m.dim]
+            v = t.pow(2) if norm == "l2" else t.abs()
+            np.add.at(acc, lab, (v.sum(dim=dims) if dims else v).cpu().numpy())
+        out[g.id] = acc[g.components] / np.maximum(carriers[g.components], 1)
     return out
 
 

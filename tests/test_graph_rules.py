@@ -344,3 +344,13 @@ def test_cat_on_dim2_and_reshape_of_3d_tensors() -> None:
     g = DependencyGraph(ep)
     assert ("c.weight", 1) in _group_with(g, "a.weight", 0)
     _check_oracle(ep)
+
+
+def test_bn_importance_falls_back_to_magnitude_without_a_norm_layer() -> None:
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)).eval()
+    with torch.no_grad():
+        model[0].weight[[6, 7]] *= 1e-3
+        model[0].bias[[6, 7]] = 0
+    ep = _export(model, torch.randn(2, 4))
+    r = prune(ep, PruneConfig(ratio=0.25, importance="bn"))
+    assert r.plan.kept(r.plan.graph.params["0.weight"].slots[0]).tolist() == [0, 1, 2, 3, 4, 5]
