@@ -339,7 +339,8 @@ def main(argv: list[str] | None = None) -> int:
 
     print(
         f"ratio {args.ratio}, L2 magnitude, local; repeat {args.repeat} (min) after 1 warm-up; "
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads"
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"load average {os.getloadavg()[0]:.2f} (timings are sensitive to other work on the machine)"
     )
     print("MACs per sample; 'MACs TP' = our counter on torch.export of TP's pruned model\n")
     print(_header())
@@ -367,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
         f"min params reduction ours/TP {least[0]:.3f} ({least[1]}); "
         f"ours runs {sum(bool(r['ours_runs']) for r in rows)}/{len(rows)}, "
         f"TP runs {sum(bool(r['tp_runs']) for r in rows)}/{len(rows)}; TP failed: {tp_failed or 'none'}; "
-        f"wall {time.perf_counter() - t_start:.1f}s"
+        f"wall {time.perf_counter() - t_start:.1f}s, load average {os.getloadavg()[0]:.2f}"
     )
     if args.json_out:
         with open(args.json_out, "w") as f:

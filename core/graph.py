@@ -50,6 +50,9 @@ class Group:
     id: int
     components: np.ndarray  # component labels, one per prunable index
     members: list[Member] = field(default_factory=list)
+    # positions into `components`, one array per set of indices carried by the same members (the
+    # channels of each producer feeding a concat, say); the ratio applies to each part
+    parts: list[np.ndarray] = field(default_factory=list)
 
     @property
     def size(self) -> int:
@@ -272,6 +275,22 @@ class DependencyGraph:
                     self.groups[gid].members.append(Member(p.name, p.kind, d, s, b.roles.get(s, "")))
         # groups made only of buffers or constants remove nothing worth removing: keep those with a parameter
         self.groups = [g for g in self.groups if any(m.kind == "parameter" for m in g.members)]
+        for i, g in enumerate(self.groups):
+            g.id = i
+        self._split_parts()
+
+    def _split_parts(self) -> None:
+        """Parts of a group: its components keyed by the set of member slots carrying them (a sum of
+        random 64-bit tags per slot stands for the set)."""
+        tags = np.random.default_rng(0).integers(1, 2**63, size=len(self.slot_off), dtype=np.uint64)
+        sig = np.zeros(len(self.labels) and int(self.labels.max()) + 1, dtype=np.uint64)
+        for g in self.groups:
+            for m in g.members:
+                sig[np.unique(self.slot_labels(m.slot))] += tags[m.slot]
+            _, inverse = np.unique(sig[g.components], return_inverse=True)
+            order = np.argsort(inverse, kind="stable")
+            bounds = np.flatnonzero(np.diff(inverse[order])) + 1
+            g.parts = np.split(order, bounds)
 
     def slot_labels(self, slot: int) -> np.ndarray:
         off = self.slot_off[slot]

@@ -17,7 +17,8 @@ import numpy as np
 import torch
 import torch.utils._pytree as pytree
 from torch.export import Dim, ExportedProgram
-from torch.export.graph_signature import InputKind
+from torch.export._unlift import _get_codegen  # private, but torch is pinned: the calling convention
+from torch.export.graph_signature import InputKind, OutputKind
 
 from .counting import count
 from .graph import DependencyGraph
@@ -89,42 +90,41 @@ def _round_keep(n: int, k: int, round_to: int | None) -> int:
 
 
 def select(graph: DependencyGraph, config: PruneConfig, tensors: dict[str, torch.Tensor]) -> PrunePlan:
+    """Choose the components to remove. The ratio applies to every part of every group (each
+    producer's channels, in a concat), so a cheap branch is not emptied to spare an expensive one;
+    global selection ranks all parts together on the relative score (importance over the part's mean)."""
     config.validate()
     scores = group_scores(graph, tensors, config.importance, config.seed)
     pruned = np.zeros(int(graph.labels.max()) + 1, dtype=bool)
     plan = PrunePlan(graph, pruned)
-    choice: dict[int, np.ndarray] = {}
+    parts = [(g, part) for g in graph.groups for part in g.parts]
+    chosen: list[np.ndarray] = []
     if config.global_pruning:
-        rel = {g.id: relative(scores[g.id]) for g in graph.groups}
-        target = sum(_n_to_prune(g.size, config.ratio) for g in graph.groups)
-        gid = np.concatenate([np.full(g.size, g.id) for g in graph.groups]) if graph.groups else np.zeros(0)
-        pos = np.concatenate([np.arange(g.size) for g in graph.groups]) if graph.groups else np.zeros(0)
-        allrel = np.concatenate([rel[g.id] for g in graph.groups]) if graph.groups else np.zeros(0)
-        order = np.argsort(allrel, kind="stable")
-        caps = {g.id: _cap(g.size, config.max_ratio) for g in graph.groups}
-        taken: dict[int, list[int]] = {g.id: [] for g in graph.groups}
+        rel = [relative(scores[g.id][part]) for g, part in parts]
+        caps = [_cap(len(part), config.max_ratio) for _, part in parts]
+        target = sum(_n_to_prune(len(part), config.ratio) for _, part in parts)
+        owner = np.concatenate([np.full(len(part), i) for i, (_, part) in enumerate(parts)]) if parts else []
+        order = np.argsort(np.concatenate(rel), kind="stable") if parts else []
+        taken = [0] * len(parts)
         done = 0
         for o in order:
             if done >= target:
                 break
-            g = int(gid[o])
-            if len(taken[g]) < caps[g]:
-                taken[g].append(int(pos[o]))
+            i = int(owner[o])
+            if taken[i] < caps[i]:
+                taken[i] += 1
                 done += 1
-        for g in graph.groups:
-            k = _round_keep(g.size, len(taken[g.id]), config.round_to)
-            # rounding keeps more: drop the most important of the chosen ones
-            idx = sorted(taken[g.id], key=lambda i, s=rel[g.id]: s[i])[:k]
-            choice[g.id] = np.asarray(idx, dtype=np.int64)
+        for i, (_, part) in enumerate(parts):
+            k = _round_keep(len(part), taken[i], config.round_to)
+            chosen.append(part[np.argsort(rel[i], kind="stable")[:k]])
     else:
-        for g in graph.groups:
-            k = min(_n_to_prune(g.size, config.ratio), _cap(g.size, config.max_ratio))
-            k = _round_keep(g.size, k, config.round_to)
-            choice[g.id] = np.argsort(scores[g.id], kind="stable")[:k]
-    for g in graph.groups:
-        idx = choice[g.id]
+        for g, part in parts:
+            k = min(_n_to_prune(len(part), config.ratio), _cap(len(part), config.max_ratio))
+            k = _round_keep(len(part), k, config.round_to)
+            chosen.append(part[np.argsort(scores[g.id][part], kind="stable")[:k]])
+    for (g, _), idx in zip(parts, chosen, strict=True):
         pruned[g.components[idx]] = True
-        plan.per_group[g.id] = int(len(idx))
+        plan.per_group[g.id] = plan.per_group.get(g.id, 0) + int(len(idx))
     _keep_every_slot_nonempty(plan, scores)
     return plan
 
@@ -187,14 +187,75 @@ def apply_zeroing(ep: ExportedProgram, plan: PrunePlan) -> torch.nn.Module:
     return gm
 
 
+def _plain_module(ep: ExportedProgram, tensors: dict[str, torch.Tensor]) -> torch.fx.GraphModule | None:
+    """A runnable module of the program with `tensors` as its parameters, buffers and constants.
+
+    `ep.module()` does the same but costs tens of milliseconds (guards, deep copies); for programs
+    whose only outputs are user outputs this copies the graph once, turns lifted placeholders into
+    attribute reads and keeps the program's calling convention. None where it does not apply.
+    """
+    sig = ep.graph_signature
+    lifted = {InputKind.PARAMETER, InputKind.BUFFER, InputKind.CONSTANT_TENSOR}
+    if any(o.kind != OutputKind.USER_OUTPUT for o in sig.output_specs):
+        return None
+    if any(i.kind not in lifted and i.kind != InputKind.USER_INPUT for i in sig.input_specs):
+        return None
+    target = {i.arg.name: i for i in sig.input_specs if i.kind in lifted}
+    root = torch.nn.Module()
+    for spec in target.values():
+        prefix, _, name = spec.target.rpartition(".")
+        mod = root
+        for part in prefix.split(".") if prefix else []:
+            if not hasattr(mod, part):
+                mod.add_module(part, torch.nn.Module())
+            mod = getattr(mod, part)
+        t = tensors[spec.target]
+        if spec.kind == InputKind.PARAMETER:
+            mod.register_parameter(name, t if isinstance(t, torch.nn.Parameter) else torch.nn.Parameter(t))
+        elif spec.kind == InputKind.BUFFER:
+            mod.register_buffer(name, t, persistent=bool(spec.persistent))
+        else:
+            setattr(mod, name, t)
+    graph = torch.fx.Graph()
+    env: dict[torch.fx.Node, torch.fx.Node] = {}
+    nodes = list(ep.graph.nodes)
+    for n in nodes:
+        if n.op == "placeholder" and n.name not in target:
+            env[n] = graph.node_copy(n, lambda a: env[a])
+    for n in nodes:
+        if n.op == "placeholder" and n.name in target:
+            env[n] = graph.get_attr(target[n.name].target)
+            env[n].meta = dict(n.meta)
+    for n in nodes:
+        if n.op not in ("placeholder", "output"):
+            env[n] = graph.node_copy(n, lambda a: env[a])
+        elif n.op == "output":
+            graph.output(pytree.tree_map(lambda a: env[a] if isinstance(a, torch.fx.Node) else a, n.args[0]))
+    names = None
+    if ep.module_call_graph and ep.module_call_graph[0].signature is not None:
+        names = list(ep.module_call_graph[0].signature.forward_arg_names or []) or None
+    if names and not all(isinstance(x, str) and x.isidentifier() for x in names):
+        names = None
+    graph._codegen = _get_codegen(ep.call_spec.in_spec, ep.call_spec.out_spec, names)
+    return torch.fx.GraphModule(root, graph)
+
+
 def pruned_module(ep: ExportedProgram, plan: PrunePlan) -> torch.fx.GraphModule:
     """The program's module with the plan's slices removed and its shape literals rewritten."""
-    gm = ep.module()
     tensors = program_tensors(ep)
+    new_tensors = dict(tensors)
     for info in plan.graph.params.values():
         new = _sliced(tensors[info.name], plan, info.slots)
         if new is not None:
-            _set_tensor(gm, info.name, new)
+            old = tensors[info.name]
+            new_tensors[info.name] = (torch.nn.Parameter(new, requires_grad=old.requires_grad)
+                                      if isinstance(old, torch.nn.Parameter) else new)
+    gm = _plain_module(ep, new_tensors)
+    if gm is None:
+        gm = ep.module()
+        for name, t in new_tensors.items():
+            if t is not tensors[name]:
+                _set_tensor(gm, name, t.detach())
     rewrites = plan.graph.builder.rewrites
     for node in gm.graph.nodes:
         rw = rewrites.get(node.name)
