@@ -243,18 +243,24 @@ class DependencyGraph:
         self.slot_size = np.asarray(b.slot_size, dtype=np.int64)
 
         # groups: components linked through shared parameter slots
-        param_slots = sorted({s for p in self.params.values() for s in p.slots})
-        comp_ids, slot_idx = [], []
-        for i, s in enumerate(param_slots):
-            lab = labels[b.slot_off[s]: b.slot_off[s] + b.slot_size[s]]
-            lab = np.unique(lab[lab != frozen_label])
-            comp_ids.append(lab)
-            slot_idx.append(np.full(len(lab), i, dtype=np.int64))
+        param_slots = np.asarray(sorted({s for p in self.params.values() for s in p.slots}), dtype=np.int64)
+        n_labels = int(labels.max()) + 1
+        sizes = self.slot_size[param_slots]
+        owner = np.repeat(np.arange(len(param_slots)), sizes)
+        starts = np.repeat(self.slot_off[param_slots] - (np.cumsum(sizes) - sizes), sizes)
+        lab = labels[starts + np.arange(int(sizes.sum()))]
+        keep = lab != frozen_label
+        key = np.unique(owner[keep] * n_labels + lab[keep])  # (slot, component) pairs, once each
+        sidx, comps = key // n_labels, key % n_labels
+        bounds = np.searchsorted(sidx, np.arange(len(param_slots) + 1))
+        # non-frozen components carried by each parameter slot (reused by importance and parts)
+        self.slot_comps: dict[int, np.ndarray] = {
+            int(s): comps[bounds[i]: bounds[i + 1]] for i, s in enumerate(param_slots) if bounds[i + 1] > bounds[i]
+        }
+        comp_ids = [self.slot_comps.get(int(s), comps[:0]) for s in param_slots]
         self.groups: list[Group] = []
         self.slot_group: dict[int, int] = {}
-        if comp_ids and sum(len(c) for c in comp_ids):
-            comps = np.concatenate(comp_ids)
-            sidx = np.concatenate(slot_idx)
+        if len(comps):
             uniq, comp_pos = np.unique(comps, return_inverse=True)
             ns = len(param_slots)
             m = ns + len(uniq)
@@ -267,7 +273,7 @@ class DependencyGraph:
                 self.groups.append(Group(i, uniq[comp_group == order[i]]))
             for i, s in enumerate(param_slots):
                 if len(comp_ids[i]):
-                    self.slot_group[s] = remap[int(glabels[i])]
+                    self.slot_group[int(s)] = remap[int(glabels[i])]
         for p in self.params.values():
             for d, s in enumerate(p.slots):
                 gid = self.slot_group.get(s)
@@ -286,7 +292,7 @@ class DependencyGraph:
         sig = np.zeros(len(self.labels) and int(self.labels.max()) + 1, dtype=np.uint64)
         for g in self.groups:
             for m in g.members:
-                sig[np.unique(self.slot_labels(m.slot))] += tags[m.slot]
+                sig[self.slot_comps[m.slot]] += tags[m.slot]
             _, inverse = np.unique(sig[g.components], return_inverse=True)
             order = np.argsort(inverse, kind="stable")
             bounds = np.flatnonzero(np.diff(inverse[order])) + 1

@@ -45,7 +45,7 @@ def group_scores(
             members, norm = (scales, "l1") if scales else (members, "l2")
         for m in members:
             lab = graph.slot_labels(m.slot)
-            carriers[np.unique(lab)] += 1
+            carriers[graph.slot_comps[m.slot]] += 1
             t = tensors[m.name].detach().to(torch.float64)
             dims = [d for d in range(t.dim()) if d != m.dim]
             v = t.pow(2) if norm == "l2" else t.abs()

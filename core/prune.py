@@ -17,12 +17,12 @@ import numpy as np
 import torch
 import torch.utils._pytree as pytree
 from torch.export import Dim, ExportedProgram
-from torch.export._unlift import _get_codegen  # private, but torch is pinned: the calling convention
-from torch.export.graph_signature import InputKind, OutputKind
+from torch.export.graph_signature import InputKind
 
 from .counting import count
 from .graph import DependencyGraph
 from .importance import IMPORTANCES, group_scores, relative
+from .program_module import NodeCall, ProgramModule, supported
 
 
 class PruneError(ValueError):
@@ -175,73 +175,25 @@ def _sliced(t: torch.Tensor, plan: PrunePlan, slots: Sequence[int]) -> torch.Ten
 
 def apply_zeroing(ep: ExportedProgram, plan: PrunePlan) -> torch.nn.Module:
     """The oracle's model: the unpruned program with every removed slice set to zero."""
-    gm = ep.module()
     tensors = program_tensors(ep)
+    zeroed = {}
     for info in plan.graph.params.values():
         t = tensors[info.name].detach().clone()
         for d, s in enumerate(info.slots):
             rem = plan.removed(s)
             if len(rem):
                 t.index_fill_(d, torch.as_tensor(rem, device=t.device), 0)
-        _set_tensor(gm, info.name, t)
+        zeroed[info.name] = t
+    if supported(ep):
+        return ProgramModule(ep, {**tensors, **zeroed})
+    gm = ep.module()
+    for name, t in zeroed.items():
+        _set_tensor(gm, name, t)
     return gm
 
 
-def _plain_module(ep: ExportedProgram, tensors: dict[str, torch.Tensor]) -> torch.fx.GraphModule | None:
-    """A runnable module of the program with `tensors` as its parameters, buffers and constants.
-
-    `ep.module()` does the same but costs tens of milliseconds (guards, deep copies); for programs
-    whose only outputs are user outputs this copies the graph once, turns lifted placeholders into
-    attribute reads and keeps the program's calling convention. None where it does not apply.
-    """
-    sig = ep.graph_signature
-    lifted = {InputKind.PARAMETER, InputKind.BUFFER, InputKind.CONSTANT_TENSOR}
-    if any(o.kind != OutputKind.USER_OUTPUT for o in sig.output_specs):
-        return None
-    if any(i.kind not in lifted and i.kind != InputKind.USER_INPUT for i in sig.input_specs):
-        return None
-    target = {i.arg.name: i for i in sig.input_specs if i.kind in lifted}
-    root = torch.nn.Module()
-    for spec in target.values():
-        prefix, _, name = spec.target.rpartition(".")
-        mod = root
-        for part in prefix.split(".") if prefix else []:
-            if not hasattr(mod, part):
-                mod.add_module(part, torch.nn.Module())
-            mod = getattr(mod, part)
-        t = tensors[spec.target]
-        if spec.kind == InputKind.PARAMETER:
-            mod.register_parameter(name, t if isinstance(t, torch.nn.Parameter) else torch.nn.Parameter(t))
-        elif spec.kind == InputKind.BUFFER:
-            mod.register_buffer(name, t, persistent=bool(spec.persistent))
-        else:
-            setattr(mod, name, t)
-    graph = torch.fx.Graph()
-    env: dict[torch.fx.Node, torch.fx.Node] = {}
-    nodes = list(ep.graph.nodes)
-    for n in nodes:
-        if n.op == "placeholder" and n.name not in target:
-            env[n] = graph.node_copy(n, lambda a: env[a])
-    for n in nodes:
-        if n.op == "placeholder" and n.name in target:
-            env[n] = graph.get_attr(target[n.name].target)
-            env[n].meta = dict(n.meta)
-    for n in nodes:
-        if n.op not in ("placeholder", "output"):
-            env[n] = graph.node_copy(n, lambda a: env[a])
-        elif n.op == "output":
-            graph.output(pytree.tree_map(lambda a: env[a] if isinstance(a, torch.fx.Node) else a, n.args[0]))
-    names = None
-    if ep.module_call_graph and ep.module_call_graph[0].signature is not None:
-        names = list(ep.module_call_graph[0].signature.forward_arg_names or []) or None
-    if names and not all(isinstance(x, str) and x.isidentifier() for x in names):
-        names = None
-    graph._codegen = _get_codegen(ep.call_spec.in_spec, ep.call_spec.out_spec, names)
-    return torch.fx.GraphModule(root, graph)
-
-
-def pruned_module(ep: ExportedProgram, plan: PrunePlan) -> torch.fx.GraphModule:
-    """The program's module with the plan's slices removed and its shape literals rewritten."""
+def pruned_module(ep: ExportedProgram, plan: PrunePlan) -> torch.nn.Module:
+    """The program as a module with the plan's slices removed and its shape literals rewritten."""
     tensors = program_tensors(ep)
     new_tensors = dict(tensors)
     for info in plan.graph.params.values():
@@ -250,13 +202,20 @@ def pruned_module(ep: ExportedProgram, plan: PrunePlan) -> torch.fx.GraphModule:
             old = tensors[info.name]
             new_tensors[info.name] = (torch.nn.Parameter(new, requires_grad=old.requires_grad)
                                       if isinstance(old, torch.nn.Parameter) else new)
-    gm = _plain_module(ep, new_tensors)
-    if gm is None:
-        gm = ep.module()
-        for name, t in new_tensors.items():
-            if t is not tensors[name]:
-                _set_tensor(gm, name, t.detach())
     rewrites = plan.graph.builder.rewrites
+    if supported(ep):
+        overrides = {}
+        for node in ep.graph.nodes:
+            rw = rewrites.get(node.name)
+            if rw is not None and node.op == "call_function":
+                call = NodeCall(node)
+                rw(call, plan.kept)
+                overrides[node.name] = call
+        return ProgramModule(ep, new_tensors, overrides)
+    gm = ep.module()
+    for name, t in new_tensors.items():
+        if t is not tensors[name]:
+            _set_tensor(gm, name, t.detach())
     for node in gm.graph.nodes:
         rw = rewrites.get(node.name)
         if rw is not None and node.op == "call_function":
@@ -327,6 +286,8 @@ def dynamic_shapes(ep: ExportedProgram, args: tuple, kwargs: dict):
 def reexport(ep: ExportedProgram, module: torch.nn.Module) -> ExportedProgram:
     args, kwargs = example_inputs(ep)
     ds = dynamic_shapes(ep, args, kwargs)
+    if ds is not None and isinstance(module, ProgramModule) and module.arg_names is None:
+        ds = {"args": ds} if isinstance(ds, tuple) else ds  # forward(*args, **kwargs)
     try:
         return torch.export.export(module, tuple(args), dict(kwargs), dynamic_shapes=ds, strict=False)
     except Exception as e:  # the pruned graph failed to trace: report it, one line

@@ -1,0 +1,130 @@
+"""A runnable nn.Module over an ExportedProgram's own graph, with replacement tensors and literals.
+
+`ep.module()` copies the graph, inserts guards and generates Python code: tens of milliseconds on
+a small network and most of the cost of pruning it in memory. `ProgramModule` instead runs the
+program's graph with an FX interpreter, reading parameters, buffers and constants from its own
+registered attributes (so they can be sliced, trained and exported) and taking the arguments of
+some nodes from an override table (the rewritten shape literals). Nothing is copied and no code
+is generated; exporting it (non-strict) traces the same aten ops and yields a standalone program.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.utils._pytree as pytree
+from torch.export import ExportedProgram
+from torch.export.graph_signature import InputKind, OutputKind
+
+LIFTED = (InputKind.PARAMETER, InputKind.BUFFER, InputKind.CONSTANT_TENSOR)
+
+
+class NodeCall:
+    """What a rewrite may change about a call node: its target, args and kwargs."""
+
+    def __init__(self, node: torch.fx.Node) -> None:
+        self.name = node.name
+        self.target = node.target
+        self.args = node.args
+        self.kwargs = node.kwargs
+        self.op = node.op
+
+
+def supported(ep: ExportedProgram) -> bool:
+    """Programs whose outputs are all user outputs (no buffer or input mutation to write back)."""
+    sig = ep.graph_signature
+    return all(o.kind == OutputKind.USER_OUTPUT for o in sig.output_specs) and all(
+        i.kind in LIFTED or i.kind == InputKind.USER_INPUT for i in sig.input_specs
+    )
+
+
+def _positional_names(ep: ExportedProgram) -> list[str] | None:
+    """Argument names of a program called with positional arguments only, else None."""
+    spec = ep.call_spec.in_spec
+    if spec is None or spec.num_children != 2 or spec.child(1).num_children:
+        return None
+    n_args = spec.child(0).num_children
+    mcg = ep.module_call_graph
+    names = list(mcg[0].signature.forward_arg_names or []) if mcg and mcg[0].signature else []
+    if len(names) != n_args or not all(isinstance(x, str) and x.isidentifier() for x in names):
+        return None
+    return names
+
+
+def _with_signature(signature: inspect.Signature):
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return ProgramModule.forward(self, *args, **kwargs)
+
+    self_param = inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    forward.__signature__ = signature.replace(parameters=[self_param, *signature.parameters.values()])
+    return forward
+
+
+class _Runner(torch.fx.Interpreter):
+    def __init__(self, owner: ProgramModule) -> None:
+        super().__init__(owner._holder, graph=owner._graph, garbage_collect_values=True)
+        self.owner = owner
+
+    def run_node(self, n: torch.fx.Node) -> Any:
+        call = self.owner._overrides.get(n.name)
+        if call is None:
+            return super().run_node(n)
+        args, kwargs = self.fetch_args_kwargs_from_env(call)  # type: ignore[arg-type]
+        return call.target(*args, **kwargs)
+
+
+class ProgramModule(torch.nn.Module):
+    """Runs `ep`'s graph with `tensors` (by fully qualified name) and node overrides."""
+
+    def __init__(self, ep: ExportedProgram, tensors: Mapping[str, torch.Tensor],
+                 overrides: Mapping[str, NodeCall] | None = None) -> None:
+        super().__init__()
+        if not supported(ep):
+            raise ValueError("program mutates buffers or inputs; use ep.module()")
+        sig = ep.graph_signature
+        self._graph = ep.graph
+        self._in_spec = ep.call_spec.in_spec
+        self._out_spec = ep.call_spec.out_spec
+        self._overrides = dict(overrides or {})
+        self._lifted: list[str] = []
+        self._holder = torch.nn.Module()  # empty: get_attr never happens on the lifted graph
+        self.arg_names = _positional_names(ep)
+        if self.arg_names is not None:
+            # the program's own argument names, so that export names its inputs as the original did
+            params = [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD) for n in self.arg_names]
+            self._signature = inspect.Signature(params)
+            cls = type(type(self).__name__, (type(self),), {"forward": _with_signature(self._signature)})
+            self.__class__ = cls
+        for spec in sig.input_specs:
+            if spec.kind not in LIFTED:
+                continue
+            self._lifted.append(spec.target)
+            t = tensors[spec.target]
+            prefix, _, name = spec.target.rpartition(".")
+            mod = self
+            for part in prefix.split(".") if prefix else []:
+                if part not in mod._modules:
+                    mod.add_module(part, torch.nn.Module())
+                mod = mod._modules[part]
+            if spec.kind == InputKind.PARAMETER:
+                mod.register_parameter(name, t if isinstance(t, torch.nn.Parameter) else torch.nn.Parameter(t))
+            elif spec.kind == InputKind.BUFFER:
+                mod.register_buffer(name, t, persistent=bool(spec.persistent))
+            else:
+                setattr(mod, name, t)
+
+    def _tensor(self, fqn: str) -> torch.Tensor:
+        prefix, _, name = fqn.rpartition(".")
+        return getattr(self.get_submodule(prefix) if prefix else self, name)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self.arg_names is not None and kwargs:
+            bound = self._signature.bind(*args, **kwargs)
+            args, kwargs = tuple(bound.arguments[n] for n in self.arg_names), {}
+        flat, _ = pytree.tree_flatten((args, kwargs))
+        lifted = [self._tensor(f) for f in self._lifted]
+        out = _Runner(self).run(*lifted, *flat, enable_io_processing=False)
+        return pytree.tree_unflatten(list(out), self._out_spec)
