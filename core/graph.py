@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from scipy.sparse import coo_matrix
+from scipy.sparse import csr_matrix
 from scipy.sparse.csgraph import connected_components
 from torch.export import ExportedProgram
 from torch.export.graph_signature import InputKind, OutputKind
@@ -234,8 +234,7 @@ class DependencyGraph:
             eb = np.concatenate(b.edges_b)
         else:
             ea = eb = np.zeros(0, dtype=np.int64)
-        adj = coo_matrix((np.ones(len(ea), dtype=np.int8), (ea, eb)), shape=(n, n)).tocsr()
-        _, labels = connected_components(adj, directed=False)
+        labels = _components(ea, eb, n)
         self.labels = labels
         frozen_label = labels[FROZEN]
         self.frozen_label = int(frozen_label)
@@ -264,8 +263,7 @@ class DependencyGraph:
             uniq, comp_pos = np.unique(comps, return_inverse=True)
             ns = len(param_slots)
             m = ns + len(uniq)
-            g = coo_matrix((np.ones(len(comps), dtype=np.int8), (sidx, ns + comp_pos)), shape=(m, m)).tocsr()
-            _, glabels = connected_components(g, directed=False)
+            glabels = _components(sidx, ns + comp_pos, m)
             comp_group = glabels[ns:]
             order = np.unique(comp_group)
             remap = {int(x): i for i, x in enumerate(order)}
@@ -288,7 +286,7 @@ class DependencyGraph:
     def _split_parts(self) -> None:
         """Parts of a group: its components keyed by the set of member slots carrying them (a sum of
         random 64-bit tags per slot stands for the set)."""
-        tags = np.random.default_rng(0).integers(1, 2**63, size=len(self.slot_off), dtype=np.uint64)
+        tags = _slot_tags(len(self.slot_off))
         sig = np.zeros(len(self.labels) and int(self.labels.max()) + 1, dtype=np.uint64)
         for g in self.groups:
             for m in g.members:
@@ -312,6 +310,26 @@ class DependencyGraph:
             }
             for g in self.groups
         ]
+
+
+def _components(a: np.ndarray, b: np.ndarray, n: int) -> np.ndarray:
+    """Connected-component label of each of n nodes, given undirected edges a[i]-b[i]."""
+    order = np.argsort(a, kind="stable")
+    indptr = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(np.bincount(a, minlength=n), out=indptr[1:])
+    adj = csr_matrix((np.ones(len(a), dtype=np.int8), b[order], indptr), shape=(n, n))
+    return connected_components(adj, directed=True, connection="weak")[1]
+
+
+_TAGS = np.random.default_rng(0).integers(1, 2**63, size=1 << 12, dtype=np.uint64)
+
+
+def _slot_tags(n: int) -> np.ndarray:
+    """Fixed random 64-bit tags, one per slot: their sums stand for sets of slots."""
+    global _TAGS
+    if n > len(_TAGS):
+        _TAGS = np.random.default_rng(0).integers(1, 2**63, size=2 * n, dtype=np.uint64)
+    return _TAGS[:n]
 
 
 def _flat_slots(slots) -> list[int]:

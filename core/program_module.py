@@ -41,9 +41,8 @@ def supported(ep: ExportedProgram) -> bool:
     )
 
 
-def _positional_names(ep: ExportedProgram) -> list[str] | None:
+def _positional_names(ep: ExportedProgram, spec: pytree.TreeSpec | None) -> list[str] | None:
     """Argument names of a program called with positional arguments only, else None."""
-    spec = ep.call_spec.in_spec
     if spec is None or spec.num_children != 2 or spec.child(1).num_children:
         return None
     n_args = spec.child(0).num_children
@@ -86,12 +85,13 @@ class ProgramModule(torch.nn.Module):
             raise ValueError("program mutates buffers or inputs; use ep.module()")
         sig = ep.graph_signature
         self._graph = ep.graph
-        self._in_spec = ep.call_spec.in_spec
-        self._out_spec = ep.call_spec.out_spec
+        call_spec = ep.call_spec  # built anew on every access
+        self._in_spec = call_spec.in_spec
+        self._out_spec = call_spec.out_spec
         self._overrides = dict(overrides or {})
         self._lifted: list[str] = []
         self._holder = torch.nn.Module()  # empty: get_attr never happens on the lifted graph
-        self.arg_names = _positional_names(ep)
+        self.arg_names = _positional_names(ep, self._in_spec)
         if self.arg_names is not None:
             # the program's own argument names, so that export names its inputs as the original did
             params = [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD) for n in self.arg_names]
