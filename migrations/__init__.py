@@ -1,0 +1,1 @@
+"""Alembic migrations of the service database (shipped as `prunery.migrations`; see service/db.upgrade)."""

@@ -1,0 +1,429 @@
+"""Blob storage behind a URL: a local folder (the embedded default) or any S3-compatible store.
+
+    open_store("file:///var/lib/prunery/objects")     # or a plain path
+    open_store("s3://bucket/some/prefix?endpoint_url=http://127.0.0.1:9000&region=us-east-1")
+
+Bytes always stream: `put_stream` consumes an iterable of chunks holding at most one S3 part (8 MiB) in
+memory, hashing as it goes, and is all-or-nothing: on any exception (the source failing, the size cap
+(`TooLarge`), the store failing) no object is left behind under the key, and an existing object there is
+untouched. `open_range` streams an object from a byte offset, so interrupted downloads resume.
+
+S3 credentials and defaults come from the usual AWS environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY,
+AWS_DEFAULT_REGION, AWS_ENDPOINT_URL_S3, ...). Recent boto3 adds CRC checksums to every request and validates
+them on responses, which several S3-compatible servers reject: we ask for checksums only where an operation
+requires them. Query options of an s3:// URL: endpoint_url, region, addressing_style (path|virtual|auto;
+path by default when an endpoint is given).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import re
+import shutil
+import tempfile
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any, BinaryIO
+from urllib.parse import parse_qs, unquote, urlsplit
+
+__all__ = ["DEFAULT_CHUNK_SIZE", "FolderStore", "InvalidRange", "ObjectNotFound", "ObjectStore", "ObjectStoreError",
+           "S3_PART_SIZE", "S3Store", "TooLarge", "open_store", "validate_key"]
+
+DEFAULT_CHUNK_SIZE = 1 << 20  # what open_range yields; below gRPC's 4 MiB default message limit
+S3_PART_SIZE = 8 << 20  # multipart part size (S3's minimum is 5 MiB for all but the last part)
+
+_SEGMENT = re.compile(r"^[A-Za-z0-9_=+-][A-Za-z0-9._=+-]*$")
+
+
+class ObjectStoreError(Exception):
+    pass
+
+
+class TooLarge(ObjectStoreError):
+    """The stream passed `max_bytes`; nothing was stored."""
+
+    def __init__(self, max_bytes: int) -> None:
+        super().__init__(f"object larger than the limit of {max_bytes} bytes")
+        self.max_bytes = max_bytes
+
+
+class ObjectNotFound(ObjectStoreError, LookupError):
+    pass
+
+
+class InvalidRange(ObjectStoreError, ValueError):
+    pass
+
+
+def validate_key(key: str, *, prefix: bool = False) -> str:
+    """Keys are '/'-separated segments of [A-Za-z0-9._=+-], none empty or starting with '.', so a key can
+    never escape the store's folder. A prefix may end with '/'."""
+    body = key[:-1] if prefix and key.endswith("/") else key
+    if not body or len(key) > 1024 or not all(_SEGMENT.match(s) for s in body.split("/")):
+        raise ValueError(f"invalid object {'prefix' if prefix else 'key'} {key!r}")
+    return key
+
+
+class ObjectStore(ABC):
+    url: str
+
+    @abstractmethod
+    def put_stream(self, key: str, chunks: Iterable[bytes], max_bytes: int | None = None) -> tuple[int, str]:
+        """Store the concatenated chunks under `key`; return (size, sha256 hex). All or nothing."""
+
+    @abstractmethod
+    def open_range(self, key: str, offset: int = 0, chunk_size: int = DEFAULT_CHUNK_SIZE) -> Iterator[bytes]:
+        """Chunks of the object from byte `offset` on. Raises ObjectNotFound / InvalidRange at the call, not
+        at the first chunk. An offset equal to the size yields nothing."""
+
+    @abstractmethod
+    def size(self, key: str) -> int:
+        """The object's size in bytes; ObjectNotFound if there is none."""
+
+    @abstractmethod
+    def exists(self, key: str) -> bool: ...
+
+    @abstractmethod
+    def delete(self, key: str) -> None:
+        """Delete the object if it exists (idempotent)."""
+
+    @abstractmethod
+    def delete_prefix(self, prefix: str) -> int:
+        """Delete every object whose key starts with `prefix` (e.g. "jobs/{id}/"); return how many."""
+
+    def put_bytes(self, key: str, data: bytes, max_bytes: int | None = None) -> tuple[int, str]:
+        return self.put_stream(key, [data], max_bytes)
+
+    def get_bytes(self, key: str) -> bytes:
+        """The whole object in memory: for small objects only (reports)."""
+        return b"".join(self.open_range(key))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.url!r})"
+
+
+class _Counter:
+    """Counts and hashes a stream, raising TooLarge as soon as it passes the cap."""
+
+    def __init__(self, max_bytes: int | None) -> None:
+        self.max_bytes, self.size, self.hash = max_bytes, 0, hashlib.sha256()
+
+    def add(self, chunk: bytes) -> None:
+        self.size += len(chunk)
+        if self.max_bytes is not None and self.size > self.max_bytes:
+            raise TooLarge(self.max_bytes)
+        self.hash.update(chunk)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A local folder
+# ---------------------------------------------------------------------------------------------------------
+
+def _iter_file(f: BinaryIO, chunk_size: int) -> Iterator[bytes]:
+    with f:
+        while chunk := f.read(chunk_size):
+            yield chunk
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class FolderStore(ObjectStore):
+    """Objects are files under `root`; uploads go to `root/.tmp/` and are renamed into place when complete
+    (fsynced first), so readers never see a partial object, even across a crash."""
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root).expanduser().resolve()
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.url = self.root.as_uri()
+        self._tmp = self.root / ".tmp"
+
+    def _path(self, key: str) -> Path:
+        return self.root / validate_key(key)
+
+    def put_stream(self, key: str, chunks: Iterable[bytes], max_bytes: int | None = None) -> tuple[int, str]:
+        dest = self._path(key)
+        self._tmp.mkdir(exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self._tmp, prefix="upload-")
+        counter = _Counter(max_bytes)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                for chunk in chunks:
+                    if chunk:
+                        counter.add(chunk)
+                        f.write(chunk)
+                f.flush()
+                os.fsync(f.fileno())
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(tmp, dest)
+            _fsync_dir(dest.parent)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+        return counter.size, counter.hash.hexdigest()
+
+    def open_range(self, key: str, offset: int = 0, chunk_size: int = DEFAULT_CHUNK_SIZE) -> Iterator[bytes]:
+        path = self._path(key)
+        try:
+            f = open(path, "rb")  # noqa: SIM115 - closed by _iter_file
+        except (FileNotFoundError, IsADirectoryError):
+            raise ObjectNotFound(key) from None
+        size = os.fstat(f.fileno()).st_size
+        if not 0 <= offset <= size:
+            f.close()
+            raise InvalidRange(f"offset {offset} outside 0..{size} of {key!r}")
+        f.seek(offset)
+        return _iter_file(f, chunk_size)
+
+    def size(self, key: str) -> int:
+        path = self._path(key)
+        if not path.is_file():
+            raise ObjectNotFound(key)
+        return path.stat().st_size
+
+    def exists(self, key: str) -> bool:
+        return self._path(key).is_file()
+
+    def delete(self, key: str) -> None:
+        path = self._path(key)
+        with contextlib.suppress(FileNotFoundError, IsADirectoryError):
+            path.unlink()
+        self._prune_empty_dirs(path.parent)
+
+    def delete_prefix(self, prefix: str) -> int:
+        validate_key(prefix, prefix=True)
+        parent_key, _, start = prefix.rpartition("/")
+        parent = self.root / parent_key if parent_key else self.root
+        if not parent.is_dir():
+            return 0
+        count = 0
+        for entry in parent.iterdir():
+            if not entry.name.startswith(start) or entry == self._tmp:
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                count += sum(1 for p in entry.rglob("*") if p.is_file())
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+                count += 1
+        self._prune_empty_dirs(parent)
+        return count
+
+    def _prune_empty_dirs(self, path: Path) -> None:
+        while path != self.root and self.root in path.parents:
+            try:
+                path.rmdir()
+            except OSError:
+                return
+            path = path.parent
+
+
+# ---------------------------------------------------------------------------------------------------------
+# S3-compatible stores
+# ---------------------------------------------------------------------------------------------------------
+
+def _error_code(exc: Exception) -> str:
+    return str(getattr(exc, "response", {}).get("Error", {}).get("Code", ""))
+
+
+_NOT_FOUND = {"404", "NoSuchKey", "NotFound"}
+
+
+def _iter_body(body: Any, chunk_size: int) -> Iterator[bytes]:
+    try:
+        yield from body.iter_chunks(chunk_size)
+    finally:
+        body.close()
+
+
+class S3Store(ObjectStore):
+    """Objects under `s3://bucket/prefix/`. Uploads up to one part go up in one PUT; larger ones as a
+    multipart upload of `part_size` parts, aborted on any failure."""
+
+    def __init__(self, bucket: str, prefix: str = "", *, endpoint_url: str | None = None, region: str | None = None,
+                 addressing_style: str | None = None, part_size: int = S3_PART_SIZE, client: Any = None) -> None:
+        if part_size < 5 << 20:
+            raise ValueError("S3 parts must be at least 5 MiB")
+        self.bucket = bucket
+        self.prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
+        self.part_size = part_size
+        self.url = f"s3://{bucket}/{self.prefix}"
+        if client is None:
+            import boto3
+            from botocore.config import Config
+
+            config = Config(
+                request_checksum_calculation="when_required",
+                response_checksum_validation="when_required",
+                retries={"max_attempts": 5, "mode": "standard"},
+                s3={"addressing_style": addressing_style or ("path" if endpoint_url else "auto")},
+            )
+            client = boto3.session.Session().client("s3", endpoint_url=endpoint_url, region_name=region,
+                                                     config=config)
+        self.client = client
+
+    def _key(self, key: str) -> str:
+        return self.prefix + validate_key(key)
+
+    def ensure_bucket(self) -> None:
+        """Create the bucket if it does not exist (for development stacks; production provisions it)."""
+        from botocore.exceptions import ClientError
+
+        try:
+            self.client.head_bucket(Bucket=self.bucket)
+        except ClientError as e:
+            if _error_code(e) not in _NOT_FOUND | {"NoSuchBucket"}:
+                raise
+            region = self.client.meta.region_name
+            kwargs: dict[str, Any] = {}
+            if region and region != "us-east-1":
+                kwargs["CreateBucketConfiguration"] = {"LocationConstraint": region}
+            self.client.create_bucket(Bucket=self.bucket, **kwargs)
+
+    def put_stream(self, key: str, chunks: Iterable[bytes], max_bytes: int | None = None) -> tuple[int, str]:
+        s3key = self._key(key)
+        counter = _Counter(max_bytes)
+        buf: bytearray | None = None  # one part, allocated once the stream has data; sent when full
+        filled = 0
+        upload_id: str | None = None
+        parts: list[dict[str, Any]] = []
+
+        def send_part(data: bytearray | bytes) -> None:
+            nonlocal upload_id
+            if upload_id is None:
+                upload_id = self.client.create_multipart_upload(Bucket=self.bucket, Key=s3key)["UploadId"]
+            number = len(parts) + 1
+            resp = self.client.upload_part(Bucket=self.bucket, Key=s3key, UploadId=upload_id, PartNumber=number,
+                                           Body=data, ContentLength=len(data))
+            parts.append({"ETag": resp["ETag"], "PartNumber": number})
+
+        try:
+            for chunk in chunks:
+                if not chunk:
+                    continue
+                counter.add(chunk)
+                view = memoryview(chunk).cast("B")
+                while view:
+                    if buf is None:
+                        buf = bytearray(self.part_size)
+                    if filled == self.part_size:  # full, and more data follows: it is not the last part
+                        send_part(buf)
+                        filled = 0
+                    n = min(len(view), self.part_size - filled)
+                    buf[filled:filled + n] = view[:n]
+                    filled += n
+                    view = view[n:]
+            last: bytearray | bytes = b""
+            if buf is not None:
+                del buf[filled:]  # the last part, trimmed in place
+                last, buf = buf, None
+            if upload_id is None:
+                self.client.put_object(Bucket=self.bucket, Key=s3key, Body=last, ContentLength=len(last))
+            else:
+                send_part(last)
+                self.client.complete_multipart_upload(Bucket=self.bucket, Key=s3key, UploadId=upload_id,
+                                                      MultipartUpload={"Parts": parts})
+        except BaseException:
+            if upload_id is not None:
+                with contextlib.suppress(Exception):
+                    self.client.abort_multipart_upload(Bucket=self.bucket, Key=s3key, UploadId=upload_id)
+            raise
+        return counter.size, counter.hash.hexdigest()
+
+    def open_range(self, key: str, offset: int = 0, chunk_size: int = DEFAULT_CHUNK_SIZE) -> Iterator[bytes]:
+        from botocore.exceptions import ClientError
+
+        if offset < 0:
+            raise InvalidRange(f"negative offset {offset}")
+        kwargs = {"Range": f"bytes={offset}-"} if offset else {}
+        try:
+            resp = self.client.get_object(Bucket=self.bucket, Key=self._key(key), **kwargs)
+        except ClientError as e:
+            code = _error_code(e)
+            if code in _NOT_FOUND:
+                raise ObjectNotFound(key) from None
+            if code in ("InvalidRange", "416"):
+                size = self.size(key)
+                if offset == size:
+                    return iter(())
+                raise InvalidRange(f"offset {offset} outside 0..{size} of {key!r}") from None
+            raise
+        return _iter_body(resp["Body"], chunk_size)
+
+    def size(self, key: str) -> int:
+        from botocore.exceptions import ClientError
+
+        try:
+            return int(self.client.head_object(Bucket=self.bucket, Key=self._key(key))["ContentLength"])
+        except ClientError as e:
+            if _error_code(e) in _NOT_FOUND:
+                raise ObjectNotFound(key) from None
+            raise
+
+    def exists(self, key: str) -> bool:
+        try:
+            self.size(key)
+        except ObjectNotFound:
+            return False
+        return True
+
+    def delete(self, key: str) -> None:
+        self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
+
+    def delete_prefix(self, prefix: str) -> int:
+        from botocore.exceptions import ClientError
+
+        full = self.prefix + validate_key(prefix, prefix=True)
+        count = 0
+        for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=full):
+            keys = [obj["Key"] for obj in page.get("Contents", [])]
+            if not keys:
+                continue
+            try:
+                resp = self.client.delete_objects(Bucket=self.bucket, Delete={
+                    "Objects": [{"Key": k} for k in keys], "Quiet": True})
+                if resp.get("Errors"):
+                    raise ObjectStoreError(f"could not delete {len(resp['Errors'])} objects under {full!r}: "
+                                           f"{resp['Errors'][0]}")
+            except ClientError:  # some S3-compatible servers lack DeleteObjects: one by one
+                for k in keys:
+                    self.client.delete_object(Bucket=self.bucket, Key=k)
+            count += len(keys)
+        # uploads interrupted by a crash (no abort ran) hold storage until aborted
+        for page in self.client.get_paginator("list_multipart_uploads").paginate(Bucket=self.bucket, Prefix=full):
+            for up in page.get("Uploads", []):
+                with contextlib.suppress(ClientError):
+                    self.client.abort_multipart_upload(Bucket=self.bucket, Key=up["Key"], UploadId=up["UploadId"])
+        return count
+
+
+# ---------------------------------------------------------------------------------------------------------
+
+def open_store(url: str) -> ObjectStore:
+    """`file:///dir`, a plain path, or `s3://bucket/prefix?endpoint_url=...&region=...&addressing_style=...`."""
+    parts = urlsplit(url)
+    if parts.scheme == "s3":
+        if not parts.netloc:
+            raise ValueError(f"no bucket in {url!r}")
+        query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
+        unknown = set(query) - {"endpoint_url", "region", "addressing_style"}
+        if unknown:
+            raise ValueError(f"unknown option(s) {sorted(unknown)} in {url!r}")
+        return S3Store(parts.netloc, unquote(parts.path), endpoint_url=query.get("endpoint_url"),
+                       region=query.get("region"), addressing_style=query.get("addressing_style"))
+    if parts.scheme == "file":
+        if parts.netloc not in ("", "localhost"):
+            raise ValueError(f"file URLs must be local: {url!r}")
+        return FolderStore(unquote(parts.path))
+    if parts.scheme == "" or (len(parts.scheme) == 1 and os.name == "nt"):
+        return FolderStore(url)
+    raise ValueError(f"unsupported object store URL {url!r} (use file:///dir, a path, or s3://bucket/prefix)")
