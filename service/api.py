@@ -1,0 +1,789 @@
+"""The gRPC servicers: `ArtifactService` and `JobService` (prunery.v1), over the database, the object store
+and the job queue. Never imports torch, and never parses an uploaded file: the workers do, through the
+engine's safe intake.
+
+Every call runs for the tenant of its bearer token (`auth.current_tenant()`); another tenant's resources
+are NOT_FOUND, exactly like missing ones. Resource names are `artifacts/{uuid}` and `jobs/{uuid}`;
+DownloadArtifact also takes `jobs/{uuid}/model` and `jobs/{uuid}/report` (a job's results, available once it
+has SUCCEEDED). Errors carry a google.rpc.Status with an ErrorInfo (stable reasons in `errors.Reason`) and,
+for bad fields, a BadRequest.
+
+Uploads stream straight into the object store (one chunk in memory at a time, plus at most one S3 part in
+the store): the size and SHA-256 are checked as the bytes pass, and a mismatch, a broken or cancelled
+stream, or the tenant's cap makes `put_stream` drop what it wrote before anything becomes visible. The
+artifact's row is inserted only once the object is complete and verified, so a failed upload leaves no
+object and no row.
+
+The job spec is stored as a JSON object with the PruneSpec's field names and defaults filled in:
+`{"model": "artifacts/{id}", "ratio": 0.5, "importance": "L2", "global_pruning": false, "round_to": 0,
+"max_ratio": 1.0, "ignore": [], "seed": 0}` (importance is the enum name; `max_ratio` 0 becomes 1.0).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import contextlib
+import functools
+import hashlib
+import json
+import logging
+import math
+import re
+import threading
+import uuid
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, TypeVar
+
+import grpc
+from sqlalchemy import and_, delete, func, or_, select
+from sqlalchemy.engine import Connection, Row
+from sqlalchemy.orm import Session
+
+from prunery.service import errors, jobs
+from prunery.service.auth import current_tenant
+from prunery.service.db import (
+    Artifact,
+    ArtifactKind,
+    ArtifactState,
+    Database,
+    Job,
+    JobEvent,
+    JobState,
+    Tenant,
+    utcnow,
+)
+from prunery.service.errors import ApiError, Reason, Violation
+from prunery.service.metrics import Metrics
+from prunery.service.objectstore import InvalidRange, ObjectNotFound, ObjectStore, TooLarge
+from prunery.service.settings import Settings
+from prunery.v1 import prunery_pb2 as pb
+from prunery.v1 import prunery_pb2_grpc as pb_grpc
+
+__all__ = ["ApiBackend", "ArtifactService", "JobService", "artifact_proto", "job_proto", "parse_filter",
+           "spec_from_dict", "spec_to_dict"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PAGE_SIZE = 50
+MAX_PAGE_SIZE = 1000
+MAX_LABELS = 64
+MAX_LABEL_VALUE = 256
+MAX_DISPLAY_NAME = 512
+MAX_IGNORE = 1000
+MAX_REQUEST_ID = 128
+UPLOAD_KINDS = (pb.MODEL, pb.DATASET)
+
+_UUID = r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
+ARTIFACT_NAME_RE = re.compile(rf"^artifacts/({_UUID})$")
+JOB_NAME_RE = re.compile(rf"^jobs/({_UUID})$")
+JOB_RESULT_RE = re.compile(rf"^jobs/({_UUID})/(model|report)$")
+LABEL_KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+SHA256_RE = re.compile(r"^[0-9a-fA-F]{64}$")
+
+T = TypeVar("T")
+Enqueue = Callable[[str], None]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Names, labels, filters, page tokens
+# ---------------------------------------------------------------------------------------------------------
+
+def artifact_name(artifact_id: uuid.UUID | str) -> str:
+    return f"artifacts/{artifact_id}"
+
+
+def job_name(job_id: uuid.UUID | str) -> str:
+    return f"jobs/{job_id}"
+
+
+def _parse_name(pattern: re.Pattern[str], name: str, field: str, example: str) -> uuid.UUID:
+    m = pattern.match(name or "")
+    if m is None:
+        raise errors.invalid([(field, f"must be a resource name like {example!r}, got {name!r}")],
+                             reason=Reason.INVALID_NAME)
+    return uuid.UUID(m.group(1))
+
+
+def parse_artifact_name(name: str, field: str = "name") -> uuid.UUID:
+    return _parse_name(ARTIFACT_NAME_RE, name, field, "artifacts/{uuid}")
+
+
+def parse_job_name(name: str, field: str = "name") -> uuid.UUID:
+    return _parse_name(JOB_NAME_RE, name, field, "jobs/{uuid}")
+
+
+def _label_violations(labels: Mapping[str, str], field: str) -> list[Violation]:
+    out: list[Violation] = []
+    if len(labels) > MAX_LABELS:
+        out.append((field, f"at most {MAX_LABELS} labels"))
+    for key, value in labels.items():
+        if not LABEL_KEY_RE.match(key):
+            out.append((f"{field}[{key!r}]", "label keys are 1-63 of A-Z a-z 0-9 _ . - starting alphanumeric"))
+        elif len(value) > MAX_LABEL_VALUE:
+            out.append((f"{field}[{key!r}]", f"label values are at most {MAX_LABEL_VALUE} characters"))
+    return out
+
+
+_TERM_RE = re.compile(r'\s*([A-Za-z_][A-Za-z0-9_.-]*)\s*=\s*("(?:[^"\\]|\\.)*"|[^\s"]+)\s*')
+_AND_RE = re.compile(r"AND\b")
+
+
+def parse_filter(text: str, allowed: Mapping[str, Iterable[str]]) -> list[tuple[str, str]]:
+    """`key=value` terms joined by ` AND `. Keys are those of `allowed` (with their permitted values; an
+    empty collection allows any value) or `labels.<key>`. Values may be double-quoted."""
+    terms: list[tuple[str, str]] = []
+    text = text or ""
+    pos = 0
+    if not text.strip():
+        return terms
+
+    def bad(why: str) -> ApiError:
+        keys = ", ".join([*allowed, "labels.<key>"])
+        return errors.invalid([("filter", f"{why} (use key=value terms joined by ' AND '; keys: {keys})")],
+                              message=f"invalid filter {text!r}: {why}", reason=Reason.INVALID_FILTER)
+
+    while True:
+        m = _TERM_RE.match(text, pos)
+        if m is None:
+            raise bad(f"expected key=value at character {pos}")
+        key, value = m.group(1), m.group(2)
+        if value.startswith('"'):
+            value = re.sub(r"\\(.)", r"\1", value[1:-1])
+        if key.startswith("labels."):
+            if not LABEL_KEY_RE.match(key[len("labels."):]):
+                raise bad(f"invalid label key in {key!r}")
+        elif key in allowed:
+            permitted = list(allowed[key])
+            if permitted and value not in permitted:
+                raise bad(f"unknown {key} {value!r}; use one of {', '.join(permitted)}")
+        else:
+            raise bad(f"unknown key {key!r}")
+        terms.append((key, value))
+        pos = m.end()
+        if pos == len(text):
+            return terms
+        a = _AND_RE.match(text, pos)
+        if a is None:
+            raise bad(f"expected AND at character {pos}")
+        pos = a.end()
+
+
+def _page_size(requested: int) -> int:
+    if requested < 0:
+        raise errors.invalid([("page_size", "must not be negative")])
+    return min(requested or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+
+
+def _filter_digest(text: str) -> str:
+    return hashlib.sha256(text.strip().encode()).hexdigest()[:12]
+
+
+def _encode_page_token(create_time: datetime, row_id: uuid.UUID, filter_text: str) -> str:
+    raw = json.dumps({"t": create_time.isoformat(), "i": str(row_id), "f": _filter_digest(filter_text)})
+    return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
+
+
+def _decode_page_token(token: str, filter_text: str) -> tuple[datetime, uuid.UUID] | None:
+    if not token:
+        return None
+    try:
+        raw = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
+        create_time, row_id = datetime.fromisoformat(raw["t"]), uuid.UUID(raw["i"])
+        digest = raw["f"]
+    except (ValueError, KeyError, TypeError, binascii.Error):
+        raise errors.invalid([("page_token", "not a page token returned by this list call")],
+                             reason=Reason.INVALID_PAGE_TOKEN) from None
+    if digest != _filter_digest(filter_text):
+        raise errors.invalid([("page_token", "the filter changed since this page token was issued")],
+                             reason=Reason.INVALID_PAGE_TOKEN)
+    return create_time, row_id
+
+
+def _page(conn: Connection, model: type[Artifact] | type[Job], stmt: Any, page_size: int, token: str,
+          filter_text: str) -> tuple[list[Any], str]:
+    """Keyset pagination, newest first: (rows, next_page_token)."""
+    size = _page_size(page_size)
+    after = _decode_page_token(token, filter_text)
+    if after is not None:
+        t, i = after
+        stmt = stmt.where(or_(model.create_time < t, and_(model.create_time == t, model.id < i)))
+    rows = list(conn.execute(stmt.order_by(model.create_time.desc(), model.id.desc()).limit(size + 1)))
+    if len(rows) <= size:
+        return rows, ""
+    rows = rows[:size]
+    return rows, _encode_page_token(rows[-1].create_time, rows[-1].id, filter_text)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Conversions
+# ---------------------------------------------------------------------------------------------------------
+
+def artifact_proto(a: Artifact | Row[Any]) -> pb.Artifact:
+    """From an ORM object or a Core row of the artifacts table."""
+    msg = pb.Artifact(name=artifact_name(a.id), display_name=a.display_name, kind=pb.ArtifactKind.Value(a.kind),
+                      size_bytes=a.size_bytes, sha256=a.sha256, labels=dict(a.labels or {}),
+                      producer_job=job_name(a.producer_job_id) if a.producer_job_id else "")
+    msg.create_time.FromDatetime(a.create_time)
+    return msg
+
+
+def spec_to_dict(spec: pb.PruneSpec) -> dict[str, Any]:
+    """The stored form of a (validated) spec, defaults made explicit."""
+    return {
+        "model": artifact_name(parse_artifact_name(spec.model, "job.spec.model")),
+        "ratio": float(spec.ratio),
+        "importance": pb.Importance.Name(spec.importance or pb.L2),
+        "global_pruning": bool(spec.global_pruning),
+        "round_to": int(spec.round_to),
+        "max_ratio": float(spec.max_ratio) if spec.max_ratio else 1.0,
+        "ignore": list(spec.ignore),
+        "seed": int(spec.seed),
+    }
+
+
+def spec_from_dict(d: Mapping[str, Any]) -> pb.PruneSpec:
+    importance = str(d.get("importance") or "L2").upper()
+    return pb.PruneSpec(
+        model=str(d.get("model", "")), ratio=float(d.get("ratio", 0.0)),
+        importance=pb.Importance.Value(importance) if importance in pb.Importance.keys() else 0,
+        global_pruning=bool(d.get("global_pruning", False)), round_to=int(d.get("round_to", 0)),
+        max_ratio=float(d.get("max_ratio", 0.0)), ignore=[str(g) for g in d.get("ignore", [])],
+        seed=int(d.get("seed", 0)))
+
+
+def _result_names(job: Job | Row[Any]) -> list[str]:
+    return [r if r.startswith("artifacts/") else artifact_name(r) for r in (job.result_artifact_ids or [])]
+
+
+def job_proto(j: Job | Row[Any]) -> pb.Job:
+    """From an ORM object or a Core row of the jobs table."""
+    msg = pb.Job(name=job_name(j.id), spec=spec_from_dict(j.spec or {}), state=pb.JobState.Value(j.state),
+                 progress=j.progress, attempt_count=j.attempt_count, result_artifacts=_result_names(j),
+                 labels=dict(j.labels or {}), stage=j.stage or "")
+    msg.create_time.FromDatetime(j.create_time)
+    if j.start_time is not None:
+        msg.start_time.FromDatetime(j.start_time)
+    if j.end_time is not None:
+        msg.end_time.FromDatetime(j.end_time)
+    if j.error_code is not None:
+        msg.error.CopyFrom(errors.status_proto(j.error_code, j.error_message or "", j.error_reason or None))
+    if j.report is not None:
+        try:
+            msg.report.update(j.report)
+        except (ValueError, TypeError):
+            log.warning("job %s: its report is not JSON-like; sent as a string", j.id)
+            msg.report.Clear()
+            msg.report.update({"report": json.dumps(j.report, default=str)})
+    return msg
+
+
+def event_proto(ev: JobEvent | Row[Any], job: pb.Job) -> pb.JobEvent:
+    """The event, with the job as of the event (its state, progress and stage; no end or results before the
+    terminal event)."""
+    msg = pb.JobEvent(sequence=ev.sequence, state=pb.JobState.Value(ev.state), progress=ev.progress,
+                      stage=ev.stage, message=ev.message)
+    msg.time.FromDatetime(ev.time)
+    msg.job.CopyFrom(job)
+    msg.job.state, msg.job.progress, msg.job.stage = msg.state, msg.progress, msg.stage
+    if ev.state not in jobs.TERMINAL:
+        for field in ("end_time", "error", "report"):
+            msg.job.ClearField(field)
+        del msg.job.result_artifacts[:]
+    return msg
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Servicers
+# ---------------------------------------------------------------------------------------------------------
+
+def _unary(fn: Callable[..., T]) -> Callable[..., T]:
+    @functools.wraps(fn)
+    def call(self: Any, request: Any, context: grpc.ServicerContext) -> T:
+        try:
+            return fn(self, request, context)
+        except ApiError as e:
+            errors.abort(context, e)
+        except grpc.RpcError:  # the client went away (a client-streaming call): nothing to answer
+            raise
+        except Exception:
+            log.exception("%s failed", fn.__name__)
+            errors.abort(context, ApiError(grpc.StatusCode.INTERNAL, "internal error (logged on the server)",
+                                           Reason.INTERNAL))
+    return call
+
+
+def _streaming(fn: Callable[..., Iterator[T]]) -> Callable[..., Iterator[T]]:
+    @functools.wraps(fn)
+    def call(self: Any, request: Any, context: grpc.ServicerContext) -> Iterator[T]:
+        try:
+            yield from fn(self, request, context)
+        except ApiError as e:
+            errors.abort(context, e)
+        except Exception:
+            log.exception("%s failed", fn.__name__)
+            errors.abort(context, ApiError(grpc.StatusCode.INTERNAL, "internal error (logged on the server)",
+                                           Reason.INTERNAL))
+    return call
+
+
+@dataclass
+class ApiBackend:
+    """What the servicers share."""
+
+    database: Database
+    store: ObjectStore
+    settings: Settings
+    enqueue: Enqueue
+    metrics: Metrics | None = None
+
+    def __post_init__(self) -> None:
+        engine = self.database.engine
+        # reads of one statement need no transaction: on Postgres, autocommit saves the BEGIN/COMMIT round trips
+        self._read_engine = engine if engine.dialect.name == "sqlite" else \
+            engine.execution_options(isolation_level="AUTOCOMMIT")
+
+    def session(self) -> contextlib.AbstractContextManager[Session]:
+        return self.database.session()
+
+    def reader(self) -> contextlib.AbstractContextManager[Connection]:
+        """A connection for single-statement reads (Core rows, which the *_proto functions accept)."""
+        return self._read_engine.connect()
+
+
+def _tenant_bytes(session: Session, tenant: str) -> int:
+    return int(session.scalar(select(func.coalesce(func.sum(Artifact.size_bytes), 0))
+                              .where(Artifact.tenant_id == tenant)) or 0)
+
+
+def _cap_error(cap: int, used: int, size: int) -> ApiError:
+    return ApiError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"storing {size} more bytes would pass this tenant's cap of {cap} bytes ({used} bytes are "
+                    "stored): delete artifacts or jobs you no longer need", Reason.TENANT_CAP_EXCEEDED,
+                    metadata={"cap_bytes": str(cap), "used_bytes": str(used), "size_bytes": str(size)})
+
+
+class _UploadVerifier:
+    """Checks the streamed bytes against the declared size and SHA-256 as they pass."""
+
+    def __init__(self, size: int, sha256: str) -> None:
+        self.declared_size, self.declared_sha = size, sha256.lower()
+        self.received = 0
+        self.hash = hashlib.sha256()
+
+    def add(self, data: bytes) -> None:
+        self.received += len(data)
+        if self.received > self.declared_size:
+            raise errors.invalid(
+                [("metadata.size_bytes", f"declared {self.declared_size} bytes, but more were sent")],
+                message=f"the upload is larger than its declared size of {self.declared_size} bytes",
+                reason=Reason.SIZE_MISMATCH)
+        self.hash.update(data)
+
+    def finish(self) -> None:
+        if self.received != self.declared_size:
+            raise errors.invalid(
+                [("metadata.size_bytes", f"declared {self.declared_size} bytes, received {self.received}")],
+                message=f"the upload ended after {self.received} of its declared {self.declared_size} bytes",
+                reason=Reason.SIZE_MISMATCH)
+        actual = self.hash.hexdigest()
+        if actual != self.declared_sha:
+            raise errors.invalid(
+                [("metadata.sha256", f"declared {self.declared_sha}, the bytes received hash to {actual}")],
+                message="the uploaded bytes do not match the declared sha256", reason=Reason.SHA256_MISMATCH)
+
+
+class ArtifactService(pb_grpc.ArtifactServiceServicer):
+    def __init__(self, backend: ApiBackend) -> None:
+        self.b = backend
+
+    # -- helpers -------------------------------------------------------------------------------------------
+
+    def _get(self, session: Session, artifact_id: uuid.UUID, tenant: str, *, lock: bool = False) -> Artifact | None:
+        stmt = select(Artifact).where(Artifact.id == artifact_id, Artifact.tenant_id == tenant,
+                                      Artifact.state == ArtifactState.READY.value)
+        if lock:
+            stmt = stmt.with_for_update()
+        return session.scalars(stmt).one_or_none()
+
+    def _bytes(self, direction: str, n: int) -> None:
+        if self.b.metrics is not None:
+            (self.b.metrics.bytes_in if direction == "in" else self.b.metrics.bytes_out).inc(n)
+
+    # -- RPCs ----------------------------------------------------------------------------------------------
+
+    @_unary
+    def UploadArtifact(self, request_iterator: Iterator[pb.UploadArtifactRequest],  # noqa: N802
+                       context: grpc.ServicerContext) -> pb.Artifact:
+        tenant = current_tenant()
+        first = next(request_iterator, None)
+        if first is None or first.WhichOneof("payload") != "metadata":
+            raise errors.invalid([("metadata", "the first message must carry the artifact's metadata")],
+                                 reason=Reason.INVALID_UPLOAD)
+        meta = first.metadata
+        violations: list[Violation] = []
+        if meta.kind not in UPLOAD_KINDS:
+            violations.append(("metadata.kind", "must be MODEL or DATASET"))
+        if meta.size_bytes < 0:
+            violations.append(("metadata.size_bytes", "must be the file's size in bytes (not negative)"))
+        if not SHA256_RE.match(meta.sha256):
+            violations.append(("metadata.sha256", "must be the 64 hex digits of the file's SHA-256"))
+        if len(meta.display_name) > MAX_DISPLAY_NAME:
+            violations.append(("metadata.display_name", f"at most {MAX_DISPLAY_NAME} characters"))
+        violations += _label_violations(meta.labels, "metadata.labels")
+        if violations:
+            raise errors.invalid(violations)
+
+        cap = self.b.settings.tenant_cap_bytes
+        with self.b.session() as s:
+            used = _tenant_bytes(s, tenant)
+        if meta.size_bytes > cap - used:
+            raise _cap_error(cap, used, meta.size_bytes)
+
+        artifact_id = uuid.uuid4()
+        key = artifact_name(artifact_id)
+        verifier = _UploadVerifier(meta.size_bytes, meta.sha256)
+
+        def chunks() -> Iterator[bytes]:
+            for req in request_iterator:
+                if req.WhichOneof("payload") != "chunk":
+                    raise errors.invalid([("metadata", "only the first message may carry metadata")],
+                                         reason=Reason.INVALID_UPLOAD)
+                data = req.chunk
+                if data:
+                    verifier.add(data)
+                    self._bytes("in", len(data))
+                    yield data
+            verifier.finish()  # raising here, inside put_stream's loop, stores nothing
+
+        try:
+            size, sha256 = self.b.store.put_stream(key, chunks(), max_bytes=max(0, cap - used))
+        except (ApiError, grpc.RpcError):
+            raise
+        except TooLarge:
+            raise _cap_error(cap, used, verifier.received) from None
+        except Exception as e:
+            log.exception("upload of %s to %r failed", key, self.b.store)
+            raise ApiError(grpc.StatusCode.UNAVAILABLE, f"the object store failed: {type(e).__name__}; retry",
+                           Reason.STORE_UNAVAILABLE) from e
+
+        try:
+            with self.b.session() as s:
+                s.execute(select(Tenant.id).where(Tenant.id == tenant).with_for_update())  # serialise the cap
+                used = _tenant_bytes(s, tenant)
+                if used + size > cap:
+                    raise _cap_error(cap, used, size)
+                row = Artifact(id=artifact_id, tenant_id=tenant, display_name=meta.display_name,
+                               kind=pb.ArtifactKind.Name(meta.kind), state=ArtifactState.READY.value,
+                               size_bytes=size, sha256=sha256, labels=dict(meta.labels), storage_key=key,
+                               create_time=utcnow())
+                s.add(row)
+                s.flush()
+                result = artifact_proto(row)
+        except BaseException:
+            try:
+                self.b.store.delete(key)
+            except Exception:
+                log.exception("could not delete %s after its upload failed", key)
+            raise
+        log.info("tenant %s uploaded %s (%d bytes)", tenant, key, size)
+        return result
+
+    @_unary
+    def GetArtifact(self, request: pb.GetArtifactRequest, context: grpc.ServicerContext) -> pb.Artifact:  # noqa: N802
+        tenant = current_tenant()
+        artifact_id = parse_artifact_name(request.name)
+        with self.b.reader() as conn:
+            row = conn.execute(select(Artifact.__table__).where(
+                Artifact.id == artifact_id, Artifact.tenant_id == tenant,
+                Artifact.state == ArtifactState.READY.value)).first()
+        if row is None:
+            raise errors.not_found("artifact", request.name)
+        return artifact_proto(row)
+
+    @_unary
+    def ListArtifacts(self, request: pb.ListArtifactsRequest,  # noqa: N802
+                      context: grpc.ServicerContext) -> pb.ListArtifactsResponse:
+        tenant = current_tenant()
+        terms = parse_filter(request.filter, {"kind": [k.value for k in ArtifactKind]})
+        stmt = select(Artifact.__table__).where(Artifact.tenant_id == tenant,
+                                                Artifact.state == ArtifactState.READY.value)
+        for key, value in terms:
+            if key == "kind":
+                stmt = stmt.where(Artifact.kind == value)
+            else:
+                stmt = stmt.where(Artifact.labels[key[len("labels."):]].as_string() == value)
+        with self.b.reader() as conn:
+            rows, token = _page(conn, Artifact, stmt, request.page_size, request.page_token, request.filter)
+        return pb.ListArtifactsResponse(artifacts=[artifact_proto(r) for r in rows], next_page_token=token)
+
+    @_unary
+    def DeleteArtifact(self, request: pb.DeleteArtifactRequest,  # noqa: N802
+                       context: grpc.ServicerContext) -> pb.DeleteArtifactResponse:
+        tenant = current_tenant()
+        artifact_id = parse_artifact_name(request.name)
+        name = artifact_name(artifact_id)
+        with self.b.session() as s:
+            row = self._get(s, artifact_id, tenant, lock=True)
+            if row is None:
+                raise errors.not_found("artifact", request.name)
+            active = s.execute(select(Job.id, Job.spec).where(
+                Job.tenant_id == tenant, Job.state.notin_([st.value for st in jobs.TERMINAL]))).all()
+            users = [job_name(job_id) for job_id, spec in active if (spec or {}).get("model") == name]
+            if users:
+                raise errors.failed_precondition(
+                    f"{name} is the model of {len(users)} unfinished job(s) ({', '.join(users[:3])}); "
+                    "cancel them or wait for them to end", Reason.ARTIFACT_IN_USE, jobs=",".join(users[:10]))
+            key = row.storage_key
+            s.delete(row)
+        try:  # the row is gone first, so no client ever sees an artifact without its bytes
+            self.b.store.delete(key)
+        except Exception:
+            log.exception("could not delete the object %s of deleted artifact %s", key, name)
+        return pb.DeleteArtifactResponse()
+
+    def _resolve_download(self, name: str, tenant: str) -> Artifact:
+        m = JOB_RESULT_RE.match(name or "")
+        with self.b.session() as s:
+            if m is None:
+                artifact_id = _parse_name(ARTIFACT_NAME_RE, name, "name",
+                                          "artifacts/{uuid}, jobs/{uuid}/model or jobs/{uuid}/report")
+                row = self._get(s, artifact_id, tenant)
+                if row is None:
+                    raise errors.not_found("artifact", name)
+                return row
+            job_id, which = uuid.UUID(m.group(1)), m.group(2)
+            job = jobs.get_job(s, job_id, tenant)
+            if job is None:
+                raise errors.not_found("job", job_name(job_id))
+            if job.state != JobState.SUCCEEDED:
+                raise errors.failed_precondition(
+                    f"{job_name(job_id)} is {job.state}: its results can be downloaded once it has SUCCEEDED",
+                    Reason.JOB_NOT_SUCCEEDED, job=job_name(job_id), state=job.state)
+            ids = [uuid.UUID(n.split("/", 1)[1]) for n in _result_names(job)]
+            rows = list(s.scalars(select(Artifact).where(Artifact.id.in_(ids), Artifact.tenant_id == tenant,
+                                                         Artifact.state == ArtifactState.READY.value))) if ids else []
+            kind = ArtifactKind.MODEL.value if which == "model" else ArtifactKind.REPORT.value
+            by_kind = [r for r in rows if r.kind == kind]
+            if not by_kind:
+                raise errors.not_found("result", name)
+            by_kind.sort(key=lambda r: ids.index(r.id))
+            return by_kind[0]
+
+    @_streaming
+    def DownloadArtifact(self, request: pb.DownloadArtifactRequest,  # noqa: N802
+                         context: grpc.ServicerContext) -> Iterator[pb.ArtifactChunk]:
+        tenant = current_tenant()
+        row = self._resolve_download(request.name, tenant)
+        if request.offset < 0:
+            raise errors.invalid([("offset", "must not be negative")])
+        if request.offset > row.size_bytes:
+            raise ApiError(grpc.StatusCode.OUT_OF_RANGE,
+                           f"offset {request.offset} is past the end of {artifact_name(row.id)} "
+                           f"({row.size_bytes} bytes)", Reason.OFFSET_OUT_OF_RANGE,
+                           metadata={"size_bytes": str(row.size_bytes)})
+        try:
+            body = self.b.store.open_range(row.storage_key, request.offset, self.b.settings.chunk_size)
+        except ObjectNotFound:
+            raise ApiError(grpc.StatusCode.DATA_LOSS, f"the bytes of {artifact_name(row.id)} are missing from the "
+                           "object store", Reason.OBJECT_MISSING) from None
+        except InvalidRange as e:
+            raise ApiError(grpc.StatusCode.OUT_OF_RANGE, str(e), Reason.OFFSET_OUT_OF_RANGE) from None
+        meta = artifact_proto(row)
+        pos = request.offset
+        first = True
+        try:
+            for data in body:
+                msg = pb.ArtifactChunk(offset=pos, data=data)
+                if first:
+                    msg.artifact.CopyFrom(meta)
+                    first = False
+                yield msg
+                pos += len(data)
+                self._bytes("out", len(data))
+                if not context.is_active():
+                    return
+            if first:  # nothing left to send: still tell the client what it asked for
+                yield pb.ArtifactChunk(offset=pos, artifact=meta)
+        finally:
+            close = getattr(body, "close", None)
+            if close is not None:
+                close()
+
+
+class JobService(pb_grpc.JobServiceServicer):
+    def __init__(self, backend: ApiBackend) -> None:
+        self.b = backend
+
+    def _spec_violations(self, session: Session, tenant: str, job: pb.Job) -> list[Violation]:
+        spec = job.spec
+        v: list[Violation] = []
+        model_id: uuid.UUID | None = None
+        if not spec.model:
+            v.append(("job.spec.model", "required: the name 'artifacts/{id}' of an uploaded MODEL"))
+        else:
+            m = ARTIFACT_NAME_RE.match(spec.model)
+            if m is None:
+                v.append(("job.spec.model", f"must be an artifact name like 'artifacts/{{uuid}}', got {spec.model!r}"))
+            else:
+                model_id = uuid.UUID(m.group(1))
+        if not (0.0 < spec.ratio < 1.0):
+            v.append(("job.spec.ratio", f"must be between 0 and 1, both excluded; got {spec.ratio}"))
+        if spec.importance not in pb.Importance.values():
+            v.append(("job.spec.importance", f"unknown importance {spec.importance}; use L1, L2, BN or RANDOM"))
+        if spec.round_to < 0:
+            v.append(("job.spec.round_to", f"must be 0 (no rounding) or positive; got {spec.round_to}"))
+        if not (0.0 <= spec.max_ratio <= 1.0) or math.isnan(spec.max_ratio):
+            v.append(("job.spec.max_ratio", f"must be between 0 and 1 (0 means 1); got {spec.max_ratio}"))
+        if len(spec.ignore) > MAX_IGNORE:
+            v.append(("job.spec.ignore", f"at most {MAX_IGNORE} globs"))
+        for i, glob in enumerate(spec.ignore):
+            if not glob or len(glob) > 512:
+                v.append((f"job.spec.ignore[{i}]", "globs are 1-512 characters"))
+        v += _label_violations(job.labels, "job.labels")
+        if model_id is not None:
+            # FOR SHARE: a concurrent DeleteArtifact (FOR UPDATE) waits for this job to exist, then sees it
+            artifact = session.scalars(select(Artifact).where(
+                Artifact.id == model_id, Artifact.tenant_id == tenant, Artifact.state == ArtifactState.READY.value,
+            ).with_for_update(read=True)).one_or_none()
+            if artifact is None:
+                v.append(("job.spec.model", f"artifact {spec.model!r} not found"))
+            elif artifact.kind != ArtifactKind.MODEL.value:
+                v.append(("job.spec.model", f"artifact {spec.model!r} is a {artifact.kind}; a job needs a MODEL"))
+        return v
+
+    @_unary
+    def CreateJob(self, request: pb.CreateJobRequest, context: grpc.ServicerContext) -> pb.Job:  # noqa: N802
+        tenant = current_tenant()
+        request_id = request.request_id or None
+        if request_id is not None and len(request_id) > MAX_REQUEST_ID:
+            raise errors.invalid([("request_id", f"at most {MAX_REQUEST_ID} characters")])
+        with self.b.session() as s:
+            if request_id is not None:
+                existing = s.scalars(select(Job).where(Job.tenant_id == tenant,
+                                                       Job.request_id == request_id)).one_or_none()
+                if existing is not None:
+                    return job_proto(existing)
+            if not request.HasField("job"):
+                raise errors.invalid([("job", "required: the job's spec (and labels)")])
+            violations = self._spec_violations(s, tenant, request.job)
+            if violations:
+                raise errors.invalid(violations)
+            job, created = jobs.create_job(s, tenant, spec_to_dict(request.job.spec), dict(request.job.labels),
+                                           request_id)
+            result = job_proto(job)
+        # committed: a worker receiving the id finds the job
+        if created:
+            if self.b.metrics is not None:
+                self.b.metrics.jobs_created.inc()
+            try:
+                self.b.enqueue(str(job.id))
+            except Exception:
+                # the job is stored and QUEUED: the workers' reaper resends queued jobs whose message was lost
+                log.exception("could not send %s to the broker; it stays QUEUED until resent", result.name)
+            log.info("tenant %s created %s", tenant, result.name)
+        return result
+
+    @_unary
+    def GetJob(self, request: pb.GetJobRequest, context: grpc.ServicerContext) -> pb.Job:  # noqa: N802
+        tenant = current_tenant()
+        job_id = parse_job_name(request.name)
+        with self.b.reader() as conn:
+            job = conn.execute(select(Job.__table__).where(Job.id == job_id, Job.tenant_id == tenant)).first()
+        if job is None:
+            raise errors.not_found("job", request.name)
+        return job_proto(job)
+
+    @_unary
+    def ListJobs(self, request: pb.ListJobsRequest, context: grpc.ServicerContext) -> pb.ListJobsResponse:  # noqa: N802
+        tenant = current_tenant()
+        terms = parse_filter(request.filter, {"state": [st.value for st in JobState]})
+        stmt = select(Job.__table__).where(Job.tenant_id == tenant)
+        for key, value in terms:
+            if key == "state":
+                stmt = stmt.where(Job.state == value)
+            else:
+                stmt = stmt.where(Job.labels[key[len("labels."):]].as_string() == value)
+        with self.b.reader() as conn:
+            rows, token = _page(conn, Job, stmt, request.page_size, request.page_token, request.filter)
+        return pb.ListJobsResponse(jobs=[job_proto(r) for r in rows], next_page_token=token)
+
+    @_unary
+    def CancelJob(self, request: pb.CancelJobRequest, context: grpc.ServicerContext) -> pb.Job:  # noqa: N802
+        tenant = current_tenant()
+        job_id = parse_job_name(request.name)
+        try:
+            with self.b.session() as s:
+                return job_proto(jobs.request_cancel(s, job_id, tenant))
+        except jobs.JobNotFound:
+            raise errors.not_found("job", request.name) from None
+        except jobs.IllegalTransition as e:
+            raise errors.failed_precondition(f"{job_name(job_id)} already ended ({e.current}); nothing to cancel",
+                                             Reason.JOB_ALREADY_FINISHED, state=str(e.current)) from None
+
+    @_unary
+    def DeleteJob(self, request: pb.DeleteJobRequest,  # noqa: N802
+                  context: grpc.ServicerContext) -> pb.DeleteJobResponse:
+        tenant = current_tenant()
+        job_id = parse_job_name(request.name)
+        with self.b.session() as s:
+            job = s.scalars(select(Job).where(Job.id == job_id, Job.tenant_id == tenant)
+                            .with_for_update()).one_or_none()
+            if job is None:
+                raise errors.not_found("job", request.name)
+            if job.state not in jobs.TERMINAL:
+                raise errors.failed_precondition(
+                    f"{job_name(job_id)} is {job.state}: only a finished job can be deleted (cancel it first)",
+                    Reason.JOB_NOT_FINISHED, state=job.state)
+            result_ids = [uuid.UUID(n.split("/", 1)[1]) for n in _result_names(job)]
+            owned = or_(Artifact.producer_job_id == job_id, Artifact.id.in_(result_ids)) if result_ids \
+                else Artifact.producer_job_id == job_id
+            results = list(s.scalars(select(Artifact).where(Artifact.tenant_id == tenant, owned)))
+            keys = [a.storage_key for a in results]
+            for a in results:
+                s.delete(a)
+            s.execute(delete(JobEvent).where(JobEvent.job_id == job_id))
+            s.execute(delete(Job).where(Job.id == job_id))
+        try:
+            for key in keys:
+                self.b.store.delete(key)
+            self.b.store.delete_prefix(f"jobs/{job_id}/")
+        except Exception:
+            log.exception("could not delete every object of deleted %s", job_name(job_id))
+        return pb.DeleteJobResponse()
+
+    @_streaming
+    def WatchJob(self, request: pb.WatchJobRequest, context: grpc.ServicerContext) -> Iterator[pb.JobEvent]:  # noqa: N802
+        tenant = current_tenant()
+        job_id = parse_job_name(request.name)
+        if request.after_sequence < 0:
+            raise errors.invalid([("after_sequence", "must not be negative (0: from the first event)")])
+        with self.b.reader() as conn:
+            if conn.execute(select(Job.id).where(Job.id == job_id, Job.tenant_id == tenant)).first() is None:
+                raise errors.not_found("job", request.name)
+        gone = threading.Event()
+        context.add_callback(gone.set)
+        last = request.after_sequence
+        while True:
+            # the events first, then the job: a job read after its terminal event carries its results
+            with self.b.reader() as conn:
+                events = conn.execute(select(JobEvent.__table__).where(
+                    JobEvent.job_id == job_id, JobEvent.sequence > last).order_by(JobEvent.sequence).limit(500)).all()
+                job = conn.execute(select(Job.__table__).where(Job.id == job_id, Job.tenant_id == tenant)).first()
+            if job is None:  # deleted while watched: it ended long ago
+                return
+            snapshot = job_proto(job)
+            state = job.state
+            for ev in events:
+                yield event_proto(ev, snapshot)
+                last = ev.sequence
+                if ev.state in jobs.TERMINAL:
+                    return
+            if not events:
+                if state in jobs.TERMINAL:  # asked for events after the terminal one
+                    return
+                if gone.wait(self.b.settings.watch_poll_s) or not context.is_active():
+                    return
+

@@ -1,0 +1,134 @@
+"""API errors as `google.rpc.Status` with details: an `ErrorInfo` (a stable reason, domain "prunery.dev") on
+every error, and a `BadRequest` with field violations where a request field is at fault.
+
+Servicer code raises `ApiError` (or one of the shortcuts); `api.py` turns it into the call's status with
+`abort(context, error)`. Clients read the details with `grpc_status.rpc_status.from_call(call)`.
+
+Reasons are part of the API: clients may branch on them, so never rename one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import NoReturn
+
+import grpc
+from google.protobuf import any_pb2
+from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+DOMAIN = "prunery.dev"
+
+
+class Reason:
+    """The stable `ErrorInfo.reason` strings of the API."""
+
+    # UNAUTHENTICATED
+    MISSING_TOKEN = "MISSING_TOKEN"
+    INVALID_TOKEN = "INVALID_TOKEN"
+    # INVALID_ARGUMENT
+    INVALID_FIELD = "INVALID_FIELD"  # see the BadRequest field violations
+    INVALID_NAME = "INVALID_NAME"
+    INVALID_FILTER = "INVALID_FILTER"
+    INVALID_PAGE_TOKEN = "INVALID_PAGE_TOKEN"
+    INVALID_UPLOAD = "INVALID_UPLOAD"  # the stream does not start with metadata, or repeats it
+    SIZE_MISMATCH = "SIZE_MISMATCH"
+    SHA256_MISMATCH = "SHA256_MISMATCH"
+    # NOT_FOUND
+    ARTIFACT_NOT_FOUND = "ARTIFACT_NOT_FOUND"
+    JOB_NOT_FOUND = "JOB_NOT_FOUND"
+    RESULT_NOT_FOUND = "RESULT_NOT_FOUND"
+    # OUT_OF_RANGE
+    OFFSET_OUT_OF_RANGE = "OFFSET_OUT_OF_RANGE"
+    # RESOURCE_EXHAUSTED
+    TENANT_CAP_EXCEEDED = "TENANT_CAP_EXCEEDED"
+    # FAILED_PRECONDITION
+    JOB_NOT_SUCCEEDED = "JOB_NOT_SUCCEEDED"
+    JOB_NOT_FINISHED = "JOB_NOT_FINISHED"
+    JOB_ALREADY_FINISHED = "JOB_ALREADY_FINISHED"
+    ARTIFACT_IN_USE = "ARTIFACT_IN_USE"
+    # DATA_LOSS / INTERNAL / UNAVAILABLE
+    OBJECT_MISSING = "OBJECT_MISSING"
+    INTERNAL = "INTERNAL"
+    STORE_UNAVAILABLE = "STORE_UNAVAILABLE"
+
+
+Violation = tuple[str, str]  # (field path like "job.spec.ratio", description)
+
+
+def _pack(message: object) -> any_pb2.Any:
+    packed = any_pb2.Any()
+    packed.Pack(message)  # type: ignore[arg-type]
+    return packed
+
+
+def error_info(reason: str, metadata: Mapping[str, str] | None = None) -> error_details_pb2.ErrorInfo:
+    return error_details_pb2.ErrorInfo(reason=reason, domain=DOMAIN,
+                                       metadata={k: str(v) for k, v in (metadata or {}).items()})
+
+
+def status_proto(code: grpc.StatusCode | int, message: str, reason: str | None = None, *,
+                 metadata: Mapping[str, str] | None = None,
+                 violations: Iterable[Violation] = ()) -> status_pb2.Status:
+    """A google.rpc.Status with an ErrorInfo (when `reason` is given) and a BadRequest (when there are
+    violations). `code` is a grpc.StatusCode or a google.rpc.Code number."""
+    number = code.value[0] if isinstance(code, grpc.StatusCode) else int(code)
+    status = status_pb2.Status(code=number, message=message)
+    if reason:
+        status.details.append(_pack(error_info(reason, metadata)))
+    violations = list(violations)
+    if violations:
+        bad = error_details_pb2.BadRequest(field_violations=[
+            error_details_pb2.BadRequest.FieldViolation(field=f, description=d) for f, d in violations])
+        status.details.append(_pack(bad))
+    return status
+
+
+class ApiError(Exception):
+    """An error to return to the caller: a status code, a message a person can act on, a stable reason."""
+
+    def __init__(self, code: grpc.StatusCode, message: str, reason: str, *,
+                 violations: Iterable[Violation] = (), metadata: Mapping[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.code, self.message, self.reason = code, message, reason
+        self.violations = list(violations)
+        self.metadata = dict(metadata or {})
+
+    def to_status_proto(self) -> status_pb2.Status:
+        return status_proto(self.code, self.message, self.reason, metadata=self.metadata,
+                            violations=self.violations)
+
+    def to_grpc_status(self) -> grpc.Status:
+        return rpc_status.to_status(self.to_status_proto())
+
+
+def abort(context: grpc.ServicerContext, error: ApiError) -> NoReturn:
+    """End the call with `error` (raises, as `context.abort` does)."""
+    context.abort_with_status(error.to_grpc_status())
+    raise AssertionError("abort_with_status returned")  # pragma: no cover
+
+
+# ------------------------------------------------------------------------------------------------------
+# Shortcuts
+# ------------------------------------------------------------------------------------------------------
+
+def invalid(violations: Iterable[Violation], message: str | None = None,
+            reason: str = Reason.INVALID_FIELD) -> ApiError:
+    """INVALID_ARGUMENT with field violations; the message lists them when none is given."""
+    violations = list(violations)
+    if message is None:
+        message = "invalid request: " + "; ".join(f"{f}: {d}" for f, d in violations)
+    return ApiError(grpc.StatusCode.INVALID_ARGUMENT, message, reason, violations=violations)
+
+
+def not_found(kind: str, name: str) -> ApiError:
+    reason = {"artifact": Reason.ARTIFACT_NOT_FOUND, "job": Reason.JOB_NOT_FOUND}.get(kind, Reason.RESULT_NOT_FOUND)
+    return ApiError(grpc.StatusCode.NOT_FOUND, f"{kind} {name!r} not found", reason, metadata={"name": name})
+
+
+def failed_precondition(message: str, reason: str, **metadata: str) -> ApiError:
+    return ApiError(grpc.StatusCode.FAILED_PRECONDITION, message, reason, metadata=metadata)
+
+
+def unauthenticated(message: str, reason: str) -> ApiError:
+    return ApiError(grpc.StatusCode.UNAUTHENTICATED, message, reason)

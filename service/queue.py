@@ -1,0 +1,99 @@
+"""Sending jobs to the workers: a Celery task sent by NAME (`prunery.run_job`) whose only argument is the job
+id. The API imports neither the worker package nor torch; Celery itself is imported on first use.
+
+The broker settings mirror the worker's (`prunery.worker.app.broker_transport_options`): the same folders
+for the embedded `filesystem://` broker, the same Redis key prefix and queue name; a test checks that the
+two agree. Call `enqueue` only after the job row is committed, so a worker receiving the id finds the job.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import uuid
+from typing import Any
+
+from prunery.service.settings import Settings
+
+__all__ = ["TASK_NAME", "CeleryEnqueuer", "enqueue", "transport_options"]
+
+TASK_NAME = "prunery.run_job"
+
+
+def _is_filesystem(url: str) -> bool:
+    return url.startswith("filesystem://")
+
+
+def transport_options(settings: Settings) -> dict[str, Any]:
+    """The producer side of the worker's broker transport options."""
+    if _is_filesystem(settings.broker_url):
+        root = settings.broker_dir
+        return {
+            "data_folder_in": str(root / "queue"),
+            "data_folder_out": str(root / "queue"),
+            "control_folder": str(root / "control"),
+            "store_processed": True,
+            "processed_folder": str(root / "processed"),
+        }
+    options: dict[str, Any] = {}
+    if settings.broker_keyprefix and settings.broker_url.split("://", 1)[0] in (
+            "redis", "rediss", "redis+socket", "sentinel"):
+        options["global_keyprefix"] = settings.broker_keyprefix
+    return options
+
+
+class CeleryEnqueuer:
+    """`enqueuer(job_id)` sends the job's task; one Celery app (and its connection pool) per instance."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._app: Any = None
+        self._lock = threading.Lock()
+
+    def _celery(self) -> Any:
+        with self._lock:
+            if self._app is None:
+                from celery import Celery
+
+                app = Celery("prunery-api", set_as_current=False)
+                app.conf.update(
+                    broker_url=self.settings.broker_url,
+                    broker_transport_options=transport_options(self.settings),
+                    broker_connection_retry_on_startup=True,
+                    task_default_queue=self.settings.queue,
+                    task_serializer="json",
+                    accept_content=["json"],
+                    task_ignore_result=True,
+                    result_backend=None,
+                    task_send_sent_event=False,
+                )
+                self._app = app
+            return self._app
+
+    def __call__(self, job_id: uuid.UUID | str) -> None:
+        options = transport_options(self.settings)
+        if "data_folder_out" in options:
+            for key in ("data_folder_out", "control_folder", "processed_folder"):
+                os.makedirs(options[key], exist_ok=True)
+        self._celery().send_task(TASK_NAME, args=[str(job_id)], queue=self.settings.queue, retry=True,
+                                 retry_policy={"max_retries": 3, "interval_start": 0.2, "interval_step": 0.5,
+                                               "interval_max": 2.0})
+
+    def close(self) -> None:
+        with self._lock:
+            if self._app is not None:
+                self._app.close()
+                self._app = None
+
+
+_default: CeleryEnqueuer | None = None
+_default_lock = threading.Lock()
+
+
+def enqueue(job_id: uuid.UUID | str) -> None:
+    """Send `job_id` with the broker configured by the `PRUNERY_*` environment."""
+    global _default
+    with _default_lock:
+        if _default is None:
+            _default = CeleryEnqueuer(Settings.from_env())
+    _default(job_id)
