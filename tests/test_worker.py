@@ -1,0 +1,586 @@
+"""The worker with real parts: a fresh Postgres database, Redis as the broker, Celery worker processes
+(`celery -A prunery.worker.app worker --pool prefork`), and a folder object store in tmp_path.
+
+Jobs and artifacts are created directly through `prunery.service.db` / `prunery.service.jobs` and sent with
+`prunery.worker.app.enqueue`, as the API does. Every test module run gets its own database, Redis key prefix
+and queue name, so parallel runs (pytest -n 2) never share state. Leases, heartbeats, the reaper and the
+Redis visibility timeout are set short through the environment so recovery paths run in seconds; slow and
+crashing jobs use the worker's test hooks (job labels, honoured only with PRUNERY_TEST_HOOKS=1).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+import zipfile
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+import torch
+from sqlalchemy import select
+
+from prunery import zoo
+from prunery.core import PruneConfig, count, load_program, prune
+from prunery.service import jobs
+from prunery.service.db import Artifact, ArtifactKind, ArtifactState, Database, Job, ensure_tenant, upgrade, utcnow
+from prunery.service.objectstore import FolderStore
+from prunery.service.testing import free_port, temporary_postgres_database
+from prunery.worker.app import enqueue, make_app, queue_depth
+from prunery.worker.reaper import reap_expired, resend_lost
+from prunery.worker.settings import WorkerSettings
+
+REDIS_URL = os.environ.get("PRUNERY_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+TENANT = "acme"
+FAST = {  # short lease, heartbeat, reaper and redelivery, so recovery takes seconds
+    "PRUNERY_LEASE_S": "4",
+    "PRUNERY_HEARTBEAT_S": "0.5",
+    "PRUNERY_REAPER_INTERVAL_S": "0.5",
+    "PRUNERY_VISIBILITY_TIMEOUT_S": "6",
+    "PRUNERY_CANCEL_GRACE_S": "3",
+    "PRUNERY_RESEND_QUEUED_S": "0",
+    "PRUNERY_TEST_HOOKS": "1",
+}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Real parts
+# ---------------------------------------------------------------------------------------------------------
+
+@dataclass
+class Stack:
+    """One database, object store and queue, and the workers consuming it."""
+
+    database_url: str
+    store_dir: Path
+    data_dir: Path
+    prefix: str = field(default_factory=lambda: f"prunery-test-{uuid.uuid4().hex[:10]}:")
+    queue: str = field(default_factory=lambda: f"q-{uuid.uuid4().hex[:10]}")
+    workers: list[WorkerProc] = field(default_factory=list)
+    embedded: bool = False  # the worker gets only PRUNERY_DATA_DIR: SQLite, a folder store, filesystem broker
+
+    def __post_init__(self) -> None:
+        self.db = Database(self.database_url)
+        self.store = FolderStore(self.store_dir)
+        if self.embedded:
+            self.settings = WorkerSettings(data_dir=self.data_dir, database_url=self.database_url,
+                                           store_url=self.store.url, broker_url="filesystem://")
+        else:
+            self.settings = WorkerSettings(data_dir=self.data_dir, database_url=self.database_url,
+                                           store_url=self.store.url, broker_url=REDIS_URL, queue=self.queue,
+                                           broker_keyprefix=self.prefix, visibility_timeout_s=6.0,
+                                           tmp_dir=self.data_dir / "tmp")
+        self.celery = make_app(self.settings)
+        with self.db.session() as s:
+            ensure_tenant(s, TENANT)
+
+    def env(self, **extra: str) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("PRUNERY_", "PROMETHEUS_"))}
+        env.update(FAST)
+        env["PRUNERY_DATA_DIR"] = str(self.data_dir)
+        if self.embedded:
+            env.update(extra)
+            return env
+        env.update({
+            "PRUNERY_DATA_DIR": str(self.data_dir),
+            "PRUNERY_DATABASE_URL": self.database_url,
+            "PRUNERY_STORE_URL": self.store.url,
+            "PRUNERY_BROKER_URL": REDIS_URL,
+            "PRUNERY_BROKER_KEYPREFIX": self.prefix,
+            "PRUNERY_QUEUE": self.queue,
+            "PRUNERY_TMP_DIR": str(self.settings.tmp_dir),
+        })
+        env.update(extra)
+        return env
+
+    def start_worker(self, name: str) -> WorkerProc:
+        worker = WorkerProc(name, self, free_port(), self.settings.queue)
+        self.workers.append(worker)
+        return worker
+
+    # -- jobs, as the API makes them ------------------------------------------------------------------------
+
+    def upload(self, data: bytes, name: str = "model.pt2") -> uuid.UUID:
+        artifact_id = uuid.uuid4()
+        key = f"artifacts/{artifact_id}"
+        size, sha = self.store.put_bytes(key, data)
+        with self.db.session() as s:
+            s.add(Artifact(id=artifact_id, tenant_id=TENANT, display_name=name, kind=ArtifactKind.MODEL.value,
+                           state=ArtifactState.READY.value, size_bytes=size, sha256=sha, labels={}, storage_key=key,
+                           create_time=utcnow()))
+        return artifact_id
+
+    def submit(self, artifact_id: uuid.UUID, *, ratio: float = 0.5, labels: dict[str, str] | None = None,
+               max_attempts: int = 3, **spec: Any) -> uuid.UUID:
+        with self.db.session() as s:
+            job, _ = jobs.create_job(s, TENANT, {"model": f"artifacts/{artifact_id}", "ratio": ratio, **spec},
+                                     labels=labels, max_attempts=max_attempts)
+            job_id = job.id
+        enqueue(job_id, celery=self.celery)  # after the commit, as the API does
+        return job_id
+
+    def job(self, job_id: uuid.UUID) -> Job:
+        with self.db.session() as s:
+            job = jobs.get_job(s, job_id)
+            assert job is not None
+            return job
+
+    def events(self, job_id: uuid.UUID) -> list[Any]:
+        with self.db.session() as s:
+            return jobs.list_events(s, job_id)
+
+    def wait(self, job_id: uuid.UUID, done: Callable[[Job], bool], timeout: float = 90.0) -> Job:
+        deadline = time.monotonic() + timeout
+        while True:
+            job = self.job(job_id)
+            if done(job):
+                return job
+            if time.monotonic() > deadline:
+                logs = "\n".join(f"--- {w.name}\n{w.log_tail()}" for w in self.workers)
+                raise AssertionError(f"job {job_id} stuck in {job.state} ({job.stage}, attempt {job.attempt_count})"
+                                     f"; events: {[(e.state, e.stage, e.message) for e in self.events(job_id)]}\n"
+                                     f"{logs}")
+            time.sleep(0.1)
+
+    def wait_state(self, job_id: uuid.UUID, *states: str, timeout: float = 90.0) -> Job:
+        return self.wait(job_id, lambda j: j.state in states, timeout)
+
+    def keys_under(self, prefix: str) -> list[str]:
+        root = self.store.root / prefix
+        return sorted(str(p.relative_to(self.store.root)) for p in root.rglob("*") if p.is_file()) \
+            if root.exists() else []
+
+    def close(self) -> None:
+        for worker in self.workers:
+            worker.stop()
+        self.celery.close()
+        self.db.dispose()
+        if self.embedded:
+            return
+        client = redis.Redis.from_url(REDIS_URL)
+        keys = list(client.scan_iter(match=f"{self.prefix}*", count=1000))
+        if keys:
+            client.delete(*keys)
+        client.close()
+
+
+class WorkerProc:
+    """A real worker: `celery worker --pool prefork -c 1` in its own process group."""
+
+    def __init__(self, name: str, stack: Stack, metrics_port: int, queue: str) -> None:
+        self.name = name
+        self.metrics_port = metrics_port
+        self.log_path = stack.data_dir / f"worker-{name}.log"
+        self.metrics_dir = stack.data_dir / f"metrics-{name}"
+        env = stack.env(PRUNERY_METRICS_PORT=str(metrics_port), PRUNERY_METRICS_ADDR="127.0.0.1",
+                        PROMETHEUS_MULTIPROC_DIR=str(self.metrics_dir))
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "celery", "-A", "prunery.worker.app", "worker", "--pool", "prefork", "-c", "1",
+             "-Q", queue, "-n", f"{name}-{uuid.uuid4().hex[:6]}@%h", "--without-gossip", "--without-mingle",
+             "--without-heartbeat", "-l", "INFO"],
+            env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def wait_ready(self, timeout: float = 90.0) -> WorkerProc:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"worker {self.name} exited with {self.proc.returncode}:\n{self.log_tail()}")
+            if b" ready." in self.log_path.read_bytes():
+                return self
+            time.sleep(0.1)
+        raise AssertionError(f"worker {self.name} not ready after {timeout}s:\n{self.log_tail()}")
+
+    def owns(self, pid: int) -> bool:
+        """Whether process `pid` (a job process) belongs to this worker's process group."""
+        try:
+            return os.getpgid(pid) == self.proc.pid
+        except ProcessLookupError:
+            return False
+
+    def log_tail(self, n: int = 6000) -> str:
+        return self.log_path.read_bytes()[-n:].decode(errors="replace")
+
+    def metrics(self) -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10) as resp:
+            return resp.read().decode()
+
+    def metric(self, sample: str) -> float:
+        """The value of one sample, e.g. `prunery_jobs_finished_total{state="FAILED"}` (0 if absent)."""
+        found = re.search(rf"^{re.escape(sample)} (\S+)$", self.metrics(), re.M)
+        return float(found.group(1)) if found else 0.0
+
+    def wait_metric(self, sample: str, ok: Callable[[float], bool], timeout: float = 10.0) -> float:
+        deadline = time.monotonic() + timeout
+        while not ok(value := self.metric(sample)):
+            assert time.monotonic() < deadline, f"{sample} = {value}"
+            time.sleep(0.2)
+        return value
+
+    def kill(self) -> None:
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGTERM)
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.kill()
+            except ProcessLookupError:
+                pass
+        try:  # reap job processes left in the group
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self._log.close()
+
+
+def _owner_pid(job: Job) -> int:
+    assert job.lease_owner is not None
+    return int(job.lease_owner.split(":")[-2])
+
+
+
+@pytest.fixture(scope="module")
+def database_url() -> Iterator[str]:
+    with temporary_postgres_database(prefix="prunery_worker_test") as url:
+        upgrade(url)
+        yield url
+
+
+@pytest.fixture(scope="module")
+def stack(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """The shared stack of most tests: one worker."""
+    st = Stack(database_url, tmp_path_factory.mktemp("objects"), tmp_path_factory.mktemp("worker"))
+    try:
+        st.start_worker("main").wait_ready()
+        yield st
+    finally:
+        st.close()
+
+
+@pytest.fixture(scope="module")
+def conv1d_bytes() -> bytes:
+    buffer = io.BytesIO()
+    torch.export.save(zoo.export("conv1d"), buffer)
+    return buffer.getvalue()
+
+
+def _params(data: bytes, tmp_path: Path) -> int:
+    path = tmp_path / f"{uuid.uuid4().hex}.pt2"
+    path.write_bytes(data)
+    return count(load_program(path)).params
+
+
+class _Touch:
+    """Unpickling this creates `path` (stands in for arbitrary code); see tests/test_safe_load.py."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = str(path)
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (open, (self.path, "w"))
+
+
+def _with_evil_sample_inputs(good: bytes, marker: Path) -> bytes:
+    """The good archive with its sample-inputs pickle replaced by one whose loading creates `marker`."""
+    with zipfile.ZipFile(io.BytesIO(good)) as zin:
+        items = {name: zin.read(name) for name in zin.namelist()}
+    root = next(iter(items)).split("/")[0]
+    payload = io.BytesIO()
+    torch.save(_Touch(marker), payload)
+    items[f"{root}/data/sample_inputs/model.pt"] = payload.getvalue()
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as zout:
+        for name, data in items.items():
+            zout.writestr(name, data)
+    return out.getvalue()
+
+
+def _succeeded(stack: Stack, job_id: uuid.UUID) -> Job:
+    job = stack.wait_state(job_id, "SUCCEEDED", "FAILED", "CANCELLED")
+    assert job.state == "SUCCEEDED", (job.error_reason, job.error_message)
+    return job
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Tests
+# ---------------------------------------------------------------------------------------------------------
+
+def test_job_runs_to_succeeded(stack: Stack, conv1d_bytes: bytes, tmp_path: Path) -> None:
+    artifact = stack.upload(conv1d_bytes, "conv1d.pt2")
+    job_id = stack.submit(artifact, ratio=0.5, importance="L2")
+    job = _succeeded(stack, job_id)
+
+    # two results under jobs/{id}/, registered as the job's artifacts, owned by its tenant
+    assert stack.keys_under(f"jobs/{job_id}") == [f"jobs/{job_id}/model.pt2", f"jobs/{job_id}/report.json"]
+    with stack.db.session() as s:
+        results = [s.get(Artifact, uuid.UUID(a)) for a in job.result_artifact_ids]
+    assert [(a.kind, a.storage_key, a.producer_job_id, a.tenant_id, a.state) for a in results] == [
+        ("MODEL", f"jobs/{job_id}/model.pt2", job_id, TENANT, "READY"),
+        ("REPORT", f"jobs/{job_id}/report.json", job_id, TENANT, "READY"),
+    ]
+    model_bytes = stack.store.get_bytes(results[0].storage_key)
+    assert len(model_bytes) == results[0].size_bytes
+
+    # the pruned model loads through the safe intake, has fewer params, and is what a local run gives
+    before, after = _params(conv1d_bytes, tmp_path), _params(model_bytes, tmp_path)
+    assert after < before
+    local_path = tmp_path / "local.pt2"
+    local_path.write_bytes(conv1d_bytes)
+    local = prune(load_program(local_path), PruneConfig(ratio=0.5, importance="l2"))
+    assert count(local.program).params == after
+    report = job.report
+    assert report is not None
+    assert (report["params_before"], report["params_after"]) == (before, after)
+    assert report["device"] == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert report["input"]["artifact"] == f"artifacts/{artifact}"
+    assert job.attempt_count == 1 and job.progress == 1.0
+
+    # events in order: queued, claimed, each stage, succeeded
+    events = stack.events(job_id)
+    assert [e.sequence for e in events] == list(range(1, len(events) + 1))
+    assert [(e.state, e.stage) for e in events] == [
+        ("QUEUED", ""), ("RUNNING", ""), ("RUNNING", "load"), ("RUNNING", "prune"), ("RUNNING", "export"),
+        ("RUNNING", "store"), ("SUCCEEDED", "store"),
+    ]
+    assert [e.progress for e in events] == sorted(e.progress for e in events)
+
+    # the worker's /metrics merges what its job processes recorded
+    text = stack.workers[0].metrics()
+    assert 'prunery_jobs_finished_total{state="SUCCEEDED"}' in text
+    assert 'prunery_stage_duration_seconds_count{stage="prune"}' in text
+    assert "prunery_job_duration_seconds_count" in text
+    assert "prunery_artifact_out_bytes_total" in text and "prunery_jobs_running 0.0" in text
+
+
+def test_malicious_model_fails_and_the_worker_goes_on(stack: Stack, conv1d_bytes: bytes, tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+    evil = stack.upload(_with_evil_sample_inputs(conv1d_bytes, marker), "evil.pt2")
+    bad = stack.submit(evil)
+    job = stack.wait_state(bad, "SUCCEEDED", "FAILED", "CANCELLED")
+    assert job.state == "FAILED"
+    assert job.error_reason == "MODEL_REFUSED"
+    assert job.error_message.startswith("refused ") and "sample_inputs/model.pt" in job.error_message
+    assert "\n" not in job.error_message and str(stack.settings.tmp_dir) not in job.error_message
+    assert job.attempt_count == 1  # the engine's refusal is final, not retried
+    assert not marker.exists()
+    assert stack.keys_under(f"jobs/{bad}") == []
+
+    good = stack.submit(stack.upload(conv1d_bytes))
+    _succeeded(stack, good)
+    assert not marker.exists()
+
+    # each job ran in its own process; the worker's main process folds their metric files into archives
+    worker = stack.workers[0]
+    worker.wait_metric('prunery_jobs_finished_total{state="FAILED"}', lambda v: v >= 1)
+    worker.wait_metric('prunery_jobs_finished_total{state="SUCCEEDED"}', lambda v: v >= 1)
+    deadline = time.monotonic() + 10
+    while len(list(worker.metrics_dir.glob("counter_*.db"))) > 3:  # the main process's, the archive, a live job's
+        assert time.monotonic() < deadline, sorted(p.name for p in worker.metrics_dir.iterdir())
+        time.sleep(0.2)
+    assert (worker.metrics_dir / "counter_archive.db").exists()
+    assert worker.metric('prunery_jobs_finished_total{state="FAILED"}') >= 1
+
+
+def test_bad_inputs_fail_with_their_reason(stack: Stack, conv1d_bytes: bytes) -> None:
+    cases = {
+        stack.submit(stack.upload(conv1d_bytes), ratio=1.5): ("INVALID_SPEC", "ratio must be in (0, 1)"),
+        stack.submit(uuid.uuid4()): ("MODEL_NOT_FOUND", "does not exist"),
+        stack.submit(stack.upload(b"not a zip archive")): ("MODEL_REFUSED", "refused "),
+    }
+    for job_id, (reason, text) in cases.items():
+        job = stack.wait_state(job_id, "SUCCEEDED", "FAILED", "CANCELLED")
+        assert (job.state, job.error_reason) == ("FAILED", reason), job.error_message
+        assert text in job.error_message and job.attempt_count == 1
+
+
+@pytest.mark.parametrize("delay, how", [
+    ("load=1", "cancelled"),  # the next stage boundary notices it
+    ("prune=60", "cancelled (the running stage was stopped)"),  # a stage too long: its process is ended
+])
+def test_cancel_a_running_job(stack: Stack, conv1d_bytes: bytes, delay: str, how: str) -> None:
+    job_id = stack.submit(stack.upload(conv1d_bytes), labels={"prunery-test-delay": delay})
+    stage = delay.split("=")[0]
+    stack.wait(job_id, lambda j: j.state == "RUNNING" and j.stage == stage, timeout=60)
+    stack.store.put_bytes(f"jobs/{job_id}/partial.bin", b"x" * 100)  # as if a stage had written part of it
+    t0 = time.monotonic()
+    with stack.db.session() as s:
+        assert jobs.request_cancel(s, job_id).state == "CANCELLING"
+    job = stack.wait_state(job_id, "CANCELLED", "SUCCEEDED", "FAILED", timeout=30)
+    elapsed = time.monotonic() - t0
+    assert job.state == "CANCELLED", how
+    assert elapsed < 8, f"cancel {how} took {elapsed:.1f}s"
+    assert stack.keys_under(f"jobs/{job_id}") == []
+    events = stack.events(job_id)
+    assert [e.state for e in events][-2:] == ["CANCELLING", "CANCELLED"] and events[-1].message == how
+    # the worker takes the next job
+    _succeeded(stack, stack.submit(stack.upload(conv1d_bytes)))
+    assert stack.job(job_id).state == "CANCELLED"  # the redelivered message of the ended process did nothing
+
+
+def test_a_job_longer_than_its_lease_and_the_visibility_timeout_runs_once(stack: Stack, conv1d_bytes: bytes) -> None:
+    """Heartbeats keep the lease; the copy Redis hands out after the visibility timeout finds it live."""
+    job_id = stack.submit(stack.upload(conv1d_bytes), labels={"prunery-test-delay": "prune=8"})  # lease 4 s, vt 6 s
+    job = _succeeded(stack, job_id)
+    assert job.attempt_count == 1
+    client = redis.Redis.from_url(REDIS_URL)
+    try:
+        deadline = time.monotonic() + 20
+        while client.llen(f"{stack.prefix}{stack.queue}") or client.hlen(f"{stack.prefix}unacked"):
+            assert time.monotonic() < deadline, "the broker still holds the job's messages"
+            time.sleep(0.2)
+    finally:
+        client.close()
+    job = stack.job(job_id)
+    assert (job.state, job.attempt_count) == ("SUCCEEDED", 1)
+    assert [e.state for e in stack.events(job_id)].count("SUCCEEDED") == 1
+    assert f"job {job_id}: not claimed (state SUCCEEDED)" in stack.workers[0].log_tail(10**7)  # the copy
+
+
+def test_a_job_that_always_crashes_its_worker_fails_after_max_attempts(stack: Stack, conv1d_bytes: bytes) -> None:
+    job_id = stack.submit(stack.upload(conv1d_bytes), labels={"prunery-test-crash": "prune"}, max_attempts=2)
+    job = stack.wait_state(job_id, "SUCCEEDED", "FAILED", "CANCELLED", timeout=90)
+    assert job.state == "FAILED"
+    assert job.error_reason == jobs.TOO_MANY_ATTEMPTS
+    assert job.attempt_count == 2
+    claims = [e for e in stack.events(job_id) if e.message.startswith("attempt ")]
+    assert len(claims) == 2
+    worker = stack.workers[0]
+    # counted once, by the reaper that failed it; the killed processes no longer count as running
+    worker.wait_metric('prunery_jobs_finished_total{state="FAILED"}', lambda v: v >= 1)
+    worker.wait_metric("prunery_jobs_running", lambda v: v == 0)
+    _succeeded(stack, stack.submit(stack.upload(conv1d_bytes)))  # the worker survived its job processes
+
+
+def test_sigkill_a_worker_mid_job_while_another_runs(conv1d_bytes: bytes, tmp_path_factory: pytest.TempPathFactory,
+                                                    ) -> None:
+    with ExitStack() as cleanup:
+        url = cleanup.enter_context(temporary_postgres_database(prefix="prunery_worker_test"))
+        upgrade(url)
+        st = Stack(url, tmp_path_factory.mktemp("objects"), tmp_path_factory.mktemp("kill"))
+        cleanup.callback(st.close)
+        a, b = st.start_worker("a"), st.start_worker("b")
+        a.wait_ready()
+        b.wait_ready()
+
+        job_id = st.submit(st.upload(conv1d_bytes), labels={"prunery-test-delay": "prune=3"}, max_attempts=3)
+        running = st.wait(job_id, lambda j: j.state == "RUNNING" and j.stage == "prune", timeout=60)
+        first_owner = running.lease_owner
+        victim = next(w for w in (a, b) if w.owns(_owner_pid(running)))
+        survivor = b if victim is a else a
+        victim.kill()  # the whole process group: main process and job process, mid-job, no cleanup
+
+        job = _succeeded(st, job_id)
+        assert job.lease_owner != first_owner and f"claimed by {job.lease_owner} " in survivor.log_tail(100_000)
+        assert job.attempt_count == 2
+        # the killed worker's message comes back (Redis visibility timeout) after the job ended: wait until it
+        # has been taken and acked (queue and unacked set both empty), then nothing may have changed
+        client = redis.Redis.from_url(REDIS_URL)
+        cleanup.callback(client.close)
+        deadline = time.monotonic() + st.settings.visibility_timeout_s + 20
+        while client.llen(f"{st.prefix}{st.queue}") or client.hlen(f"{st.prefix}unacked"):
+            assert time.monotonic() < deadline, "the broker still holds the job's messages"
+            time.sleep(0.2)
+        job = st.job(job_id)
+        assert job.state == "SUCCEEDED" and job.attempt_count == 2
+        events = st.events(job_id)
+        assert [e.state for e in events].count("SUCCEEDED") == 1
+        assert sum(e.message.startswith("attempt ") for e in events) == 2
+        with st.db.session() as s:
+            produced = s.scalars(select(Artifact).where(Artifact.producer_job_id == job_id)).all()
+        assert sorted((p.kind, p.storage_key) for p in produced) == [
+            ("MODEL", f"jobs/{job_id}/model.pt2"), ("REPORT", f"jobs/{job_id}/report.json")]
+        assert sorted(str(p.id) for p in produced) == sorted(job.result_artifact_ids)
+        assert st.keys_under(f"jobs/{job_id}") == [f"jobs/{job_id}/model.pt2", f"jobs/{job_id}/report.json"]
+        assert "lease" in " ".join(e.message for e in events)  # the second claim says why it happened
+        assert queue_depth(st.celery) == 0
+        # the killed job process's scratch folder is removed by the surviving worker's reaper
+        deadline = time.monotonic() + 10
+        while list(st.settings.tmp_dir.glob("prunery-job-*")):
+            assert time.monotonic() < deadline, list(st.settings.tmp_dir.iterdir())
+            time.sleep(0.2)
+
+
+def test_embedded_defaults(conv1d_bytes: bytes, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With only PRUNERY_DATA_DIR: SQLite, a folder store and the filesystem broker, across processes."""
+    for key in [k for k in os.environ if k.startswith("PRUNERY_")]:
+        monkeypatch.delenv(key)
+    monkeypatch.setenv("PRUNERY_DATA_DIR", str(tmp_path))
+    defaults = WorkerSettings.from_env()
+    assert defaults.broker_url == "filesystem://" and defaults.database_url.startswith("sqlite:///")
+    upgrade(defaults.database_url)
+    st = Stack(defaults.database_url, tmp_path / "objects", tmp_path, embedded=True)
+    try:
+        assert st.store.url == defaults.store_url
+        job_id = st.submit(st.upload(conv1d_bytes))  # waits in the broker's folder until a worker starts
+        assert queue_depth(st.celery) == 1
+        st.start_worker("embedded").wait_ready()
+        _succeeded(st, job_id)
+        assert queue_depth(st.celery) == 0
+    finally:
+        st.close()
+
+
+def test_reaper_sweeps() -> None:
+    """reap_expired and resend_lost on their own (a database no worker watches), sending only after commit."""
+    with temporary_postgres_database(prefix="prunery_worker_test") as url:
+        upgrade(url)
+        db = Database(url)
+        try:
+            with db.session() as s:
+                ensure_tenant(s, TENANT)
+                ids = [jobs.create_job(s, TENANT, {"ratio": 0.5}, max_attempts=n)[0].id for n in (3, 1, 3, 3)]
+            retry, exhausted, cancelling, queued = ids
+            with db.session() as s:
+                for job_id in (retry, exhausted, cancelling):
+                    assert jobs.claim(s, job_id, "dead-host:1:x", lease_s=0.05)
+                jobs.request_cancel(s, cancelling)
+            time.sleep(0.1)
+
+            sent: list[uuid.UUID] = []
+            with db.session() as s:
+                result = reap_expired(s, enqueue_fn=sent.append)
+                assert sent == []  # not before the commit
+            assert (result.requeued, result.failed, result.cancelled) == ([retry], [exhausted], [cancelling])
+            assert sent == [retry]
+            with db.session() as s:
+                states = {i: (j.state, j.error_reason) for i in ids if (j := jobs.get_job(s, i))}
+            assert states == {retry: ("QUEUED", None), exhausted: ("FAILED", jobs.TOO_MANY_ATTEMPTS),
+                              cancelling: ("CANCELLED", None), queued: ("QUEUED", None)}
+
+            # a sweep whose transaction rolls back sends nothing
+            with db.session() as s:
+                assert jobs.claim(s, retry, "dead-host:2:y", lease_s=0.05)
+            time.sleep(0.1)
+            with pytest.raises(RuntimeError), db.session() as s:
+                assert reap_expired(s, enqueue_fn=sent.append).requeued == [retry]
+                raise RuntimeError
+            assert sent == [retry]
+
+            # a QUEUED job whose message was lost is sent again, only when old enough and the queue is empty
+            with db.session() as s:
+                assert resend_lost(s, 3600, lambda: 0, enqueue_fn=sent.append) == []
+            with db.session() as s:
+                assert resend_lost(s, 0, lambda: 1, enqueue_fn=sent.append) == []
+            with db.session() as s:
+                assert resend_lost(s, 0, lambda: 0, enqueue_fn=sent.append) == [queued]
+            assert sent == [retry, queued]
+        finally:
+            db.dispose()

@@ -1,0 +1,266 @@
+"""The Celery app of Prunery's workers, and `enqueue` for the API.
+
+    celery -A prunery.worker.app worker --pool prefork -c 1 -Q prunery --without-gossip --without-mingle
+
+One task, `prunery.run_job`, whose whole message is a job id; the job's state, spec and lease live in the
+database (`prunery.service.jobs`), so a message may be delivered twice or lost without harm:
+
+- late acks (`task_acks_late`) and `task_reject_on_worker_lost`: the message of a job whose process died
+  goes back to the queue; `worker_prefetch_multiplier=1`: a worker holds no message it is not running;
+- `worker_max_tasks_per_child=1`: every job runs in a freshly forked process that exits afterwards, which
+  frees all its (GPU) memory. The main process never touches CUDA (it may import torch, which does not
+  initialise CUDA; see `PRUNERY_WORKER_PRELOAD`), so forking stays safe;
+- Redis `visibility_timeout` (PRUNERY_VISIBILITY_TIMEOUT_S, 1 h by default): an unacked message older than
+  this is handed to another worker. For a job that is still running there, the redelivered task finds a
+  live lease and returns (acking the copy): the lease, not the broker, says who runs a job;
+- a reaper thread in each worker's main process (`prunery.worker.reaper`) requeues jobs whose lease
+  expired (their worker died and no redelivery came) or fails them once their attempts are used up.
+
+The broker is `PRUNERY_BROKER_URL` (Redis in production). The embedded default is kombu's `filesystem://`
+transport with its folders under `PRUNERY_DATA_DIR/broker`: it needs no server and works across processes
+(a message is a file; a consumer takes it by renaming it away, an atomic step within one file system, so
+two processes never both take it). We prefer it to `sqla+sqlite://`, whose consumers poll a SQLite table
+and contend with the API and workers for the same write lock. It has no acks (a message is gone once
+taken); a job whose worker died is recovered by the reaper from its lease instead.
+"""
+
+from __future__ import annotations
+
+import gc
+import glob
+import logging
+import os
+import socket
+import tempfile
+import threading
+import time
+import uuid
+from typing import Any
+
+from celery import Celery, signals
+
+from prunery.worker.settings import WorkerSettings
+
+__all__ = ["TASK_NAME", "app", "broker_transport_options", "enqueue", "main", "make_app", "queue_depth", "worker_argv",
+           "worker_id"]
+
+TASK_NAME = "prunery.run_job"
+log = logging.getLogger("prunery.worker")
+
+
+def worker_id() -> str:
+    """Unique per job process (the lease owner): host, pid and a random suffix."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+def _is_filesystem(url: str) -> bool:
+    return url.startswith("filesystem://")
+
+
+def _is_redis(url: str) -> bool:
+    return url.split("://", 1)[0] in ("redis", "rediss", "redis+socket", "sentinel")
+
+
+def broker_transport_options(settings: WorkerSettings) -> dict[str, Any]:
+    if _is_filesystem(settings.broker_url):
+        root = settings.broker_dir
+        return {
+            "data_folder_in": str(root / "queue"),
+            "data_folder_out": str(root / "queue"),
+            "control_folder": str(root / "control"),
+            # taken messages are renamed into this folder (same file system: atomic) rather than the system
+            # temp dir, where the move could degrade into copy+delete and be taken twice; the reaper prunes it
+            "store_processed": True,
+            "processed_folder": str(root / "processed"),
+        }
+    options: dict[str, Any] = {"visibility_timeout": settings.visibility_timeout_s}
+    if _is_redis(settings.broker_url):
+        # look for unacked messages older than the visibility timeout every few seconds (kombu's default
+        # scan runs every ~100 s), so a lost worker's message comes back soon after the timeout
+        options.update(unacked_restore_interval=max(1, min(10, int(settings.visibility_timeout_s / 6))),
+                       unacked_restore_throttle=1, socket_timeout=30, socket_connect_timeout=10)
+        if settings.broker_keyprefix:
+            options["global_keyprefix"] = settings.broker_keyprefix
+    return options
+
+
+def _ensure_broker_dirs(settings: WorkerSettings) -> None:
+    if _is_filesystem(settings.broker_url):
+        for key in ("data_folder_in", "control_folder", "processed_folder"):
+            os.makedirs(broker_transport_options(settings)[key], exist_ok=True)
+
+
+def make_app(settings: WorkerSettings | None = None, *, main: bool = False) -> Celery:
+    """A Celery app for `settings` (default: from the environment) with the `prunery.run_job` task."""
+    settings = settings or WorkerSettings.from_env()
+    celery = Celery("prunery", set_as_current=main)
+    celery.conf.update(
+        broker_url=settings.broker_url,
+        broker_transport_options=broker_transport_options(settings),
+        broker_connection_retry_on_startup=True,
+        task_default_queue=settings.queue,
+        task_routes={TASK_NAME: {"queue": settings.queue}},
+        task_serializer="json",
+        accept_content=["json"],
+        task_ignore_result=True,
+        result_backend=None,
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        worker_max_tasks_per_child=1,
+        # keep running a job when the broker connection drops: the lease keeps it owned, and its message
+        # comes back to some worker after the visibility timeout anyway
+        worker_cancel_long_running_tasks_on_connection_loss=False,
+        worker_send_task_events=False,
+        task_send_sent_event=False,
+    )
+    celery.prunery_settings = settings  # type: ignore[attr-defined]
+
+    @celery.task(name=TASK_NAME, ignore_result=True)
+    def run_job(job_id: str) -> dict[str, Any]:
+        # imported here: the engine (torch) loads in worker processes only, never in the API
+        from prunery.worker import pipeline
+
+        return pipeline.run_job(job_id, worker_id(), settings=settings,
+                                enqueue_fn=lambda jid: enqueue(jid, celery=celery))
+
+    return celery
+
+
+app = make_app(main=True)
+
+
+def enqueue(job_id: uuid.UUID | str, *, celery: Celery | None = None) -> None:
+    """Send job `job_id` to the workers, by task name (the caller need not import the worker code).
+
+    Call it after the job row is committed: a worker receiving the id must find the job."""
+    target = celery or app
+    settings: WorkerSettings = target.prunery_settings  # type: ignore[attr-defined]
+    _ensure_broker_dirs(settings)
+    target.send_task(TASK_NAME, args=[str(job_id)], queue=settings.queue, retry=True,
+                     retry_policy={"max_retries": 5, "interval_start": 0.2, "interval_step": 0.5,
+                                   "interval_max": 2.0})
+
+
+def queue_depth(celery: Celery | None = None) -> int:
+    """Messages waiting in this app's queue (not counting those a worker has taken)."""
+    target = celery or app
+    settings: WorkerSettings = target.prunery_settings  # type: ignore[attr-defined]
+    with target.connection_for_read() as conn, conn.channel() as channel:
+        try:
+            return int(channel.queue_declare(queue=settings.queue, passive=True).message_count)
+        except conn.channel_errors:
+            return 0  # Redis: an empty queue does not exist
+
+
+def worker_argv(settings: WorkerSettings | None = None, *extra: str) -> list[str]:
+    """`celery worker` arguments of a Prunery worker: prefork, ONE job process at a time (one job per GPU:
+    run one worker per GPU, each with its CUDA_VISIBLE_DEVICES), our queue, no gossip/mingle/heartbeat
+    (we need no worker-to-worker chatter; liveness is the lease)."""
+    settings = settings or app.prunery_settings  # type: ignore[attr-defined]
+    return ["worker", "--pool", "prefork", "--concurrency", "1", "--queues", settings.queue, "--without-gossip",
+            "--without-mingle", "--without-heartbeat", "--loglevel", os.environ.get("PRUNERY_LOG_LEVEL", "INFO"),
+            *extra]
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run a worker in this process (`python -m prunery.worker [celery worker options]`), configured from
+    the environment; returns when it shuts down (SIGTERM/SIGINT: warm shutdown)."""
+    import sys
+
+    app.worker_main(worker_argv(None, *(sys.argv[1:] if argv is None else argv)))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The worker's main process: metrics server, engine preload, reaper thread
+# ---------------------------------------------------------------------------------------------------------
+
+_main: dict[str, Any] = {}
+
+
+def _prepare_metrics_dir() -> str:
+    """Our own PROMETHEUS_MULTIPROC_DIR, emptied, set before prometheus-client is imported (metrics.py)."""
+    path = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or tempfile.mkdtemp(prefix="prunery-worker-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
+    os.makedirs(path, exist_ok=True)
+    for f in glob.glob(os.path.join(path, "*.db")):
+        os.unlink(f)
+    return path
+
+
+def _settings_of(sender: Any) -> WorkerSettings:
+    """The settings of the app whose worker sent a signal (our module's app unless made by make_app)."""
+    return getattr(getattr(sender, "app", None), "prunery_settings", None) or app.prunery_settings
+
+
+def _prompt_process_replacement(interval_s: float = 0.5) -> None:
+    """Replace a job process that exited within `interval_s` rather than up to 5 s later.
+
+    With one task per process, a task received while its process is exiting waits until the pool notices
+    the exit; the pool sometimes misses the exit event and only finds out on its `maintain_pool` timer,
+    every 5 s (celery/celery#9588, open). We run that timer every `interval_s` instead; it only polls the
+    pool's processes. Guarded: if Celery's internals differ, this does nothing.
+    """
+    try:
+        from celery.concurrency.asynpool import AsynPool
+    except ImportError:
+        return
+    timers = AsynPool.__dict__.get("timers")
+    if not isinstance(timers, property) or timers.fget is None or getattr(AsynPool, "_prunery_patched", False):
+        return
+    original = timers.fget
+
+    def _timers(self: Any) -> dict[Any, float]:
+        return {fn: min(every, interval_s) if getattr(fn, "__name__", "") == "maintain_pool" else every
+                for fn, every in original(self).items()}
+
+    AsynPool.timers = property(_timers)  # type: ignore[method-assign,assignment]
+    AsynPool._prunery_patched = True  # type: ignore[attr-defined]
+
+
+@signals.worker_init.connect
+def _on_worker_init(sender: Any = None, **_kwargs: Any) -> None:
+    settings = _settings_of(sender)
+    _prompt_process_replacement()
+    _ensure_broker_dirs(settings)
+    _prepare_metrics_dir()
+    from prunery.worker import metrics
+
+    if settings.metrics_port:
+        _main["metrics"] = metrics.MetricsServer(settings.metrics_port, settings.metrics_addr)
+    if settings.preload:
+        t0 = time.perf_counter()
+        from prunery.worker import pipeline  # torch, imported once; CUDA stays untouched
+
+        pipeline.preload_engine()
+        _main["preload_s"] = time.perf_counter() - t0
+    # Move everything imported so far out of the garbage collector's sight: Celery runs gc.collect() before
+    # each fork (0.15 s over torch's objects), and job processes then share these pages instead of copying them
+    gc.collect()
+    gc.freeze()
+
+
+@signals.worker_ready.connect
+def _on_worker_ready(sender: Any = None, **_kwargs: Any) -> None:
+    from prunery.worker.reaper import Reaper
+
+    celery = getattr(sender, "app", None) or app
+    reaper = Reaper(_settings_of(sender), celery, metrics_server=_main.get("metrics"))
+    reaper.start()
+    _main["reaper"] = reaper
+    if "preload_s" in _main:
+        log.info("engine preloaded in %.1fs", _main["preload_s"])
+    if "metrics" in _main:
+        server = _main["metrics"]
+        log.info("worker metrics on port %d (multiprocess files in %s)", server.port,
+                 os.environ["PROMETHEUS_MULTIPROC_DIR"])
+
+
+@signals.worker_shutdown.connect
+def _on_worker_shutdown(sender: Any = None, **_kwargs: Any) -> None:
+    reaper = _main.pop("reaper", None)
+    if reaper is not None:
+        reaper.stop()
+    server = _main.pop("metrics", None)
+    if server is not None:
+        threading.Thread(target=server.close, daemon=True).start()

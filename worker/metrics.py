@@ -1,0 +1,169 @@
+"""Prometheus metrics of a worker, in prometheus-client's multiprocess mode.
+
+Why multiprocess mode: every job runs in a fresh forked process (`worker_max_tasks_per_child=1`), which
+records its own numbers (stage durations, bytes, final state) and then exits. In multiprocess mode each
+process writes its values to mmap'ed files under `PROMETHEUS_MULTIPROC_DIR`, and the worker's main
+process serves `/metrics` on `PRUNERY_METRICS_PORT` by merging those files at scrape time, so the numbers
+of finished (and killed) job processes survive them. The alternative, sending numbers up to the parent,
+would lose them whenever a job process dies.
+
+Two chores keep that sound over thousands of jobs (`MetricsServer.housekeeping`, run by the reaper loop):
+- files of dead processes are compacted into one `*_archive.db` per metric type (counters and histograms
+  sum), so the directory and the scrape cost stay bounded; scrapes and compaction share a lock, so a
+  scrape never sees a value twice or not at all;
+- the "live" gauges (`prunery_jobs_running`) of dead processes are dropped (`mark_process_dead`), so a
+  job process killed with SIGKILL does not count as running forever.
+
+`PROMETHEUS_MULTIPROC_DIR` must be private to one worker (its main process wipes it at start); when it is
+unset, the worker makes a fresh temporary one. It must be set before prometheus_client is imported, which
+is why this module sets it first.
+
+Metrics written by the worker's main process (the reaper thread) go through `parent_write`, a lock also
+taken around every fork, because prometheus-client's multiprocess values share one non-reentrant lock: a
+fork while another thread held it would leave the job process deadlocked on its first metric update.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import os
+import tempfile
+import threading
+from collections.abc import Iterable, Iterator
+
+if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="prunery-worker-metrics-")
+os.makedirs(os.environ["PROMETHEUS_MULTIPROC_DIR"], exist_ok=True)
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server  # noqa: E402
+from prometheus_client.metrics_core import Metric  # noqa: E402
+from prometheus_client.mmap_dict import MmapedDict  # noqa: E402
+from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead  # noqa: E402
+
+__all__ = [
+    "ARTIFACT_IN_BYTES", "ARTIFACT_OUT_BYTES", "JOBS_FINISHED", "JOBS_QUEUED", "JOBS_REQUEUED", "JOBS_RUNNING",
+    "JOB_DURATION", "MetricsServer", "STAGE_DURATION", "multiproc_dir", "parent_write",
+]
+
+_DURATION_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 7200, 21600)
+
+JOBS_FINISHED = Counter("prunery_jobs_finished_total", "Jobs that reached a final state, by that state",
+                        ["state"])
+JOB_DURATION = Histogram("prunery_job_duration_seconds",
+                         "Wall time of one job attempt, from claim to its final state", buckets=_DURATION_BUCKETS)
+STAGE_DURATION = Histogram("prunery_stage_duration_seconds",
+                           "Wall time of a job stage (load, prune, export, store; graph, select_and_remove and "
+                           "reexport are the engine's parts of prune)", ["stage"], buckets=_DURATION_BUCKETS)
+JOBS_RUNNING = Gauge("prunery_jobs_running", "Jobs running in this worker now", multiprocess_mode="livesum")
+JOBS_QUEUED = Gauge("prunery_jobs_queued", "Jobs waiting in the QUEUED state (all queues), as last seen by the "
+                    "reaper", multiprocess_mode="livemostrecent")
+JOBS_REQUEUED = Counter("prunery_jobs_requeued_total",
+                        "Jobs put back in the queue by the reaper: expired lease, or a lost broker message",
+                        ["reason"])
+ARTIFACT_IN_BYTES = Counter("prunery_artifact_in_bytes_total", "Bytes of artifacts read from the object store")
+ARTIFACT_OUT_BYTES = Counter("prunery_artifact_out_bytes_total", "Bytes of artifacts written to the object store")
+
+
+def multiproc_dir() -> str:
+    return os.environ["PROMETHEUS_MULTIPROC_DIR"]
+
+
+_fork_lock = threading.Lock()
+
+
+def _release_fork_lock() -> None:
+    _fork_lock.release()
+
+
+os.register_at_fork(before=_fork_lock.acquire, after_in_parent=_release_fork_lock,
+                    after_in_child=_release_fork_lock)
+
+
+@contextlib.contextmanager
+def parent_write() -> Iterator[None]:
+    """Hold while a thread of the worker's main process updates a metric (see the module doc)."""
+    with _fork_lock:
+        yield
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _file_pid(path: str) -> int | None:
+    """The pid in `counter_123.db` / `gauge_livesum_123.db`; None for our archives and foreign names."""
+    stem = os.path.basename(path)[: -len(".db")]
+    tail = stem.rsplit("_", 1)[-1]
+    return int(tail) if tail.isdigit() else None
+
+
+class _CompactingCollector:
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.lock = threading.Lock()
+
+    def collect(self) -> Iterable[Metric]:
+        with self.lock:
+            return list(MultiProcessCollector.merge(glob.glob(os.path.join(self.path, "*.db")), accumulate=True))
+
+    def compact(self) -> int:
+        """Fold the counter and histogram files of dead processes into `{type}_archive.db`; drop their live
+        gauges. Returns how many files were folded."""
+        dead: dict[str, list[str]] = {}
+        for path in glob.glob(os.path.join(self.path, "*.db")):
+            pid = _file_pid(path)
+            if pid is None or pid == os.getpid() or _pid_alive(pid):
+                continue
+            typ = os.path.basename(path).split("_", 1)[0]
+            if typ == "gauge":
+                mark_process_dead(pid, self.path)
+            elif typ in ("counter", "histogram"):
+                dead.setdefault(typ, []).append(path)
+        folded = 0
+        with self.lock:
+            for typ, files in dead.items():
+                archive = os.path.join(self.path, f"{typ}_archive.db")
+                totals: dict[str, float] = {}
+                for path in ([archive] if os.path.exists(archive) else []) + files:
+                    for key, value, _timestamp, _pos in MmapedDict.read_all_values_from_file(path):
+                        totals[key] = totals.get(key, 0.0) + value
+                fd, tmp = tempfile.mkstemp(dir=self.path, prefix=f".{typ}_archive.", suffix=".tmp")
+                os.close(fd)
+                os.unlink(tmp)  # MmapedDict creates and sizes it
+                out = MmapedDict(tmp)
+                try:
+                    for key, value in totals.items():
+                        out.write_value(key, value, 0.0)
+                finally:
+                    out.close()
+                os.replace(tmp, archive)  # not *.db while incomplete, so scrapes never read it half-written
+                for path in files:
+                    os.unlink(path)
+                folded += len(files)
+        return folded
+
+
+class MetricsServer:
+    """The worker main process's `/metrics`: merged multiprocess files, compacted by `housekeeping()`."""
+
+    def __init__(self, port: int, addr: str = "0.0.0.0") -> None:
+        self.collector = _CompactingCollector(multiproc_dir())
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(self.collector)  # type: ignore[arg-type]
+        self.port = port
+        self.server, self.thread = start_http_server(port, addr=addr, registry=self.registry)
+
+    def housekeeping(self) -> int:
+        return self.collector.compact()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+

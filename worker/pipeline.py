@@ -1,0 +1,626 @@
+"""One pruning job, run in a worker's job process: claim, then load, prune, export, store.
+
+`run_job(job_id, worker_id)` first claims the job in the database (`jobs.claim`: a compare-and-set with a
+lease, counting the attempt). A task whose job is already finished, cancelled, or live under another
+worker's lease does nothing, so a redelivered or duplicated message is harmless. Then the stages, each
+announced as a progress event (stage names as in the API's `Job.stage`):
+
+    load    5%   fetch the model artifact to a temp file (size and sha256 checked against its row) and open
+                 it with `prunery.core.load_program`, the engine's safe intake: uploaded files are loaded
+                 in no other way
+    prune   25%  `prunery.core.prune` with a `PruneConfig` from the job's spec (the `prunery prune` options):
+                 dependency graph, group selection, removal and re-export in one engine call, whose parts
+                 (graph, select_and_remove, reexport) the report and the stage metrics break out
+    export  75%  `torch.export.save` of the pruned program, then `vet_archive` on the file: we publish only
+                 what our own intake accepts
+    store   90%  write `jobs/{id}/model.pt2` and `jobs/{id}/report.json` (fixed keys: a retry overwrites,
+                 never duplicates), then in ONE transaction register both as artifacts (kinds MODEL and
+                 REPORT, the job's tenant, producer_job set) and mark the job SUCCEEDED with the report
+
+While it runs, a lease keeper thread renews the lease every `heartbeat_s`; a renewal that finds the job
+CANCELLING, or owned by another worker, raises a flag the next stage boundary acts on. Cancelling deletes
+everything under `jobs/{id}/` and ends CANCELLED. A stage that does not reach its boundary within
+`cancel_grace_s` of the flag (one long engine call) is cut short: the keeper finishes the cancel itself and
+ends the process (it runs one job and is replaced anyway). A worker that lost its lease stops without
+touching the job: its new owner redoes it, writing the same keys.
+
+Failures: a model the engine refuses or cannot load, or a spec it cannot apply (the engine's ValueErrors:
+UnsafeArchiveError, ArchiveLoadError, PruneError), fails the job with the engine's one-line message and a
+stable reason (MODEL_REFUSED, MODEL_LOAD_FAILED, PRUNE_FAILED, INVALID_SPEC, MODEL_NOT_FOUND, ...), and the
+worker goes on with its next job. Object-store trouble is transient: the job goes back to the queue while
+attempts remain. Partial outputs of a failed job are deleted.
+
+Device: CUDA when available, else CPU, chosen in the job process (never in the worker's main process) and
+recorded in the report. Today's stages (magnitude importance, slicing, re-export) are not compute-bound, so
+the program stays on the device it was exported for and the result deploys wherever the input did; the
+device is for the training and evaluation stages to come.
+
+Test hooks (only when PRUNERY_TEST_HOOKS=1 in the worker's environment, never in production), read from
+the job's labels: `prunery-test-delay: "stage=seconds,..."` sleeps at the start of those stages, as a long
+engine call would (not checking for cancellation); `prunery-test-crash: "stage"` ends the job process
+abruptly (os._exit) at the start of that stage, on every attempt.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from google.rpc import code_pb2
+from sqlalchemy import select
+
+from prunery.core import ArchiveLoadError, PruneConfig, PruneError, UnsafeArchiveError, load_program, prune, vet_archive
+from prunery.service import jobs
+from prunery.service.db import Artifact, ArtifactKind, ArtifactState, Database, Job, JobState, utcnow
+from prunery.service.objectstore import ObjectNotFound, ObjectStore, TooLarge, open_store
+from prunery.worker import metrics
+from prunery.worker.settings import WorkerSettings
+
+__all__ = ["STAGES", "JobFailure", "config_from_spec", "preload_engine", "run_job", "select_device"]
+
+log = logging.getLogger("prunery.worker.pipeline")
+
+STAGES: dict[str, float] = {"load": 0.05, "prune": 0.25, "export": 0.75, "store": 0.9}
+_IMPORTANCE_ENUM = {0: "l2", 1: "l1", 2: "l2", 3: "bn", 4: "random"}  # prunery.v1.Importance numbers
+_CHUNK = 1 << 20
+TERMINAL = {JobState.SUCCEEDED.value, JobState.FAILED.value, JobState.CANCELLED.value}
+
+
+class JobFailure(Exception):
+    """Ends the job FAILED with a google.rpc code, a stable reason and a one-line message; `transient`
+    failures go back to the queue while attempts remain."""
+
+    def __init__(self, code: int, reason: str, message: str, *, transient: bool = False) -> None:
+        super().__init__(message)
+        self.code, self.reason, self.message, self.transient = code, reason, message, transient
+
+
+class _Cancelled(Exception):
+    pass
+
+
+class _LeaseLost(Exception):
+    pass
+
+
+class _Refused(Exception):
+    """succeed() said no: the transaction rolls back and we find out why."""
+
+
+def _one_line(text: object, limit: int = 500) -> str:
+    lines = str(text).strip().splitlines()
+    out = "".join(ch if ch.isprintable() else " " for ch in (lines[0] if lines else ""))
+    return out if len(out) <= limit else out[: limit - 3] + "..."
+
+
+def _exc_line(exc: BaseException) -> str:
+    return _one_line(f"{type(exc).__name__}: {exc}")
+
+
+def _spec_error(message: str) -> JobFailure:
+    return JobFailure(code_pb2.INVALID_ARGUMENT, "INVALID_SPEC", f"invalid spec: {message}")
+
+
+def config_from_spec(spec: Mapping[str, Any]) -> PruneConfig:
+    """The engine config of a job spec, with the API's conventions: importance by name (any case) or
+    `prunery.v1.Importance` number (0: l2), `round_to` 0 = none, `max_ratio` 0 = 1.0; `global_pruning`
+    (or `global`). Raises JobFailure(INVALID_SPEC)."""
+    if "ratio" not in spec:
+        raise _spec_error("no ratio")
+    try:
+        importance = spec.get("importance") or "l2"
+        if isinstance(importance, int):
+            importance = _IMPORTANCE_ENUM.get(importance, str(importance))
+        importance = str(importance).lower()
+        if importance == "importance_unspecified":
+            importance = "l2"
+        ignore = spec.get("ignore") or []
+        if isinstance(ignore, str) or not all(isinstance(g, str) for g in ignore):
+            raise _spec_error("ignore must be a list of glob strings")
+        config = PruneConfig(
+            ratio=float(spec["ratio"]),
+            importance=importance,
+            global_pruning=bool(spec.get("global_pruning", spec.get("global", False))),
+            round_to=int(spec["round_to"]) if spec.get("round_to") else None,
+            max_ratio=float(spec.get("max_ratio") or 1.0),
+            ignore=tuple(ignore),
+            seed=int(spec.get("seed") or 0),
+        )
+        config.validate()
+    except PruneError as e:
+        raise _spec_error(_one_line(e)) from None
+    except (TypeError, ValueError) as e:
+        raise _spec_error(_exc_line(e)) from None
+    return config
+
+
+def _model_ref(spec: Mapping[str, Any]) -> uuid.UUID:
+    ref = str(spec.get("model") or "")
+    try:
+        return uuid.UUID(ref.removeprefix("artifacts/"))
+    except ValueError:
+        raise _spec_error(f"model must name an artifact as artifacts/{{id}}, got {ref!r}") from None
+
+
+# Modules torch imports lazily on a program's first load/export (~1 s): imported once in the worker's main
+# process (`preload_engine`), each job process inherits them. Importing runs no kernels and starts no threads.
+_LAZY_MODULES = ("torch._export.serde.serialize", "torch.export._trace", "torch._dynamo",
+                 "torch._functorch.aot_autograd", "torch._inductor.fx_passes", "torch._subclasses.schema_check_mode",
+                 "torch.export.passes", "sympy")
+
+
+def preload_engine() -> None:
+    """Import what the stages will need, without touching CUDA (safe in the process that forks)."""
+    for name in _LAZY_MODULES:
+        try:
+            importlib.import_module(name)
+        except Exception:  # internal module names move between torch versions; this is only a speed-up
+            log.debug("could not preload %s", name, exc_info=True)
+
+
+def select_device() -> str:
+    """CUDA when present, else CPU. Call only in a job process: CUDA must not start in the forking parent."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Per-process resources
+# ---------------------------------------------------------------------------------------------------------
+
+_resources: dict[tuple[int, str, str], tuple[Database, ObjectStore]] = {}
+
+
+def _open(settings: WorkerSettings) -> tuple[Database, ObjectStore]:
+    key = (os.getpid(), settings.database_url, settings.store_url)
+    if key not in _resources:
+        _resources[key] = (Database(settings.database_url), open_store(settings.store_url))
+    return _resources[key]
+
+
+@dataclass(frozen=True)
+class _JobView:
+    id: uuid.UUID
+    tenant: str
+    spec: dict[str, Any]
+    labels: dict[str, str]
+    state: str
+    attempt: int
+    max_attempts: int
+
+    @classmethod
+    def of(cls, job: Job) -> _JobView:
+        return cls(job.id, job.tenant_id, dict(job.spec or {}), dict(job.labels or {}), job.state,
+                   job.attempt_count, job.max_attempts)
+
+
+@dataclass(frozen=True)
+class _Input:
+    id: uuid.UUID
+    display_name: str
+    storage_key: str
+    size_bytes: int
+    sha256: str
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The lease keeper
+# ---------------------------------------------------------------------------------------------------------
+
+class _LeaseKeeper(threading.Thread):
+    """Renews the lease; raises `cancel` (CANCELLING, still ours) or `lost` (someone else's, or ended). When
+    the main thread has not acted on either within the grace period, ends the process (see module doc)."""
+
+    def __init__(self, run: _Run) -> None:
+        super().__init__(name=f"prunery-lease-{run.job.id}", daemon=True)
+        self.run_ = run
+        self.cancel = threading.Event()
+        self.lost = threading.Event()
+        self.done = threading.Event()
+        self.flag_time: float | None = None
+
+    def run(self) -> None:
+        r = self.run_
+        settings = r.settings
+        last_ok = time.monotonic()
+        while not self.done.wait(settings.heartbeat_s):
+            if not self.lost.is_set():
+                try:
+                    with r.db.session() as s:
+                        ok = jobs.heartbeat(s, r.job.id, r.worker_id, settings.lease_s)
+                        row = None if ok else s.get(Job, r.job.id)
+                        state, owner = (row.state, row.lease_owner) if row is not None else (None, None)
+                    last_ok = time.monotonic()
+                    if not ok:
+                        if state in TERMINAL and owner == r.worker_id:
+                            return  # the main thread has just ended the job itself
+                        if state == JobState.CANCELLING and owner == r.worker_id:
+                            self.cancel.set()
+                        else:
+                            log.warning("job %s: lease lost (state %s, owner %s)", r.job.id, state, owner)
+                            self.lost.set()
+                except Exception:
+                    log.exception("job %s: lease renewal failed", r.job.id)
+                    if time.monotonic() - last_ok > settings.lease_s:
+                        self.lost.set()  # another worker may own it by now
+            if (self.cancel.is_set() or self.lost.is_set()) and self.flag_time is None:
+                self.flag_time = time.monotonic()
+            if self.flag_time is not None and time.monotonic() - self.flag_time > settings.cancel_grace_s:
+                self._hard_stop()
+
+    def _hard_stop(self) -> None:
+        r = self.run_
+        if not r.finishing.acquire(blocking=False):
+            return  # the main thread is finishing the job itself
+        with r.io_lock:  # let a store write in flight complete; none starts after this
+            if self.cancel.is_set() and not self.lost.is_set():
+                log.warning("job %s: the %s stage did not stop within %.0fs of the cancel; ending its process",
+                            r.job.id, r.stage, r.settings.cancel_grace_s)
+                state = r.finish_cancel("cancelled (the running stage was stopped)")
+            else:
+                log.warning("job %s: lease lost during the %s stage; ending its process", r.job.id, r.stage)
+                state = None
+            r.account(state)
+            shutil.rmtree(r.tmpdir, ignore_errors=True)
+            logging.shutdown()
+            os._exit(0)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# One attempt
+# ---------------------------------------------------------------------------------------------------------
+
+@dataclass
+class _Run:
+    settings: WorkerSettings
+    db: Database
+    store: ObjectStore
+    job: _JobView
+    worker_id: str
+    enqueue_fn: Callable[[uuid.UUID], None] | None
+    tmpdir: Path = field(init=False)
+    stage: str = ""
+    durations: dict[str, float] = field(default_factory=dict)
+    io_lock: threading.RLock = field(default_factory=threading.RLock)  # held around store writes
+    finishing: threading.Lock = field(default_factory=threading.Lock)
+    started: float = field(default_factory=time.perf_counter)
+    accounted: bool = False
+
+    def __post_init__(self) -> None:
+        self.settings.tmp_dir.mkdir(parents=True, exist_ok=True)
+        # the pid lets the reaper remove the folder if this process dies without cleaning up
+        self.tmpdir = Path(tempfile.mkdtemp(prefix=f"prunery-job-{os.getpid()}-{self.job.id}-",
+                                            dir=self.settings.tmp_dir))
+        self.keeper = _LeaseKeeper(self)
+
+    @property
+    def prefix(self) -> str:
+        return f"jobs/{self.job.id}/"
+
+    # -- bookkeeping ---------------------------------------------------------------------------------------
+
+    def account(self, final_state: str | None) -> None:
+        """Metrics of this attempt, once: running gauge, duration, and the final state if it ended."""
+        if self.accounted:
+            return
+        self.accounted = True
+        metrics.JOBS_RUNNING.dec()
+        metrics.JOB_DURATION.observe(time.perf_counter() - self.started)
+        if final_state in TERMINAL:
+            metrics.JOBS_FINISHED.labels(final_state).inc()
+
+    def _state_after_refusal(self) -> type[Exception]:
+        """Why a write as the owner was refused: the job is CANCELLING (ours) or we lost it."""
+        with self.db.session() as s:
+            row = s.get(Job, self.job.id)
+            if row is not None and row.state == JobState.CANCELLING and row.lease_owner == self.worker_id:
+                return _Cancelled
+        return _LeaseLost
+
+    def checkpoint(self, stage: str, message: str) -> None:
+        if self.keeper.lost.is_set():
+            raise _LeaseLost
+        if self.keeper.cancel.is_set():
+            raise _Cancelled
+        with self.db.session() as s:
+            ok = jobs.set_progress(s, self.job.id, self.worker_id, STAGES[stage], stage=stage, message=message)
+        if not ok:
+            raise self._state_after_refusal()
+
+    @contextmanager
+    def stage_(self, name: str, message: str) -> Iterator[None]:
+        self.checkpoint(name, message)
+        self.stage = name
+        self._test_hooks(name)
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.durations[name] = round(time.perf_counter() - t0, 4)
+            metrics.STAGE_DURATION.labels(name).observe(time.perf_counter() - t0)
+
+    def _test_hooks(self, stage: str) -> None:
+        if os.environ.get("PRUNERY_TEST_HOOKS") != "1":
+            return
+        if self.job.labels.get("prunery-test-crash") == stage:
+            log.warning("job %s: test hook: crashing at %s", self.job.id, stage)
+            os._exit(70)
+        for item in (self.job.labels.get("prunery-test-delay") or "").split(","):
+            name, _, seconds = item.partition("=")
+            if name.strip() == stage:
+                time.sleep(float(seconds))
+
+    # -- the attempt ----------------------------------------------------------------------------------------
+
+    def execute(self) -> dict[str, Any]:
+        metrics.JOBS_RUNNING.inc()
+        self.keeper.start()
+        state: str | None = None
+        outcome = "lost"
+        try:
+            try:
+                self.stages()
+                self.finishing.acquire()
+                state, outcome = JobState.SUCCEEDED.value, "succeeded"
+            except _Cancelled:
+                self.finishing.acquire()
+                state, outcome = self.finish_cancel("cancelled"), "cancelled"
+            except _LeaseLost:
+                log.warning("job %s: lease lost; leaving the job to its new owner", self.job.id)
+            except JobFailure as f:
+                self.finishing.acquire()
+                state, outcome = self.failed(f)
+            except Exception as e:
+                log.exception("job %s: unexpected error in the %s stage", self.job.id, self.stage)
+                self.finishing.acquire()
+                state, outcome = self.failed(JobFailure(code_pb2.INTERNAL, "WORKER_ERROR",
+                                                        f"{self.stage or 'worker'}: {_exc_line(e)}"))
+        finally:
+            self.keeper.done.set()
+            self.account(state)
+            shutil.rmtree(self.tmpdir, ignore_errors=True)
+        log.info("job %s: %s (attempt %d)", self.job.id, outcome, self.job.attempt)
+        return {"job": str(self.job.id), "outcome": outcome, "state": state, "attempt": self.job.attempt}
+
+    def finish_cancel(self, message: str) -> str | None:
+        try:
+            with self.io_lock:
+                self.store.delete_prefix(self.prefix)
+        except Exception:
+            log.exception("job %s: could not delete its partial outputs", self.job.id)
+        try:
+            with self.db.session() as s:
+                ok = jobs.finish_cancel(s, self.job.id, worker_id=self.worker_id, message=message)
+        except Exception:
+            log.exception("job %s: could not record the cancel (its lease will expire)", self.job.id)
+            return None
+        return JobState.CANCELLED.value if ok else None
+
+    def failed(self, f: JobFailure) -> tuple[str | None, str]:
+        if self.keeper.cancel.is_set():
+            return self.finish_cancel("cancelled"), "cancelled"
+        if self.keeper.lost.is_set():
+            return None, "lost"
+        try:
+            if f.transient and self.job.attempt < self.job.max_attempts:
+                with self.db.session() as s:
+                    released = jobs.release(s, self.job.id, self.worker_id, f"{f.message}; queued again")
+                if released:
+                    log.warning("job %s: %s; queued again", self.job.id, f.message)
+                    if self.enqueue_fn is not None:
+                        self.enqueue_fn(self.job.id)
+                    return None, "requeued"
+            with self.io_lock:
+                try:
+                    self.store.delete_prefix(self.prefix)
+                except Exception:
+                    log.exception("job %s: could not delete its partial outputs", self.job.id)
+            with self.db.session() as s:
+                ok = jobs.fail(s, self.job.id, f.code, f.reason, f.message, worker_id=self.worker_id)
+        except Exception:
+            log.exception("job %s: could not record its failure (its lease will expire)", self.job.id)
+            return None, "lost"
+        log.warning("job %s: failed: %s: %s", self.job.id, f.reason, f.message)
+        return (JobState.FAILED.value if ok else None), "failed"
+
+    def stages(self) -> None:
+        config = config_from_spec(self.job.spec)
+        with self.stage_("load", "fetching the model and opening it through the safe intake"):
+            source = self._input()
+            path = self._fetch(source)
+            program = self._load(path, source)
+        device = select_device()
+        with self.stage_("prune", f"pruning {config.ratio:.0%} of each group ({config.importance}) on {device}"):
+            result = self._prune(program, config)
+        for part, seconds in (result.report.get("timings_s") or {}).items():
+            metrics.STAGE_DURATION.labels(part).observe(float(seconds))
+        with self.stage_("export", "saving the pruned program"):
+            out = self._export(result.program)
+        report = dict(result.report)
+        report.update({
+            "job": f"jobs/{self.job.id}",
+            "input": {"artifact": f"artifacts/{source.id}", "display_name": source.display_name,
+                      "size_bytes": source.size_bytes, "sha256": source.sha256},
+            "device": device,
+            "worker": {"id": self.worker_id, "attempt": self.job.attempt, "torch": torch.__version__},
+            "stage_durations_s": dict(self.durations),
+        })
+        with self.stage_("store", "storing the pruned model and the report"):
+            self._store(out, report, source)
+
+    # -- stages ---------------------------------------------------------------------------------------------
+
+    def _input(self) -> _Input:
+        artifact_id = _model_ref(self.job.spec)
+        with self.db.session() as s:
+            a = s.get(Artifact, artifact_id)
+            if a is None or a.tenant_id != self.job.tenant or a.state != ArtifactState.READY:
+                raise JobFailure(code_pb2.FAILED_PRECONDITION, "MODEL_NOT_FOUND",
+                                 f"model artifacts/{artifact_id} does not exist")
+            if a.kind != ArtifactKind.MODEL:
+                raise JobFailure(code_pb2.INVALID_ARGUMENT, "NOT_A_MODEL",
+                                 f"artifacts/{artifact_id} is a {a.kind} artifact, not a MODEL")
+            return _Input(a.id, a.display_name, a.storage_key, a.size_bytes, a.sha256)
+
+    def _fetch(self, source: _Input) -> Path:
+        path = self.tmpdir / "model.pt2"
+        digest, size = hashlib.sha256(), 0
+        try:
+            with open(path, "wb") as f:
+                for chunk in self.store.open_range(source.storage_key, 0):
+                    f.write(chunk)
+                    digest.update(chunk)
+                    size += len(chunk)
+        except ObjectNotFound:
+            raise JobFailure(code_pb2.FAILED_PRECONDITION, "MODEL_NOT_FOUND",
+                             f"the bytes of artifacts/{source.id} are missing from the object store") from None
+        except Exception as e:
+            raise JobFailure(code_pb2.UNAVAILABLE, "STORE_UNAVAILABLE",
+                             f"could not read artifacts/{source.id}: {_exc_line(e)}", transient=True) from e
+        finally:
+            metrics.ARTIFACT_IN_BYTES.inc(size)
+        if (source.sha256 and digest.hexdigest() != source.sha256) or size != source.size_bytes:
+            raise JobFailure(code_pb2.DATA_LOSS, "MODEL_CORRUPT",
+                             f"artifacts/{source.id} in the object store does not match its recorded size and "
+                             "sha256")
+        return path
+
+    def _load(self, path: Path, source: _Input) -> torch.export.ExportedProgram:
+        name = f"artifacts/{source.id}"
+
+        def msg(e: BaseException) -> str:
+            return _one_line(str(e).replace(str(path), name))
+
+        try:
+            return load_program(path)
+        except UnsafeArchiveError as e:
+            raise JobFailure(code_pb2.INVALID_ARGUMENT, "MODEL_REFUSED", msg(e)) from None
+        except ArchiveLoadError as e:
+            raise JobFailure(code_pb2.INVALID_ARGUMENT, "MODEL_LOAD_FAILED", msg(e)) from None
+        except ValueError as e:
+            raise JobFailure(code_pb2.INVALID_ARGUMENT, "MODEL_REFUSED", msg(e)) from None
+        except Exception as e:
+            raise JobFailure(code_pb2.INTERNAL, "MODEL_LOAD_FAILED", msg(_exc_line(e))) from e
+
+    def _prune(self, program: torch.export.ExportedProgram, config: PruneConfig) -> Any:
+        try:
+            return prune(program, config)
+        except ValueError as e:  # PruneError and the engine's other refusals
+            raise JobFailure(code_pb2.FAILED_PRECONDITION, "PRUNE_FAILED", _one_line(e)) from None
+        except Exception as e:
+            raise JobFailure(code_pb2.INTERNAL, "PRUNE_FAILED", _exc_line(e)) from e
+
+    def _export(self, program: torch.export.ExportedProgram) -> Path:
+        out = self.tmpdir / "pruned.pt2"
+        try:
+            torch.export.save(program, out)
+            vet_archive(out)
+        except Exception as e:
+            raise JobFailure(code_pb2.INTERNAL, "EXPORT_FAILED", _exc_line(e).replace(str(out), "model.pt2")) from e
+        return out
+
+    def _put(self, key: str, chunks: Iterator[bytes] | list[bytes]) -> tuple[int, str]:
+        with self.io_lock:
+            if self.keeper.lost.is_set():
+                raise _LeaseLost
+            if self.keeper.cancel.is_set():
+                raise _Cancelled
+            try:
+                size, sha = self.store.put_stream(key, chunks, self.settings.max_result_bytes)
+            except TooLarge as e:
+                raise JobFailure(code_pb2.RESOURCE_EXHAUSTED, "RESULT_TOO_LARGE", _one_line(e)) from None
+            except Exception as e:
+                raise JobFailure(code_pb2.UNAVAILABLE, "STORE_UNAVAILABLE", f"could not write {key}: {_exc_line(e)}",
+                                 transient=True) from e
+        metrics.ARTIFACT_OUT_BYTES.inc(size)
+        return size, sha
+
+    def _store(self, model_path: Path, report: dict[str, Any], source: _Input) -> None:
+        stem = Path(source.display_name).stem or "model"
+        model_key, report_key = self.prefix + "model.pt2", self.prefix + "report.json"
+        with open(model_path, "rb") as f:
+            model_size, model_sha = self._put(model_key, iter(lambda: f.read(_CHUNK), b""))
+        report_bytes = (json.dumps(report, indent=2) + "\n").encode()
+        report_size, report_sha = self._put(report_key, [report_bytes])
+        outputs = [
+            (ArtifactKind.MODEL, model_key, model_size, model_sha, f"{stem}-pruned.pt2"),
+            (ArtifactKind.REPORT, report_key, report_size, report_sha, f"{stem}-report.json"),
+        ]
+
+        try:
+            with self.db.session() as s:
+                ids = _register(s, self.job, outputs)
+                if not jobs.succeed(s, self.job.id, self.worker_id, ids, report):
+                    raise _Refused  # rolls the artifact rows back with it
+        except _Refused:
+            raise self._state_after_refusal() from None
+
+
+def _register(session: Any, job: _JobView, outputs: list[tuple[ArtifactKind, str, int, str, str]]) -> list[str]:
+    """Create (or, for a retried attempt, update) the job's result artifacts; return their ids in order."""
+    existing = {a.storage_key: a for a in session.scalars(select(Artifact).where(Artifact.producer_job_id == job.id))}
+    ids = []
+    for kind, key, size, sha, name in outputs:
+        artifact = existing.get(key)
+        if artifact is None:
+            artifact = Artifact(id=uuid.uuid4(), tenant_id=job.tenant, kind=kind.value, storage_key=key,
+                                producer_job_id=job.id, labels={}, create_time=utcnow())
+            session.add(artifact)
+        artifact.display_name, artifact.size_bytes, artifact.sha256 = name, size, sha
+        artifact.state = ArtifactState.READY.value
+        ids.append(str(artifact.id))
+    session.flush()
+    return ids
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Entry point
+# ---------------------------------------------------------------------------------------------------------
+
+def _default_enqueue(job_id: uuid.UUID) -> None:
+    from prunery.worker.app import enqueue
+
+    enqueue(job_id)
+
+
+def run_job(job_id: str | uuid.UUID, worker_id: str, *, settings: WorkerSettings | None = None,
+            enqueue_fn: Callable[[uuid.UUID], None] | None = None) -> dict[str, Any]:
+    """Claim job `job_id` for `worker_id` (unique per process) and run it to its end; return a summary.
+
+    Does nothing when the job is missing, finished, cancelled, or running under another live lease.
+    `enqueue_fn` sends a job released after a transient failure back to the queue (default: the
+    worker app's `enqueue`)."""
+    settings = settings or WorkerSettings.from_env()
+    enqueue_fn = enqueue_fn or _default_enqueue
+    db, store = _open(settings)
+    try:
+        jid = uuid.UUID(str(job_id))
+    except ValueError:
+        log.error("ignoring a message with an invalid job id %r", job_id)
+        return {"job": str(job_id), "outcome": "invalid"}
+    with db.session() as s:
+        before = s.scalar(select(Job.state).where(Job.id == jid))
+        claimed = before is not None and jobs.claim(s, jid, worker_id, settings.lease_s)
+        row = s.get(Job, jid) if before is not None else None
+        view = _JobView.of(row) if row is not None else None
+    if not claimed or view is None:
+        state = view.state if view is not None else None
+        if state is not None and state != before and state in TERMINAL:  # claim ended it (attempts used up)
+            metrics.JOBS_FINISHED.labels(state).inc()
+        log.info("job %s: not claimed (state %s); nothing to do", jid, state or "missing")
+        return {"job": str(jid), "outcome": "skipped", "state": state}
+    log.info("job %s: claimed by %s (attempt %d of %d)", jid, worker_id, view.attempt, view.max_attempts)
+    return _Run(settings, db, store, view, worker_id, enqueue_fn).execute()

@@ -1,0 +1,242 @@
+"""The reaper: no job stays stuck because its worker died.
+
+How a job survives the death of its worker (the lease, the broker and the reaper together):
+
+- A worker owns a job through a lease in the database (`jobs.claim`, a compare-and-set that also counts the
+  attempt); the job process renews it every `PRUNERY_HEARTBEAT_S` for `PRUNERY_LEASE_S`.
+- When a job process dies, the worker's main process rejects its message back to the queue
+  (`task_reject_on_worker_lost`); when the whole worker dies, Redis hands the unacked message to another
+  worker after `PRUNERY_VISIBILITY_TIMEOUT_S`. Either way, the redelivered task claims the job only once the
+  lease has expired; while it is live (the job still runs elsewhere) the copy is acked and dropped.
+- Redelivery is not enough: the copy may have been dropped while the job was still alive (and its worker
+  died later), the embedded broker has no redelivery at all, and a message can be lost outright. So every
+  worker's main process runs this reaper every `PRUNERY_REAPER_INTERVAL_S`: jobs RUNNING with an expired lease
+  go back to QUEUED and are sent again (`jobs.requeue_expired`, then `enqueue` after the commit), or FAIL
+  with TOO_MANY_ATTEMPTS once their attempts are used up, so a job that kills its worker every time ends
+  instead of looping; CANCELLING jobs with an expired lease become CANCELLED. A job QUEUED for longer than
+  `PRUNERY_RESEND_QUEUED_S` while the queue is empty lost its message (e.g. the API died between commit
+  and send): it is sent again.
+- Duplicates are harmless: every path goes through `jobs.claim`, so a job runs in one place at a time, and
+  an attempt is counted per claim. Reapers of several workers may run at once: each job row is locked.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+from sqlalchemy import event, func, select
+from sqlalchemy.orm import Session
+
+from prunery.service import jobs
+from prunery.service.db import Database, Job, JobState, utcnow
+from prunery.worker.settings import WorkerSettings
+
+__all__ = ["ReapResult", "Reaper", "reap_expired", "resend_lost"]
+
+log = logging.getLogger("prunery.worker.reaper")
+
+EnqueueFn = Callable[[uuid.UUID], None]
+
+
+@dataclass
+class ReapResult:
+    requeued: list[uuid.UUID] = field(default_factory=list)
+    failed: list[uuid.UUID] = field(default_factory=list)  # attempts used up (TOO_MANY_ATTEMPTS)
+    cancelled: list[uuid.UUID] = field(default_factory=list)  # CANCELLING whose worker died
+
+
+def _after_commit(session: Session, fn: Callable[[], None]) -> None:
+    """Run `fn` once the session's transaction has committed (never if it rolls back)."""
+
+    def _run(_session: Session) -> None:
+        try:
+            fn()
+        except Exception:  # the commit stands; the job waits for the next sweep to be sent again
+            log.exception("sending after commit failed")
+
+    event.listen(session, "after_commit", _run, once=True)
+
+
+def _default_enqueue(job_id: uuid.UUID) -> None:
+    from prunery.worker.app import enqueue
+
+    enqueue(job_id)
+
+
+def reap_expired(session: Session, *, enqueue_fn: EnqueueFn | None = _default_enqueue, limit: int = 100) -> ReapResult:
+    """Requeue (or fail, or finish cancelling) RUNNING/CANCELLING jobs whose lease expired.
+
+    The state changes are made in `session` (the caller commits); the requeued jobs are sent with
+    `enqueue_fn` after that commit, so a worker receiving one always finds it QUEUED."""
+    now = utcnow()
+    expired = {
+        job_id: state
+        for job_id, state in session.execute(
+            select(Job.id, Job.state)
+            .where(Job.state.in_([JobState.RUNNING.value, JobState.CANCELLING.value]), Job.lease_expires_at < now)
+            .limit(limit))
+    }
+    result = ReapResult()
+    if not expired:
+        return result
+    result.requeued = jobs.requeue_expired(session, now=now, limit=limit)
+    for job_id, state in session.execute(select(Job.id, Job.state).where(Job.id.in_(list(expired)))):
+        if state == JobState.FAILED and job_id not in result.requeued:
+            result.failed.append(job_id)
+        elif state == JobState.CANCELLED and expired[job_id] == JobState.CANCELLING:
+            result.cancelled.append(job_id)
+    for job_id in result.requeued:
+        log.warning("job %s: its worker stopped renewing the lease; queued again", job_id)
+    for job_id in result.failed:
+        log.warning("job %s: its worker died on every attempt; failed", job_id)
+    if result.requeued and enqueue_fn is not None:
+        ids = list(result.requeued)
+        _after_commit(session, lambda: [enqueue_fn(i) for i in ids])
+    return result
+
+
+def resend_lost(session: Session, older_than_s: float, queue_depth: Callable[[], int], *,
+                enqueue_fn: EnqueueFn | None = _default_enqueue, limit: int = 100) -> list[uuid.UUID]:
+    """Send again the jobs QUEUED for more than `older_than_s` (since their last event) while the queue is
+    empty: their message was lost. Sent after the caller's commit. Returns their ids."""
+    cutoff = utcnow() - timedelta(seconds=older_than_s)
+    stale = list(session.scalars(select(Job.id).where(Job.state == JobState.QUEUED.value, Job.update_time < cutoff)
+                                 .order_by(Job.create_time).limit(limit)))
+    if not stale or queue_depth() > 0:
+        return []
+    log.warning("%d job(s) queued for over %.0fs with an empty queue (lost messages); sending again", len(stale),
+                older_than_s)
+    if enqueue_fn is not None:
+        _after_commit(session, lambda: [enqueue_fn(i) for i in stale])
+    return stale
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class Reaper(threading.Thread):
+    """Runs the sweeps every `reaper_interval_s` in a worker's main process (a daemon thread)."""
+
+    def __init__(self, settings: WorkerSettings, celery: Any, metrics_server: Any = None) -> None:
+        super().__init__(name="prunery-reaper", daemon=True)
+        self.settings = settings
+        self.celery = celery
+        self.metrics_server = metrics_server
+        self._stop_event = threading.Event()
+        self._db: Database | None = None
+        self._store: Any = None
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop_event.set()
+        if self.is_alive() and threading.current_thread() is not self:
+            self.join(timeout)
+
+    def _enqueue(self, job_id: uuid.UUID) -> None:
+        from prunery.worker.app import enqueue
+
+        enqueue(job_id, celery=self.celery)
+
+    def _queue_depth(self) -> int:
+        from prunery.worker.app import queue_depth
+
+        return queue_depth(self.celery)
+
+    def run(self) -> None:
+        # a random first delay spreads the sweeps of workers started together
+        first = self.settings.reaper_interval_s * (0.5 + (int.from_bytes(os.urandom(1), "big") / 255) / 2)
+        if self._stop_event.wait(first):
+            return
+        failing = False
+        while True:
+            try:
+                self.tick()
+                failing = False
+            except Exception as e:
+                if not failing:  # the whole story once, then a line per retry
+                    log.exception("reaper sweep failed; retrying every %.1fs", self.settings.reaper_interval_s)
+                else:
+                    log.error("reaper sweep failed again: %s", str(e).strip().splitlines()[0] if str(e) else e)
+                failing = True
+            if self._stop_event.wait(self.settings.reaper_interval_s):
+                break
+        if self._db is not None:
+            self._db.dispose()
+
+    def tick(self) -> ReapResult:
+        from prunery.worker import metrics
+
+        if self._db is None:
+            self._db = Database(self.settings.database_url)
+        with self._db.session() as session:
+            result = reap_expired(session, enqueue_fn=self._enqueue)
+        resent: list[uuid.UUID] = []
+        if self.settings.resend_queued_s > 0:
+            with self._db.session() as session:
+                resent = resend_lost(session, self.settings.resend_queued_s, self._queue_depth,
+                                     enqueue_fn=self._enqueue)
+        with self._db.session() as session:
+            queued = session.scalar(select(func.count()).select_from(Job).where(Job.state == JobState.QUEUED.value))
+        with metrics.parent_write():
+            if result.requeued:
+                metrics.JOBS_REQUEUED.labels("lease_expired").inc(len(result.requeued))
+            if resent:
+                metrics.JOBS_REQUEUED.labels("message_lost").inc(len(resent))
+            if result.failed:
+                metrics.JOBS_FINISHED.labels(JobState.FAILED.value).inc(len(result.failed))
+            if result.cancelled:
+                metrics.JOBS_FINISHED.labels(JobState.CANCELLED.value).inc(len(result.cancelled))
+            metrics.JOBS_QUEUED.set(queued or 0)
+        for job_id in result.failed + result.cancelled:  # their workers died: delete partial outputs
+            self._delete_outputs(job_id)
+        if self.metrics_server is not None:
+            self.metrics_server.housekeeping()
+        self._prune_processed_messages()
+        self._prune_job_tmpdirs()
+        return result
+
+    def _delete_outputs(self, job_id: uuid.UUID) -> None:
+        if self._store is None:
+            from prunery.service.objectstore import open_store
+
+            self._store = open_store(self.settings.store_url)
+        try:
+            self._store.delete_prefix(f"jobs/{job_id}/")
+        except Exception:
+            log.exception("job %s: could not delete its partial outputs", job_id)
+
+    def _prune_job_tmpdirs(self) -> None:
+        """Scratch folders of job processes that died without cleaning up (`prunery-job-{pid}-...`)."""
+        root = self.settings.tmp_dir
+        for path in root.glob("prunery-job-*") if root.is_dir() else []:
+            pid = path.name.split("-")[2]
+            if pid.isdigit() and not _pid_alive(int(pid)):
+                shutil.rmtree(path, ignore_errors=True)
+
+    def _prune_processed_messages(self, max_age_s: float = 3600.0) -> None:
+        """The filesystem broker keeps taken messages in `processed/`; drop the old ones."""
+        if not self.settings.broker_url.startswith("filesystem://"):
+            return
+        folder = self.settings.broker_dir / "processed"
+        cutoff = time.time() - max_age_s
+        for path in folder.glob("*.msg") if folder.is_dir() else []:
+            try:
+                if path.stat().st_mtime < cutoff:
+                    path.unlink()
+            except FileNotFoundError:
+                pass
