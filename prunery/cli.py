@@ -1,4 +1,5 @@
-"""`prunery` command line: the engine on local files (analyze, prune) and a self-contained demo."""
+"""`prunery` command line: the engine on local files (analyze, prune, demo), the service's processes
+(up, serve, worker) and its client (submit, jobs, download, tokens)."""
 
 from __future__ import annotations
 
@@ -91,6 +92,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    """Export a zoo model, then prune it through the embedded service (`prunery up`) — or, with
+    `--local`, with the engine in this process — and reload the result through the safe intake."""
     import torch
 
     from prunery import zoo
@@ -100,17 +103,218 @@ def cmd_demo(args: argparse.Namespace) -> int:
     model_path = out / f"{args.model}.pt2"
     _save_program(zoo.export(args.model), model_path)
     print(f"exported zoo model {args.model!r} to {model_path}")
-    ep = load_program(model_path)  # through the safe intake, as an upload would be
-    result = prune(ep, PruneConfig(ratio=args.ratio))
-    pruned_path = out / f"{args.model}-pruned.pt2"
-    _save_program(result.program, pruned_path)
-    _write_json(result.report, out / "report.json")
-    _print_summary(result.report, pruned_path)
+    pruned_path, report_path = out / f"{args.model}-pruned.pt2", out / "report.json"
+    if args.local:
+        ep = load_program(model_path)  # through the safe intake, as an upload would be
+        result = prune(ep, PruneConfig(ratio=args.ratio))
+        _save_program(result.program, pruned_path)
+        _write_json(result.report, report_path)
+        report = result.report
+    else:
+        report = _demo_through_service(model_path, pruned_path, report_path, args.ratio, out / "service")
+    _print_summary(report, pruned_path)
     x = zoo.ZOO[args.model].example_inputs(4)
-    y = load_program(pruned_path).module()(*x)
     with torch.no_grad():
-        print(f"reloaded pruned model runs at batch 4: output shape {tuple(y.shape)}; report: {out / 'report.json'}")
+        y = load_program(pruned_path).module()(*x)
+    print(f"reloaded pruned model runs at batch 4: output shape {tuple(y.shape)}; report: {report_path}")
     return 0
+
+
+def _demo_through_service(model: Path, pruned: Path, report: Path, ratio: float, data_dir: Path) -> dict:
+    import subprocess
+
+    from prunery.client import Client, spec_from_options
+    from prunery.v1 import prunery_pb2 as pb
+
+    up = subprocess.Popen([sys.executable, "-m", "prunery.cli", "up", "--data-dir", str(data_dir), "--port", "0"],
+                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        found: dict[str, str] = {}
+        while len(found) < 2:
+            line = up.stdout.readline()
+            if not line:
+                raise RuntimeError("`prunery up` stopped before printing its address and token")
+            key, _, value = line.strip().partition(": ")
+            found[key] = value
+        print(f"started the embedded stack (prunery up) at {found['address']}, data in {data_dir}")
+        with Client(found["address"], found["token"]) as client:
+            artifact = client.upload(model)
+            job = client.create_job(spec_from_options(artifact.name, ratio))
+            print(f"submitted {job.name}")
+            progress = _Progress()
+            job = client.wait(job.name, on_event=progress)
+            progress.close()
+            if job.state != pb.SUCCEEDED:
+                raise RuntimeError(f"{job.name} ended {pb.JobState.Name(job.state)}: {job.error.message}")
+            client.download(f"{job.name}/model", pruned)
+            client.download(f"{job.name}/report", report)
+        return json.loads(report.read_text())
+    finally:
+        up.terminate()
+        up.wait(60)
+
+
+# --- client commands (talk to a server: `prunery up`, or `prunery serve` + `prunery worker`) ----------
+
+
+def _client(args: argparse.Namespace):
+    from prunery.client import Client
+
+    return Client(args.address or os.environ.get("PRUNERY_ADDRESS", ""),
+                  args.token or os.environ.get("PRUNERY_TOKEN", ""), timeout=args.timeout)
+
+
+def _state(job) -> str:
+    from prunery.v1 import prunery_pb2 as pb
+
+    return pb.JobState.Name(job.state)
+
+
+def _print_job(job) -> None:
+    line = f"{job.name}  {_state(job)}  {job.progress:.0%}"
+    if job.stage:
+        line += f"  stage={job.stage}"
+    if job.error.message:
+        line += f"  error: {job.error.message}"
+    print(line)
+
+
+class _Progress:
+    """One line per change, redrawn in place on a terminal."""
+
+    def __init__(self) -> None:
+        self.tty = sys.stderr.isatty()
+        self.last = ""
+
+    def __call__(self, event) -> None:
+        from prunery.v1 import prunery_pb2 as pb
+
+        width = 30
+        done = int(event.progress * width)
+        line = (f"[{'#' * done}{'.' * (width - done)}] {event.progress:4.0%} {pb.JobState.Name(event.state)}"
+                f" {event.stage}".rstrip())
+        if line == self.last:
+            return
+        self.last = line
+        print(("\r" + line) if self.tty else line, end="" if self.tty else "\n", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.tty and self.last:
+            print(file=sys.stderr)
+
+
+def _download_results(client, job, output: str | None, report: str | None) -> None:
+    if output:
+        client.download(f"{job.name}/model", output)
+        print(f"wrote {output}")
+    if report:
+        client.download(f"{job.name}/report", report)
+        print(f"wrote {report}")
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from prunery.client import spec_from_options
+    from prunery.v1 import prunery_pb2 as pb
+
+    _config_from(args).validate()  # refuse a bad spec before uploading anything
+    with _client(args) as client:
+        artifact = client.upload(args.model, labels=dict(args.label or []))
+        spec = spec_from_options(artifact.name, args.ratio, args.importance, args.global_pruning, args.round_to,
+                                 args.max_ratio, args.ignore, args.seed)
+        job = client.create_job(spec, labels=dict(args.label or []))
+        print(job.name)
+        if not args.wait:
+            return 0
+        progress = _Progress()
+        job = client.wait(job.name, on_event=progress)
+        progress.close()
+        _print_job(job)
+        if job.state != pb.SUCCEEDED:
+            return 1
+        _download_results(client, job, args.output, args.report)
+    return 0
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    from prunery.v1 import prunery_pb2 as pb
+
+    with _client(args) as client:
+        if args.action == "list":
+            for job in client.list_jobs(filter=args.filter or ""):
+                _print_job(job)
+            return 0
+        if not args.job:
+            raise ValueError(f"`prunery jobs {args.action}` needs a job id")
+        if args.action == "get":
+            job = client.get_job(args.job)
+            if args.json:
+                from google.protobuf.json_format import MessageToJson
+
+                print(MessageToJson(job))
+            else:
+                _print_job(job)
+            return 0
+        if args.action == "cancel":
+            _print_job(client.cancel_job(args.job))
+            return 0
+        for event in client.watch_job(args.job):  # watch
+            print(f"{event.sequence:4d} {pb.JobState.Name(event.state):10s} {event.progress:4.0%} "
+                  f"{event.stage} {event.message}".rstrip())
+        job = client.get_job(args.job)
+        return 0 if job.state == pb.SUCCEEDED else 1
+
+
+def cmd_download(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        job = client.get_job(args.job)
+        _download_results(client, job, args.output, args.report)
+    return 0
+
+
+def cmd_tokens(args: argparse.Namespace) -> int:
+    from prunery.service import tokens
+    from prunery.service.settings import Settings
+
+    url = args.database_url or Settings.from_env().database_url
+    if args.action == "create":
+        print(tokens.create(url, args.tenant))
+    else:
+        if not args.token_value:
+            raise ValueError("`prunery tokens revoke` needs the token (or its id)")
+        if not tokens.revoke(url, args.token_value):
+            raise ValueError("no such token")
+        print("revoked")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from prunery.service.server import serve
+
+    serve()
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from prunery.worker.app import app
+    from prunery.worker.settings import WorkerSettings
+
+    settings = WorkerSettings.from_env()
+    # one process per job (see prunery.worker.app), one job at a time per worker
+    app.worker_main(["worker", "--pool=prefork", "--concurrency=1", "-Q", settings.queue, "--without-gossip",
+                     "--without-mingle", "--loglevel=INFO"])
+    return 0
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from prunery.stack import run_embedded
+
+    return run_embedded(Path(args.data_dir), args.port)
+
+
+def _add_client_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--address", help="server host:port (default: $PRUNERY_ADDRESS)")
+    p.add_argument("--token", help="bearer token (default: $PRUNERY_TOKEN)")
+    p.add_argument("--timeout", type=float, default=30.0, help="deadline of each call, seconds")
 
 
 def _add_prune_options(p: argparse.ArgumentParser) -> None:
@@ -141,10 +345,54 @@ def build_parser() -> argparse.ArgumentParser:
     _add_prune_options(p)
     p.set_defaults(func=cmd_prune)
 
-    p = sub.add_parser("demo", help="export a zoo model, prune it, reload it: the engine end to end")
+    p = sub.add_parser("up", help="the embedded stack: API and one worker, SQLite, a folder store, no servers")
+    p.add_argument("--data-dir", default="prunery-data")
+    p.add_argument("--port", type=int, default=50051)
+    p.set_defaults(func=cmd_up)
+
+    p = sub.add_parser("serve", help="the API server, configured from PRUNERY_* environment variables")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("worker", help="a job worker, configured from PRUNERY_* environment variables")
+    p.set_defaults(func=cmd_worker)
+
+    p = sub.add_parser("submit", help="upload a .pt2 and create a pruning job on a server")
+    p.add_argument("model")
+    p.add_argument("--wait", action="store_true", help="show progress until the job ends, then download")
+    p.add_argument("-o", "--output", help="with --wait: write the pruned model here")
+    p.add_argument("--report", help="with --wait: write the report here")
+    p.add_argument("--label", nargs="+", type=lambda kv: tuple(kv.split("=", 1)), metavar="KEY=VALUE")
+    _add_prune_options(p)
+    _add_client_options(p)
+    p.set_defaults(func=cmd_submit)
+
+    p = sub.add_parser("jobs", help="list, inspect, watch or cancel jobs")
+    p.add_argument("action", choices=["list", "get", "watch", "cancel"])
+    p.add_argument("job", nargs="?")
+    p.add_argument("--filter", help='e.g. "state=RUNNING AND labels.team=vision"')
+    p.add_argument("--json", action="store_true")
+    _add_client_options(p)
+    p.set_defaults(func=cmd_jobs)
+
+    p = sub.add_parser("download", help="download a finished job's pruned model and report")
+    p.add_argument("job")
+    p.add_argument("-o", "--output", required=True)
+    p.add_argument("--report")
+    _add_client_options(p)
+    p.set_defaults(func=cmd_download)
+
+    p = sub.add_parser("tokens", help="create or revoke a tenant's API token (talks to the database)")
+    p.add_argument("action", choices=["create", "revoke"])
+    p.add_argument("token_value", nargs="?", metavar="TOKEN")
+    p.add_argument("--tenant", default="default")
+    p.add_argument("--database-url", help="default: $PRUNERY_DATABASE_URL")
+    p.set_defaults(func=cmd_tokens)
+
+    p = sub.add_parser("demo", help="export a zoo model, prune it through the embedded service, reload it")
     p.add_argument("--model", default="resnet_basic")
     p.add_argument("--ratio", type=float, default=0.5)
     p.add_argument("--out", default="prunery-demo")
+    p.add_argument("--local", action="store_true", help="prune in this process instead of through the service")
     p.set_defaults(func=cmd_demo)
     return parser
 
@@ -158,7 +406,7 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # output piped into `head`: not an error of ours
         sys.stderr.close()
         return 141
-    except (ValueError, OSError, RuntimeError) as e:
+    except (ValueError, OSError, RuntimeError, LookupError) as e:
         # one line a person can act on; the engine's errors already name what is wrong
         msg = " ".join(str(e).split()) or type(e).__name__
         print(f"prunery: error: {msg}", file=sys.stderr)
