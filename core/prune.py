@@ -224,16 +224,19 @@ def pruned_module(ep: ExportedProgram, plan: PrunePlan) -> torch.nn.Module:
     return gm
 
 
+def _user_input_values(ep: ExportedProgram) -> list:
+    """The traced value (a fake tensor, or a constant) of each user input, in calling order."""
+    by_name = {n.name: n for n in ep.graph.nodes if n.op == "placeholder"}
+    return [by_name[spec.arg.name].meta.get("val") for spec in ep.graph_signature.input_specs
+            if spec.kind == InputKind.USER_INPUT]
+
+
 def example_inputs(ep: ExportedProgram) -> tuple[tuple, dict]:
     """The program's saved example inputs, or inputs made from its placeholders' shapes."""
     if ep.example_inputs is not None:
         return ep.example_inputs
     leaves = []
-    for spec in ep.graph_signature.input_specs:
-        if spec.kind != InputKind.USER_INPUT:
-            continue
-        node = next(n for n in ep.graph.nodes if n.name == spec.arg.name)
-        v = node.meta.get("val")
+    for v in _user_input_values(ep):
         if isinstance(v, torch.Tensor):
             shape = [int(s.node.hint) if not isinstance(s, int) else s for s in v.shape]
             if v.dtype.is_floating_point:
@@ -250,11 +253,7 @@ def dynamic_shapes(ep: ExportedProgram, args: tuple, kwargs: dict):
     dims: dict[str, Dim] = {}
     bounds = {str(k): v for k, v in ep.range_constraints.items()}
     leaves = []
-    for spec in ep.graph_signature.input_specs:
-        if spec.kind != InputKind.USER_INPUT:
-            continue
-        node = next(n for n in ep.graph.nodes if n.name == spec.arg.name)
-        v = node.meta.get("val")
+    for v in _user_input_values(ep):
         if not isinstance(v, torch.Tensor):
             leaves.append(None)
             continue

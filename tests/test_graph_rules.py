@@ -354,3 +354,10 @@ def test_bn_importance_falls_back_to_magnitude_without_a_norm_layer() -> None:
     ep = _export(model, torch.randn(2, 4))
     r = prune(ep, PruneConfig(ratio=0.25, importance="bn"))
     assert r.plan.kept(r.plan.graph.params["0.weight"].slots[0]).tolist() == [0, 1, 2, 3, 4, 5]
+
+
+def test_program_without_saved_example_inputs_reexports_from_its_shapes() -> None:
+    ep = _export(Residual(), torch.randn(2, 3, 8, 8))
+    ep.example_inputs = None
+    out = prune(ep, PruneConfig(ratio=0.5)).program
+    assert out.module()(torch.randn(5, 3, 8, 8)).shape == (5, 4)
