@@ -30,6 +30,7 @@ import gc
 import glob
 import logging
 import os
+import shutil
 import socket
 import tempfile
 import threading
@@ -180,7 +181,9 @@ _main: dict[str, Any] = {}
 
 def _prepare_metrics_dir() -> str:
     """Our own PROMETHEUS_MULTIPROC_DIR, emptied, set before prometheus-client is imported (metrics.py)."""
-    path = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or tempfile.mkdtemp(prefix="prunery-worker-metrics-")
+    path = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if not path:
+        path = _main["own_metrics_dir"] = tempfile.mkdtemp(prefix="prunery-worker-metrics-")
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
     os.makedirs(path, exist_ok=True)
     for f in glob.glob(os.path.join(path, "*.db")):
@@ -245,7 +248,7 @@ def _on_worker_ready(sender: Any = None, **_kwargs: Any) -> None:
     from prunery.worker.reaper import Reaper
 
     celery = getattr(sender, "app", None) or app
-    reaper = Reaper(_settings_of(sender), celery, metrics_server=_main.get("metrics"))
+    reaper = Reaper(_settings_of(sender), celery)
     reaper.start()
     _main["reaper"] = reaper
     if "preload_s" in _main:
@@ -264,3 +267,6 @@ def _on_worker_shutdown(sender: Any = None, **_kwargs: Any) -> None:
     server = _main.pop("metrics", None)
     if server is not None:
         threading.Thread(target=server.close, daemon=True).start()
+    own_dir = _main.pop("own_metrics_dir", None)
+    if own_dir is not None:
+        shutil.rmtree(own_dir, ignore_errors=True)

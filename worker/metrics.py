@@ -7,7 +7,7 @@ process serves `/metrics` on `PRUNERY_METRICS_PORT` by merging those files at sc
 of finished (and killed) job processes survive them. The alternative, sending numbers up to the parent,
 would lose them whenever a job process dies.
 
-Two chores keep that sound over thousands of jobs (`MetricsServer.housekeeping`, run by the reaper loop):
+Two chores keep that sound over thousands of jobs (`housekeeping()`, run by the reaper loop):
 - files of dead processes are compacted into one `*_archive.db` per metric type (counters and histograms
   sum), so the directory and the scrape cost stay bounded; scrapes and compaction share a lock, so a
   scrape never sees a value twice or not at all;
@@ -43,7 +43,7 @@ from prometheus_client.multiprocess import MultiProcessCollector, mark_process_d
 
 __all__ = [
     "ARTIFACT_IN_BYTES", "ARTIFACT_OUT_BYTES", "JOBS_FINISHED", "JOBS_QUEUED", "JOBS_REQUEUED", "JOBS_RUNNING",
-    "JOB_DURATION", "MetricsServer", "STAGE_DURATION", "multiproc_dir", "parent_write",
+    "JOB_DURATION", "MetricsServer", "STAGE_DURATION", "collector", "housekeeping", "multiproc_dir", "parent_write",
 ]
 
 _DURATION_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 7200, 21600)
@@ -150,18 +150,32 @@ class _CompactingCollector:
         return folded
 
 
+_collector: _CompactingCollector | None = None
+
+
+def collector() -> _CompactingCollector:
+    """The worker main process's view of the metric files (one per process: scrapes and compaction share
+    its lock)."""
+    global _collector
+    if _collector is None or _collector.path != multiproc_dir():
+        _collector = _CompactingCollector(multiproc_dir())
+    return _collector
+
+
+def housekeeping() -> int:
+    """Compact the files of dead job processes (run periodically by the reaper, server or not)."""
+    return collector().compact()
+
+
 class MetricsServer:
-    """The worker main process's `/metrics`: merged multiprocess files, compacted by `housekeeping()`."""
+    """The worker main process's `/metrics`: the merged multiprocess files."""
 
     def __init__(self, port: int, addr: str = "0.0.0.0") -> None:
-        self.collector = _CompactingCollector(multiproc_dir())
+        self.collector = collector()
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(self.collector)  # type: ignore[arg-type]
         self.port = port
         self.server, self.thread = start_http_server(port, addr=addr, registry=self.registry)
-
-    def housekeeping(self) -> int:
-        return self.collector.compact()
 
     def close(self) -> None:
         self.server.shutdown()

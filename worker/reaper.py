@@ -133,11 +133,10 @@ def _pid_alive(pid: int) -> bool:
 class Reaper(threading.Thread):
     """Runs the sweeps every `reaper_interval_s` in a worker's main process (a daemon thread)."""
 
-    def __init__(self, settings: WorkerSettings, celery: Any, metrics_server: Any = None) -> None:
+    def __init__(self, settings: WorkerSettings, celery: Any) -> None:
         super().__init__(name="prunery-reaper", daemon=True)
         self.settings = settings
         self.celery = celery
-        self.metrics_server = metrics_server
         self._stop_event = threading.Event()
         self._db: Database | None = None
         self._store: Any = None
@@ -204,8 +203,7 @@ class Reaper(threading.Thread):
             metrics.JOBS_QUEUED.set(queued or 0)
         for job_id in result.failed + result.cancelled:  # their workers died: delete partial outputs
             self._delete_outputs(job_id)
-        if self.metrics_server is not None:
-            self.metrics_server.housekeeping()
+        metrics.housekeeping()
         self._prune_processed_messages()
         self._prune_job_tmpdirs()
         return result
