@@ -295,13 +295,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from prunery.worker.app import app
-    from prunery.worker.settings import WorkerSettings
+    from prunery.worker.app import main as worker_main
 
-    settings = WorkerSettings.from_env()
-    # one process per job (see prunery.worker.app), one job at a time per worker
-    app.worker_main(["worker", "--pool=prefork", "--concurrency=1", "-Q", settings.queue, "--without-gossip",
-                     "--without-mingle", "--loglevel=INFO"])
+    worker_main([])  # one job at a time, a fresh process per job: see prunery.worker.app
     return 0
 
 
