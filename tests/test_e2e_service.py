@@ -1,0 +1,120 @@
+"""The production shape end to end through gRPC: the API server on a loopback port, Postgres, Redis as
+the broker, an S3-compatible store (moto's server) and a real worker process (`python -m prunery.worker`),
+driven by the Python client as a pipeline would."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from prunery import zoo
+from prunery.client import Client, PruneryError, spec_from_options
+from prunery.core import count, load_program
+from prunery.service import db, tokens
+from prunery.service.server import build_server
+from prunery.service.settings import Settings
+from prunery.service.testing import MOTO_CREDENTIALS, moto_server, temporary_postgres_database
+from prunery.v1 import prunery_pb2 as pb
+from tests.test_worker import _with_evil_sample_inputs
+
+REDIS_URL = os.environ.get("PRUNERY_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+
+
+@pytest.fixture(scope="module")
+def client(tmp_path_factory) -> Iterator[Client]:
+    data = tmp_path_factory.mktemp("svc")
+    with temporary_postgres_database(prefix="prunery_e2e") as url, moto_server() as endpoint:
+        os.environ.update(MOTO_CREDENTIALS)
+        bucket = f"prunery-e2e-{uuid.uuid4().hex[:8]}"
+        import boto3
+
+        boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket=bucket)
+        settings = Settings(data_dir=data, database_url=url, store_url=f"s3://{bucket}/x?endpoint_url={endpoint}",
+                            broker_url=REDIS_URL, queue=f"q-{uuid.uuid4().hex[:8]}",
+                            broker_keyprefix=f"prunery-e2e-{uuid.uuid4().hex[:8]}:", listen_address="127.0.0.1:0")
+        db.upgrade(url)
+        token = tokens.create(url, "team-a")
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PRUNERY_")}
+        env.update(MOTO_CREDENTIALS)
+        env.update(PRUNERY_DATA_DIR=str(data), PRUNERY_DATABASE_URL=url, PRUNERY_STORE_URL=settings.store_url,
+                   PRUNERY_BROKER_URL=REDIS_URL, PRUNERY_QUEUE=settings.queue,
+                   PRUNERY_BROKER_KEYPREFIX=settings.broker_keyprefix, PRUNERY_TEST_HOOKS="1",
+                   PRUNERY_HEARTBEAT_S="0.5", PRUNERY_CANCEL_GRACE_S="3")
+        log = open(data / "worker.log", "wb")  # noqa: SIM115 - closed below
+        worker = subprocess.Popen([sys.executable, "-m", "prunery.worker"], env=env, stdout=log,
+                                  stderr=subprocess.STDOUT, start_new_session=True)
+        server = build_server(settings)
+        server.start()
+        try:
+            with Client(f"127.0.0.1:{server.port}", token) as c:
+                yield c
+        finally:
+            server.stop(2)
+            os.killpg(worker.pid, signal.SIGTERM)
+            try:
+                worker.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(worker.pid, signal.SIGKILL)
+            log.close()
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("models") / "resnet.pt2"
+    torch.export.save(zoo.export("resnet_basic"), path)
+    return path
+
+
+def test_upload_create_watch_download(client: Client, model_path: Path, tmp_path: Path) -> None:
+    artifact = client.upload(model_path, labels={"team": "vision"})
+    assert artifact.size_bytes == model_path.stat().st_size
+    job = client.create_job(spec_from_options(artifact.name, 0.5, "l1"), labels={"team": "vision"},
+                            request_id="e2e-1")
+    assert client.create_job(spec_from_options(artifact.name, 0.5, "l1"), request_id="e2e-1").name == job.name
+    states = [e.state for e in client.watch_job(job.name)]
+    assert states[-1] == pb.SUCCEEDED and pb.RUNNING in states
+    done = client.get_job(job.name)
+    assert done.attempt_count == 1 and len(done.result_artifacts) == 2
+    out = client.download(f"{job.name}/model", tmp_path / "small.pt2")
+    small = load_program(out)
+    assert count(small).params < count(load_program(model_path)).params
+    assert small.module()(*zoo.ZOO["resnet_basic"].example_inputs(3)).shape == (3, 10)
+    assert done.report["params_after"] == count(small).params
+    assert [j.name for j in client.list_jobs(filter="labels.team=vision")] == [job.name]
+
+
+def test_malicious_upload_fails_its_job_and_never_runs(client: Client, model_path: Path, tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.pt2"
+    evil.write_bytes(_with_evil_sample_inputs(model_path.read_bytes(), marker))
+    job = client.create_job(spec_from_options(client.upload(evil).name, 0.5))
+    done = client.wait(job.name)
+    assert done.state == pb.FAILED
+    assert "refused" in done.error.message and "sample_inputs" in done.error.message
+    assert not marker.exists()
+    with pytest.raises(PruneryError, match="FAILED_PRECONDITION"):
+        client.download(f"{job.name}/model", tmp_path / "nothing.pt2")
+    assert not (tmp_path / "nothing.pt2").exists()
+
+
+def test_cancel_a_running_job(client: Client, model_path: Path) -> None:
+    artifact = client.upload(model_path)
+    job = client.create_job(spec_from_options(artifact.name, 0.5), labels={"prunery-test-delay": "prune=60"})
+    deadline = time.monotonic() + 60
+    while client.get_job(job.name).state != pb.RUNNING:
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    t0 = time.monotonic()
+    client.cancel_job(job.name)
+    done = client.wait(job.name)
+    assert done.state == pb.CANCELLED
+    assert time.monotonic() - t0 < 10
