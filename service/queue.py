@@ -1,9 +1,9 @@
 """Sending jobs to the workers: a Celery task sent by NAME (`prunery.run_job`) whose only argument is the job
 id. The API imports neither the worker package nor torch; Celery itself is imported on first use.
 
-The broker settings mirror the worker's (`prunery.worker.app.broker_transport_options`): the same folders
-for the embedded `filesystem://` broker, the same Redis key prefix and queue name; a test checks that the
-two agree. Call `enqueue` only after the job row is committed, so a worker receiving the id finds the job.
+The broker settings are shared with the worker (`prunery.worker.app.broker_transport_options` starts from
+`transport_options` here): the same folders for the embedded `filesystem://` broker, the same Redis key
+prefix and queue name. Call `enqueue` only after the job row is committed, so a worker receiving the id finds the job.
 """
 
 from __future__ import annotations
@@ -15,29 +15,35 @@ from typing import Any
 
 from prunery.service.settings import Settings
 
-__all__ = ["TASK_NAME", "CeleryEnqueuer", "enqueue", "transport_options"]
+__all__ = ["TASK_NAME", "CeleryEnqueuer", "enqueue", "is_filesystem", "is_redis", "transport_options"]
 
 TASK_NAME = "prunery.run_job"
 
 
-def _is_filesystem(url: str) -> bool:
+def is_filesystem(url: str) -> bool:
     return url.startswith("filesystem://")
 
 
-def transport_options(settings: Settings) -> dict[str, Any]:
-    """The producer side of the worker's broker transport options."""
-    if _is_filesystem(settings.broker_url):
+def is_redis(url: str) -> bool:
+    return url.split("://", 1)[0] in ("redis", "rediss", "redis+socket", "sentinel")
+
+
+def transport_options(settings: Any) -> dict[str, Any]:
+    """Broker transport options both sides need (the API's `Settings` or the worker's `WorkerSettings`:
+    anything with `broker_url`, `broker_dir` and `broker_keyprefix`); the worker adds its consumer options."""
+    if is_filesystem(settings.broker_url):
         root = settings.broker_dir
         return {
             "data_folder_in": str(root / "queue"),
             "data_folder_out": str(root / "queue"),
             "control_folder": str(root / "control"),
+            # taken messages are renamed into this folder (same file system: atomic) rather than the system
+            # temp dir, where the move could degrade into copy+delete and be taken twice; the reaper prunes it
             "store_processed": True,
             "processed_folder": str(root / "processed"),
         }
     options: dict[str, Any] = {}
-    if settings.broker_keyprefix and settings.broker_url.split("://", 1)[0] in (
-            "redis", "rediss", "redis+socket", "sentinel"):
+    if settings.broker_keyprefix and is_redis(settings.broker_url):
         options["global_keyprefix"] = settings.broker_keyprefix
     return options
 

@@ -40,12 +40,13 @@ from typing import Any
 
 from celery import Celery, signals
 
+from prunery.service.queue import TASK_NAME, is_filesystem, is_redis, transport_options
 from prunery.worker.settings import WorkerSettings
 
 __all__ = ["TASK_NAME", "app", "broker_transport_options", "enqueue", "main", "make_app", "queue_depth", "worker_argv",
            "worker_id"]
 
-TASK_NAME = "prunery.run_job"
+
 log = logging.getLogger("prunery.worker")
 
 
@@ -54,39 +55,21 @@ def worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 
-def _is_filesystem(url: str) -> bool:
-    return url.startswith("filesystem://")
-
-
-def _is_redis(url: str) -> bool:
-    return url.split("://", 1)[0] in ("redis", "rediss", "redis+socket", "sentinel")
-
-
 def broker_transport_options(settings: WorkerSettings) -> dict[str, Any]:
-    if _is_filesystem(settings.broker_url):
-        root = settings.broker_dir
-        return {
-            "data_folder_in": str(root / "queue"),
-            "data_folder_out": str(root / "queue"),
-            "control_folder": str(root / "control"),
-            # taken messages are renamed into this folder (same file system: atomic) rather than the system
-            # temp dir, where the move could degrade into copy+delete and be taken twice; the reaper prunes it
-            "store_processed": True,
-            "processed_folder": str(root / "processed"),
-        }
-    options: dict[str, Any] = {"visibility_timeout": settings.visibility_timeout_s}
-    if _is_redis(settings.broker_url):
+    options = transport_options(settings)
+    if is_filesystem(settings.broker_url):
+        return options
+    options["visibility_timeout"] = settings.visibility_timeout_s
+    if is_redis(settings.broker_url):
         # look for unacked messages older than the visibility timeout every few seconds (kombu's default
         # scan runs every ~100 s), so a lost worker's message comes back soon after the timeout
         options.update(unacked_restore_interval=max(1, min(10, int(settings.visibility_timeout_s / 6))),
                        unacked_restore_throttle=1, socket_timeout=30, socket_connect_timeout=10)
-        if settings.broker_keyprefix:
-            options["global_keyprefix"] = settings.broker_keyprefix
     return options
 
 
 def _ensure_broker_dirs(settings: WorkerSettings) -> None:
-    if _is_filesystem(settings.broker_url):
+    if is_filesystem(settings.broker_url):
         for key in ("data_folder_in", "control_folder", "processed_folder"):
             os.makedirs(broker_transport_options(settings)[key], exist_ok=True)
 
