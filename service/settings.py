@@ -40,7 +40,8 @@ DEFAULT_CHUNK_SIZE = 1 << 20
 MAX_CHUNK_SIZE = 3 << 20  # a chunk and its envelope stay below gRPC's default 4 MiB message limit
 
 
-def _number(name: str, default: float, minimum: float, maximum: float | None = None) -> float:
+def env_number(name: str, default: float, minimum: float = 0.0, maximum: float | None = None) -> float:
+    """A number from the environment variable `name`, `default` when unset; out of bounds: ValueError."""
     raw = os.environ.get(name, "").strip()
     if not raw:
         return default
@@ -105,7 +106,7 @@ class Settings:
     @classmethod
     def from_env(cls, **overrides: Any) -> Settings:
         data_dir = Path(os.environ.get("PRUNERY_DATA_DIR") or "prunery-data").expanduser().resolve()
-        metrics_port = int(_number("PRUNERY_METRICS_PORT", 0, 0, 65535))
+        metrics_port = int(env_number("PRUNERY_METRICS_PORT", 0, 0, 65535))
         values: dict[str, Any] = dict(
             data_dir=data_dir,
             database_url=os.environ.get("PRUNERY_DATABASE_URL") or "",
@@ -116,11 +117,11 @@ class Settings:
             listen_address=os.environ.get("PRUNERY_LISTEN_ADDRESS") or DEFAULT_LISTEN_ADDRESS,
             metrics_port=metrics_port or None,  # 0 means off, as for the worker
             metrics_addr=os.environ.get("PRUNERY_METRICS_ADDR") or "0.0.0.0",
-            tenant_cap_bytes=int(_number("PRUNERY_TENANT_CAP_BYTES", DEFAULT_TENANT_CAP_BYTES, 0)),
-            chunk_size=int(_number("PRUNERY_CHUNK_SIZE", DEFAULT_CHUNK_SIZE, 1, MAX_CHUNK_SIZE)),
-            grpc_workers=int(_number("PRUNERY_GRPC_WORKERS", 32, 1)),
-            watch_poll_s=_number("PRUNERY_WATCH_POLL_S", 0.2, 0.01),
-            auth_cache_s=_number("PRUNERY_AUTH_CACHE_S", 5.0, 0.0),
+            tenant_cap_bytes=int(env_number("PRUNERY_TENANT_CAP_BYTES", DEFAULT_TENANT_CAP_BYTES, 0)),
+            chunk_size=int(env_number("PRUNERY_CHUNK_SIZE", DEFAULT_CHUNK_SIZE, 1, MAX_CHUNK_SIZE)),
+            grpc_workers=int(env_number("PRUNERY_GRPC_WORKERS", 32, 1)),
+            watch_poll_s=env_number("PRUNERY_WATCH_POLL_S", 0.2, 0.01),
+            auth_cache_s=env_number("PRUNERY_AUTH_CACHE_S", 5.0, 0.0),
             migrate=_bool("PRUNERY_MIGRATE", True),
         )
         values.update(overrides)

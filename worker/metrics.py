@@ -87,7 +87,8 @@ def parent_write() -> Iterator[None]:
         yield
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this id exists (it may belong to another user)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -119,7 +120,7 @@ class _CompactingCollector:
         dead: dict[str, list[str]] = {}
         for path in glob.glob(os.path.join(self.path, "*.db")):
             pid = _file_pid(path)
-            if pid is None or pid == os.getpid() or _pid_alive(pid):
+            if pid is None or pid == os.getpid() or pid_alive(pid):
                 continue
             typ = os.path.basename(path).split("_", 1)[0]
             if typ == "gauge":

@@ -38,6 +38,7 @@ from sqlalchemy.orm import Session
 
 from prunery.service import jobs
 from prunery.service.db import Database, Job, JobState, utcnow
+from prunery.worker.metrics import pid_alive
 from prunery.worker.settings import WorkerSettings
 
 __all__ = ["ReapResult", "Reaper", "reap_expired", "resend_lost"]
@@ -118,16 +119,6 @@ def resend_lost(session: Session, older_than_s: float, queue_depth: Callable[[],
     if enqueue_fn is not None:
         _after_commit(session, lambda: [enqueue_fn(i) for i in stale])
     return stale
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class Reaper(threading.Thread):
@@ -223,7 +214,7 @@ class Reaper(threading.Thread):
         root = self.settings.tmp_dir
         for path in root.glob("prunery-job-*") if root.is_dir() else []:
             pid = path.name.split("-")[2]
-            if pid.isdigit() and not _pid_alive(int(pid)):
+            if pid.isdigit() and not pid_alive(int(pid)):
                 shutil.rmtree(path, ignore_errors=True)
 
     def _prune_processed_messages(self, max_age_s: float = 3600.0) -> None:

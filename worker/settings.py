@@ -32,24 +32,17 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from prunery.service.settings import env_number
+
 DEFAULT_QUEUE = "prunery"
 
 
 def _float(name: str, default: float, minimum: float = 0.0) -> float:
-    raw = os.environ.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ValueError(f"{name}={raw!r} is not a number") from None
-    if value < minimum:
-        raise ValueError(f"{name}={raw!r} must be at least {minimum}")
-    return value
+    return env_number(name, default, minimum)
 
 
 def _int(name: str, default: int, minimum: int = 0) -> int:
-    return int(_float(name, default, minimum))
+    return int(env_number(name, default, minimum))
 
 
 @dataclass(frozen=True)
