@@ -163,12 +163,12 @@ def _broadcast(g: DependencyGraph, node: Node, inputs: list[Node], out_shape) ->
 
 
 def _same(a, b) -> bool:
-    if isinstance(a, int) and isinstance(b, int):
-        return a == b
-    try:
-        return bool(a == b)
-    except Exception:
-        return False
+    """Equal sizes. Symbolic sizes compare by expression: `a == b` on SymInts would build (and guard) a
+    symbolic boolean, which costs more than all the rest of a small graph's rules."""
+    if isinstance(a, int) or isinstance(b, int):
+        return isinstance(a, int) and isinstance(b, int) and a == b
+    ea, eb = getattr(getattr(a, "node", None), "expr", None), getattr(getattr(b, "node", None), "expr", None)
+    return ea is not None and ea == eb
 
 
 def pointwise(g: DependencyGraph, node: Node):
