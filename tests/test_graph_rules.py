@@ -361,3 +361,22 @@ def test_program_without_saved_example_inputs_reexports_from_its_shapes() -> Non
     ep.example_inputs = None
     out = prune(ep, PruneConfig(ratio=0.5)).program
     assert out.module()(torch.randn(5, 3, 8, 8)).shape == (5, 4)
+
+
+def test_small_graph_components_match_scipy() -> None:
+    import numpy as np
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    from prunery.core.graph import _components_small
+
+    rng = np.random.default_rng(0)
+    cases = [(np.arange(499), np.arange(1, 500), 500), (np.arange(1, 500), np.arange(499), 500)]  # chains
+    for _ in range(100):
+        n, m = int(rng.integers(1, 300)), int(rng.integers(0, 400))
+        cases.append((rng.integers(0, n, m), rng.integers(0, n, m), n))
+    for a, b, n in cases:
+        labels = _components_small(a, b, n)
+        _, ref = connected_components(coo_matrix((np.ones(len(a)), (a, b)), shape=(n, n)), directed=False)
+        pairs = set(zip(labels.tolist(), ref.tolist(), strict=True))
+        assert len(pairs) == len(set(labels.tolist())) == len(set(ref.tolist()))
