@@ -10,6 +10,7 @@ is generated; exporting it (non-strict) traces the same aten ops and yields a st
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Mapping
 from typing import Any
@@ -53,13 +54,26 @@ def _positional_names(ep: ExportedProgram, spec: pytree.TreeSpec | None) -> list
     return names
 
 
-def _with_signature(signature: inspect.Signature):
+@functools.lru_cache(maxsize=256)
+def _named_class(names: tuple[str, ...]) -> type[ProgramModule]:
+    """A ProgramModule subclass whose forward's signature names the program's arguments (one per set of
+    names, so pruning many programs does not create a class each time)."""
+    signature = inspect.Signature([inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD) for n in names])
+
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return ProgramModule.forward(self, *args, **kwargs)
 
     self_param = inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)
     forward.__signature__ = signature.replace(parameters=[self_param, *signature.parameters.values()])
-    return forward
+    return type(ProgramModule.__name__, (ProgramModule,), {"forward": forward, "_signature": signature})
+
+
+def call_specs(ep: ExportedProgram) -> tuple[pytree.TreeSpec | None, pytree.TreeSpec | None]:
+    """The program's input and output tree specs (`ep.call_spec` builds a NamedTuple class on every access)."""
+    mcg = ep.module_call_graph
+    if not mcg or mcg[0].signature is None:
+        return None, None
+    return mcg[0].signature.in_spec, mcg[0].signature.out_spec
 
 
 class _Runner(torch.fx.Interpreter):
@@ -85,19 +99,14 @@ class ProgramModule(torch.nn.Module):
             raise ValueError("program mutates buffers or inputs; use ep.module()")
         sig = ep.graph_signature
         self._graph = ep.graph
-        call_spec = ep.call_spec  # built anew on every access
-        self._in_spec = call_spec.in_spec
-        self._out_spec = call_spec.out_spec
+        self._in_spec, self._out_spec = call_specs(ep)
         self._overrides = dict(overrides or {})
         self._lifted: list[str] = []
         self._holder = torch.nn.Module()  # empty: get_attr never happens on the lifted graph
         self.arg_names = _positional_names(ep, self._in_spec)
         if self.arg_names is not None:
             # the program's own argument names, so that export names its inputs as the original did
-            params = [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD) for n in self.arg_names]
-            self._signature = inspect.Signature(params)
-            cls = type(type(self).__name__, (type(self),), {"forward": _with_signature(self._signature)})
-            self.__class__ = cls
+            self.__class__ = _named_class(tuple(self.arg_names))
         for spec in sig.input_specs:
             if spec.kind not in LIFTED:
                 continue

@@ -22,7 +22,7 @@ from torch.export.graph_signature import InputKind
 from .counting import count
 from .graph import DependencyGraph
 from .importance import IMPORTANCES, group_scores, relative
-from .program_module import NodeCall, ProgramModule, supported
+from .program_module import NodeCall, ProgramModule, call_specs, supported
 
 
 class PruneError(ValueError):
@@ -245,7 +245,7 @@ def example_inputs(ep: ExportedProgram) -> tuple[tuple, dict]:
                 leaves.append(torch.zeros(shape, dtype=v.dtype))
         else:
             leaves.append(v)
-    return pytree.tree_unflatten(leaves, ep.call_spec.in_spec)
+    return pytree.tree_unflatten(leaves, call_specs(ep)[0])
 
 
 def dynamic_shapes(ep: ExportedProgram, args: tuple, kwargs: dict):
@@ -276,7 +276,7 @@ def dynamic_shapes(ep: ExportedProgram, args: tuple, kwargs: dict):
         leaves.append(spec_d or None)
     if not dims:
         return None
-    a_ds, k_ds = pytree.tree_unflatten(leaves, ep.call_spec.in_spec)
+    a_ds, k_ds = pytree.tree_unflatten(leaves, call_specs(ep)[0])
     if not kwargs:
         return tuple(a_ds)
     return {**{f"_arg{i}": d for i, d in enumerate(a_ds)}, **k_ds}
