@@ -230,6 +230,14 @@ def artifact_proto(a: Artifact | Row[Any]) -> pb.Artifact:
     return msg
 
 
+def _same_request(job: Job, requested: pb.Job) -> bool:
+    """Whether a CreateJob retry asks for the job that its request_id already created."""
+    try:
+        return spec_to_dict(requested.spec) == job.spec and dict(requested.labels) == (job.labels or {})
+    except errors.ApiError:
+        return False
+
+
 def spec_to_dict(spec: pb.PruneSpec) -> dict[str, Any]:
     """The stored form of a (validated) spec, defaults made explicit."""
     return {
@@ -665,6 +673,12 @@ class JobService(pb_grpc.JobServiceServicer):
                 existing = s.scalars(select(Job).where(Job.tenant_id == tenant,
                                                        Job.request_id == request_id)).one_or_none()
                 if existing is not None:
+                    if request.HasField("job") and not _same_request(existing, request.job):
+                        raise errors.ApiError(
+                            grpc.StatusCode.ALREADY_EXISTS,
+                            f"request_id {request_id!r} already created {job_proto(existing).name} with another spec "
+                            "or labels; a retry must resend the same request, a new job needs a new request_id",
+                            "REQUEST_ID_REUSED")
                     return job_proto(existing)
             if not request.HasField("job"):
                 raise errors.invalid([("job", "required: the job's spec (and labels)")])

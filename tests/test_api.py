@@ -598,6 +598,11 @@ def test_create_job_is_idempotent(folder_api: Api, tenant: Tenant, model: pb.Art
     assert first.spec == pb.PruneSpec(model=model.name, ratio=0.25, importance=pb.L2, round_to=8, max_ratio=1.0,
                                       ignore=["fc.*"])
     assert dict(first.labels) == {"team": "vision"}
+    # the same request_id for a different job is a client bug: refused, nothing created
+    with pytest.raises(grpc.RpcError) as err:
+        create_job(api, tenant, model.name, rid, ratio=0.3)
+    assert err.value.code() == grpc.StatusCode.ALREADY_EXISTS and first.name in err.value.details()
+    assert details(err.value).reason == "REQUEST_ID_REUSED"
     other = create_job(api, tenant, model.name, uuid.uuid4().hex)
     plain = create_job(api, tenant, model.name)  # no request id: a new job each time
     assert len({first.name, other.name, plain.name}) == 3
