@@ -113,11 +113,6 @@ class Builder:
         e = self.elems(slot)
         self._pairs(e, np.zeros_like(e))
 
-    def freeze_elems(self, slot: int, idx: np.ndarray) -> None:
-        self.handled.add(slot)
-        e = self.slot_off[slot] + np.asarray(idx, dtype=np.int64)
-        self._pairs(e, np.zeros_like(e))
-
     def union(self, a: int, b: int) -> None:
         """Identity coupling: element i of slot a is element i of slot b."""
         self.handled.update((a, b))
@@ -164,12 +159,11 @@ class ParamInfo:
 class DependencyGraph:
     """Dependency graph of an ExportedProgram; see the module docstring."""
 
-    def __init__(self, ep: ExportedProgram, ignore: Sequence[str] = (), split_policy: str = "largest"):
+    def __init__(self, ep: ExportedProgram, ignore: Sequence[str] = ()):
         from . import rules  # late import: rules import Builder from here
 
         self.ep = ep
         self.builder = b = Builder()
-        self.split_policy = split_policy
         self.frozen_ops: Counter[str] = Counter()
         self.node_slots: dict[str, object] = {}  # node name -> list[int] | list[list[int]] | None
         self.params: dict[str, ParamInfo] = {}  # fqn -> info

@@ -137,17 +137,19 @@ def _is_pointwise(target) -> bool:
 
 
 def _broadcast(g: DependencyGraph, node: Node, inputs: list[Node], out_shape) -> list[int]:
-    """Output slots of a broadcasting op: each output dim is the (aliased) dim of the inputs that
-    carry it at full size; size-1 broadcast dims of an input stay uncoupled (and get frozen)."""
+    """Output slots of a broadcasting op over `inputs` (see `_align`)."""
+    operands = [(sl, _shape(a)) for a in inputs if (sl := g.slots_of(a)) is not None]
+    return _align(g, operands, tuple(out_shape))
+
+
+def _align(g: DependencyGraph, operands: list[tuple[list[int], tuple]], out_shape: tuple) -> list[int]:
+    """Broadcasting, right-aligned: each output dim is the (aliased) dim of the operands that carry it at
+    full size, those are coupled; size-1 broadcast dims of an operand stay uncoupled (and get frozen)."""
     b = g.builder
     nd = len(out_shape)
     out: list[int | None] = [None] * nd
-    for a in inputs:
-        sl = g.slots_of(a)
-        if sl is None:
-            continue
-        shp = _shape(a)
-        off = nd - len(shp)
+    for sl, shp in operands:
+        off = nd - len(sl)
         for i, s in enumerate(sl):
             o = off + i
             if _same(shp[i], out_shape[o]):
@@ -156,10 +158,7 @@ def _broadcast(g: DependencyGraph, node: Node, inputs: list[Node], out_shape) ->
                     b.handled.add(s)
                 else:
                     b.union(out[o], s)
-    for o in range(nd):
-        if out[o] is None:
-            out[o] = b.new(out_shape[o])
-    return out  # type: ignore[return-value]
+    return [o if o is not None else b.new(out_shape[i]) for i, o in enumerate(out)]
 
 
 def _same(a, b) -> bool:
@@ -241,7 +240,7 @@ def conv(g: DependencyGraph, node: Node):
         b.handled.add(out_c)
         b.union_map(cin_slot, np.repeat(np.arange(cin), m), out_c, np.arange(cout))
         b.freeze(w_in)
-        _register_groups_rewrite(b, node, gi, cin_slot, per_group=1)
+        _register_groups_rewrite(b, node, gi, cin_slot)
     else:
         # grouped: prune index j inside every group at once, the group count stays
         if transposed:
@@ -265,9 +264,11 @@ def conv(g: DependencyGraph, node: Node):
     return out
 
 
-def _register_groups_rewrite(b: Builder, node: Node, gi: int, cin_slot: int, per_group: int) -> None:
+def _register_groups_rewrite(b: Builder, node: Node, gi: int, cin_slot: int) -> None:
+    """A depthwise-like conv has one input channel per group: the group count is the kept channel count."""
+
     def rw(n: Node, kept: Kept) -> None:
-        _set_arg(n, gi, "groups", len(kept(cin_slot)) // per_group)
+        _set_arg(n, gi, "groups", len(kept(cin_slot)))
 
     b.rewrites[node.name] = rw
 
@@ -308,28 +309,12 @@ def _matmul_slots(g: DependencyGraph, a: Node, c: Node, out_shape) -> list[int] 
         return out
     if len(sa) == 1:  # (k,) @ (..., k, m)
         b.union(sa[0], sc[-2])
-        batch = _broadcast_batch(g, list(sc[:-2]), [], _shape(c)[:-2], (), out_shape[:-1])
+        batch = _align(g, [(list(sc[:-2]), _shape(c)[:-2])], tuple(out_shape[:-1]))
         return batch + [sc[-1]]
     b.union(sa[-1], sc[-2])
-    batch = _broadcast_batch(g, list(sa[:-2]), list(sc[:-2]), _shape(a)[:-2], _shape(c)[:-2], out_shape[:-2])
+    batch = _align(g, [(list(sa[:-2]), _shape(a)[:-2]), (list(sc[:-2]), _shape(c)[:-2])], tuple(out_shape[:-2]))
     b.handled.update((sa[-2], sc[-1]))
     return batch + [sa[-2], sc[-1]]
-
-
-def _broadcast_batch(g, sa, sc, sha, shc, out_shape) -> list[int]:
-    b = g.builder
-    nd = len(out_shape)
-    out: list[int | None] = [None] * nd
-    for sl, sh in ((sa, sha), (sc, shc)):
-        off = nd - len(sl)
-        for i, s in enumerate(sl):
-            if _same(sh[i], out_shape[off + i]):
-                if out[off + i] is None:
-                    out[off + i] = s
-                    b.handled.add(s)
-                else:
-                    b.union(out[off + i], s)
-    return [o if o is not None else b.new(out_shape[i]) for i, o in enumerate(out)]
 
 
 @rule(aten.matmul.default, aten.mm.default, aten.bmm.default)
