@@ -54,7 +54,9 @@ MiB = 1 << 20
 GETJOB_CALLS_S, GETJOB_P99_MS = 2000.0, 20.0
 TRANSFER_MB_S, TRANSFER_RSS_MB = 200.0, 100.0
 OVERHEAD_S = 1.0
-LAYOUTS = ((1, 32), (2, 16), (4, 8))  # (client processes, threads each): 32 clients in all
+# (client processes, clients each, kind): 32 clients in all. "threads": one `Client` per thread; "asyncio": one
+# grpc.aio channel per task in one event loop (no GIL hand-offs between 32 threads on the client side)
+LAYOUTS = ((1, 32, "threads"), (2, 16, "threads"), (4, 8, "threads"), (1, 32, "asyncio"), (2, 16, "asyncio"))
 
 
 @dataclass
@@ -239,6 +241,59 @@ def _getjob_client_process(address: str, token: str, job: str, threads: int, rea
     results.put(([x for lst in latencies for x in lst], sum(errors), failures))
 
 
+def _getjob_aio_client_process(address: str, token: str, job: str, tasks: int, ready: Any, go: Any,
+                               window: Any, results: Any) -> None:
+    """Child process: `tasks` asyncio clients (a grpc.aio channel each), otherwise as `_getjob_client_process`."""
+    import asyncio
+    import gc
+
+    import grpc
+
+    from prunery.v1 import prunery_pb2_grpc as pb_grpc
+
+    metadata = (("authorization", f"Bearer {token}"),)
+    request = pb.GetJobRequest(name=job)
+
+    async def main() -> None:
+        channels = [grpc.aio.insecure_channel(address) for _ in range(tasks)]
+        stubs = [pb_grpc.JobServiceStub(ch) for ch in channels]
+        errors = 0
+        try:
+            for stub in stubs:
+                for _ in range(20):
+                    await stub.GetJob(request, timeout=10.0, metadata=metadata)
+        except Exception as e:
+            ready.put(f"client warm-up failed: {type(e).__name__}: {e}")
+            return
+        gc.collect()
+        gc.freeze()  # the load generator's own collector pauses are not the server's latency
+        ready.put(os.getpid())
+        await asyncio.get_running_loop().run_in_executor(None, go.wait)
+        t_start, t_end = window[0], window[1]
+        await asyncio.sleep(max(0.0, t_start - time.monotonic()))
+
+        async def run(stub: Any, mine: list[float]) -> None:
+            nonlocal errors
+            while True:
+                t0 = time.monotonic()
+                try:
+                    await stub.GetJob(request, timeout=10.0, metadata=metadata)
+                except grpc.aio.AioRpcError:
+                    errors += 1
+                t1 = time.monotonic()
+                if t1 > t_end:
+                    return
+                mine.append(t1 - t0)
+
+        latencies: list[list[float]] = [[] for _ in stubs]
+        await asyncio.gather(*(run(stub, mine) for stub, mine in zip(stubs, latencies, strict=True)))
+        for ch in channels:
+            await ch.close()
+        results.put(([x for lst in latencies for x in lst], errors, []))
+
+    asyncio.run(main())
+
+
 def bench_getjob(args: argparse.Namespace) -> None:
     print(f"\n== 1. GetJob, 32 concurrent clients, {args.seconds:.0f} s per layout ==", flush=True)
     from prunery.service import tokens
@@ -263,14 +318,15 @@ def bench_getjob(args: argparse.Namespace) -> None:
               f"polling {job}", flush=True)
 
         best: tuple[float, float, float, str] | None = None
-        for n_proc, n_threads in LAYOUTS:
-            label = f"{n_proc} process{'es' if n_proc > 1 else ''} x {n_threads} threads"
+        for n_proc, n_clients, kind in LAYOUTS:
+            label = f"{n_proc} process{'es' if n_proc > 1 else ''} x {n_clients} {kind}"
+            target = _getjob_client_process if kind == "threads" else _getjob_aio_client_process
             c_ready, go, results = ctx.Queue(), ctx.Event(), ctx.Queue()
             window = ctx.Array("d", 2, lock=False)
             with contextlib.ExitStack() as clients:
                 procs = [clients.enter_context(managed_mp(ctx.Process(
-                    target=_getjob_client_process,
-                    args=(address, token, job, n_threads, c_ready, go, window, results), daemon=True)))
+                    target=target,
+                    args=(address, token, job, n_clients, c_ready, go, window, results), daemon=True)))
                     for _ in range(n_proc)]
                 for _ in procs:
                     msg = c_ready.get(timeout=120)

@@ -56,6 +56,7 @@ from prunery.service.db import (
     utcnow,
 )
 from prunery.service.errors import ApiError, Reason, Violation
+from prunery.service.jobcache import JobCache
 from prunery.service.metrics import Metrics
 from prunery.service.objectstore import InvalidRange, ObjectNotFound, ObjectStore, TooLarge
 from prunery.service.settings import Settings
@@ -337,6 +338,9 @@ def _streaming(fn: Callable[..., Iterator[T]]) -> Callable[..., Iterator[T]]:
     return call
 
 
+WATCH_FALLBACK_POLL_S = 5.0  # WatchJob's poll while job notifications arrive (they wake it sooner)
+
+
 @dataclass
 class ApiBackend:
     """What the servicers share."""
@@ -346,6 +350,7 @@ class ApiBackend:
     settings: Settings
     enqueue: Enqueue
     metrics: Metrics | None = None
+    job_cache: JobCache | None = None  # Postgres only: GetJob from memory, WatchJob woken by notifications
 
     def __post_init__(self) -> None:
         engine = self.database.engine
@@ -704,11 +709,26 @@ class JobService(pb_grpc.JobServiceServicer):
     def GetJob(self, request: pb.GetJobRequest, context: grpc.ServicerContext) -> pb.Job:  # noqa: N802
         tenant = current_tenant()
         job_id = parse_job_name(request.name)
-        with self.b.reader() as conn:
-            job = conn.execute(select(Job.__table__).where(Job.id == job_id, Job.tenant_id == tenant)).first()
+        if self.b.job_cache is None:
+            with self.b.reader() as conn:
+                row = conn.execute(select(Job.__table__).where(Job.id == job_id, Job.tenant_id == tenant)).first()
+            job = None if row is None else job_proto(row)
+        else:
+            job = self.b.job_cache.get(job_id, tenant, functools.partial(self._load_job, job_id))
         if job is None:
             raise errors.not_found("job", request.name)
-        return job_proto(job)
+        return job
+
+    def _load_job(self, job_id: uuid.UUID) -> tuple[str, int, pb.Job] | None:
+        """For the job cache: the job whoever owns it (the cache checks the tenant)."""
+        with self.b.reader() as conn:
+            row = conn.execute(select(Job.__table__).where(Job.id == job_id)).first()
+        return None if row is None else (row.tenant_id, row.event_sequence, job_proto(row))
+
+    def _changed(self, job_id: uuid.UUID) -> None:
+        """This process has committed a change to the job: its own reads must see it at once."""
+        if self.b.job_cache is not None:
+            self.b.job_cache.invalidate(job_id)
 
     @_unary
     def ListJobs(self, request: pb.ListJobsRequest, context: grpc.ServicerContext) -> pb.ListJobsResponse:  # noqa: N802
@@ -730,7 +750,9 @@ class JobService(pb_grpc.JobServiceServicer):
         job_id = parse_job_name(request.name)
         try:
             with self.b.session() as s:
-                return job_proto(jobs.request_cancel(s, job_id, tenant))
+                job = job_proto(jobs.request_cancel(s, job_id, tenant))
+            self._changed(job_id)
+            return job
         except jobs.JobNotFound:
             raise errors.not_found("job", request.name) from None
         except jobs.IllegalTransition as e:
@@ -760,6 +782,7 @@ class JobService(pb_grpc.JobServiceServicer):
                 s.delete(a)
             s.execute(delete(JobEvent).where(JobEvent.job_id == job_id))
             s.execute(delete(Job).where(Job.id == job_id))
+        self._changed(job_id)
         try:
             for key in keys:
                 self.b.store.delete(key)
@@ -777,27 +800,35 @@ class JobService(pb_grpc.JobServiceServicer):
         with self.b.reader() as conn:
             if conn.execute(select(Job.id).where(Job.id == job_id, Job.tenant_id == tenant)).first() is None:
                 raise errors.not_found("job", request.name)
-        gone = threading.Event()
-        context.add_callback(gone.set)
-        last = request.after_sequence
-        while True:
-            # the events first, then the job: a job read after its terminal event carries its results
-            with self.b.reader() as conn:
-                events = conn.execute(select(JobEvent.__table__).where(
-                    JobEvent.job_id == job_id, JobEvent.sequence > last).order_by(JobEvent.sequence).limit(500)).all()
-                job = conn.execute(select(Job.__table__).where(Job.id == job_id, Job.tenant_id == tenant)).first()
-            if job is None:  # deleted while watched: it ended long ago
-                return
-            snapshot = job_proto(job)
-            state = job.state
-            for ev in events:
-                yield event_proto(ev, snapshot)
-                last = ev.sequence
-                if ev.state in jobs.TERMINAL:
+        cache = self.b.job_cache
+        with cache.subscribe(job_id) if cache is not None else contextlib.nullcontext(threading.Event()) as woken:
+            context.add_callback(woken.set)  # the client went away: stop waiting
+            last = request.after_sequence
+            while True:
+                woken.clear()  # before reading: a change committed from here on wakes the wait below
+                # the events first, then the job: a job read after its terminal event carries its results
+                with self.b.reader() as conn:
+                    events = conn.execute(select(JobEvent.__table__).where(
+                        JobEvent.job_id == job_id, JobEvent.sequence > last).order_by(JobEvent.sequence)
+                        .limit(500)).all()
+                    job = conn.execute(select(Job.__table__).where(Job.id == job_id, Job.tenant_id == tenant)).first()
+                if job is None:  # deleted while watched: it ended long ago
                     return
-            if not events:
-                if state in jobs.TERMINAL:  # asked for events after the terminal one
-                    return
-                if gone.wait(self.b.settings.watch_poll_s) or not context.is_active():
-                    return
+                if cache is not None and events:
+                    cache.saw(job_id, events[-1].sequence)
+                snapshot = job_proto(job)
+                state = job.state
+                for ev in events:
+                    yield event_proto(ev, snapshot)
+                    last = ev.sequence
+                    if ev.state in jobs.TERMINAL:
+                        return
+                if not events:
+                    if state in jobs.TERMINAL:  # asked for events after the terminal one
+                        return
+                    # notifications wake us at once; the poll is the fallback (and the only way on SQLite)
+                    woken.wait(self.b.settings.watch_poll_s if cache is None or not cache.live
+                               else WATCH_FALLBACK_POLL_S)
+                    if not context.is_active():
+                        return
 

@@ -22,7 +22,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 
-from prunery.service.auth import Behavior, wrap_handler
+from prunery.service.auth import Behavior, MemoizedWrap
 from prunery.service.db import Database, Job, JobState
 
 log = logging.getLogger(__name__)
@@ -66,12 +66,18 @@ class Metrics:
                                       ["direction"], registry=self.registry)
         self.bytes_in = self.artifact_bytes.labels("in")
         self.bytes_out = self.artifact_bytes.labels("out")
+        self._children: dict[tuple[str, grpc.StatusCode], tuple[Any, Any]] = {}
         if database is not None:
             self.registry.register(JobStateCollector(database))
 
     def observe(self, method: str, code: grpc.StatusCode, seconds: float) -> None:
-        self.requests.labels(method, code.name).inc()
-        self.latency.labels(method).observe(seconds)
+        # the labelled children, looked up once: `labels()` takes a lock and builds a key on every call
+        children = self._children.get((method, code))
+        if children is None:
+            children = self._children[(method, code)] = (self.requests.labels(method, code.name),
+                                                          self.latency.labels(method))
+        children[0].inc()
+        children[1].observe(seconds)
 
 
 def _final_code(context: grpc.ServicerContext, failed: bool) -> grpc.StatusCode:
@@ -89,37 +95,37 @@ class MetricsInterceptor(grpc.ServerInterceptor):
 
     def __init__(self, metrics: Metrics) -> None:
         self.metrics = metrics
+        self._wrapped = MemoizedWrap(self._wrap)
 
     def intercept_service(self, continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
                           handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
         handler = continuation(handler_call_details)
         if handler is None:
             return None
-        method = handler_call_details.method.lstrip("/")
+        return self._wrapped(handler_call_details.method, handler)
+
+    def _wrap(self, full_method: str, behavior: Behavior, response_streaming: bool) -> Behavior:
+        method = full_method.lstrip("/")
         observe = self.metrics.observe
-
-        def wrap(behavior: Behavior, response_streaming: bool) -> Behavior:
-            if not response_streaming:
-                def timed(request: Any, context: grpc.ServicerContext) -> Any:
-                    start, failed = time.perf_counter(), True
-                    try:
-                        response = behavior(request, context)
-                        failed = False
-                        return response
-                    finally:
-                        observe(method, _final_code(context, failed), time.perf_counter() - start)
-                return timed
-
-            def timed_stream(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+        if not response_streaming:
+            def timed(request: Any, context: grpc.ServicerContext) -> Any:
                 start, failed = time.perf_counter(), True
                 try:
-                    yield from behavior(request, context)
+                    response = behavior(request, context)
                     failed = False
-                except GeneratorExit:  # gRPC dropped the stream: the client went away
-                    failed = False
-                    raise
+                    return response
                 finally:
                     observe(method, _final_code(context, failed), time.perf_counter() - start)
-            return timed_stream
+            return timed
 
-        return wrap_handler(handler, wrap)
+        def timed_stream(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+            start, failed = time.perf_counter(), True
+            try:
+                yield from behavior(request, context)
+                failed = False
+            except GeneratorExit:  # gRPC dropped the stream: the client went away
+                failed = False
+                raise
+            finally:
+                observe(method, _final_code(context, failed), time.perf_counter() - start)
+        return timed_stream

@@ -84,6 +84,7 @@ class Settings:
     grpc_workers: int = 32
     watch_poll_s: float = 0.2
     auth_cache_s: float = 5.0
+    job_cache: bool = True  # Postgres: GetJob from memory kept fresh by LISTEN/NOTIFY (service/jobcache.py)
     migrate: bool = True
 
     def __post_init__(self) -> None:
@@ -122,6 +123,7 @@ class Settings:
             grpc_workers=int(env_number("PRUNERY_GRPC_WORKERS", 32, 1)),
             watch_poll_s=env_number("PRUNERY_WATCH_POLL_S", 0.2, 0.01),
             auth_cache_s=env_number("PRUNERY_AUTH_CACHE_S", 5.0, 0.0),
+            job_cache=_bool("PRUNERY_JOB_CACHE", True),
             migrate=_bool("PRUNERY_MIGRATE", True),
         )
         values.update(overrides)

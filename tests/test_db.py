@@ -15,7 +15,7 @@ import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from google.rpc import code_pb2
-from sqlalchemy import inspect, select
+from sqlalchemy import inspect, select, text
 from sqlalchemy.exc import IntegrityError
 
 from prunery.service import db, jobs, testing
@@ -92,10 +92,18 @@ def test_migrations_upgrade_an_empty_postgres_database_and_downgrade_to_nothing(
     with testing.temporary_postgres_database() as url:
         assert db.current_revision(url) is None
         db.upgrade(url)
-        assert db.current_revision(url) == "0001"
+        assert db.current_revision(url) == "0002"
         engine = db.make_engine(url)
+
+        def triggers() -> set[str]:
+            with engine.connect() as conn:
+                return set(conn.scalars(text("SELECT tgname FROM pg_trigger WHERE NOT tgisinternal")))
+
         try:
             assert TABLES <= set(inspect(engine).get_table_names())
+            assert triggers() == {"jobs_notify_change"}
+            db.downgrade(url, "0001")  # the notification trigger goes, the tables stay
+            assert triggers() == set() and TABLES <= set(inspect(engine).get_table_names())
             db.downgrade(url, "base")
             assert set(inspect(engine).get_table_names()) <= {"alembic_version"}
             assert db.current_revision(url) is None
