@@ -18,6 +18,7 @@ group costs time linear in the group, never a re-walk of the graph.
 from __future__ import annotations
 
 import fnmatch
+import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -162,7 +163,9 @@ class DependencyGraph:
     def __init__(self, ep: ExportedProgram, ignore: Sequence[str] = ()):
         from . import rules  # late import: rules import Builder from here
 
+        t0 = time.perf_counter()
         self.ep = ep
+        self.ignore = tuple(ignore)
         self.builder = b = Builder()
         self.frozen_ops: Counter[str] = Counter()
         self.node_slots: dict[str, object] = {}  # node name -> list[int] | list[list[int]] | None
@@ -209,6 +212,7 @@ class DependencyGraph:
                     for s in _flat_slots(slots):
                         b.freeze(s)
         self._finalize()
+        self.build_s = time.perf_counter() - t0
 
     # --- helpers for rules -------------------------------------------------------------------
     def slots_of(self, arg) -> list[int] | None:

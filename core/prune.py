@@ -305,13 +305,24 @@ def prune(
     model: ExportedProgram | torch.nn.Module,
     config: PruneConfig,
     example_args: tuple | None = None,
+    *,
+    graph: DependencyGraph | None = None,
 ) -> PruneResult:
-    """Prune a program (or a module, exported first with `example_args`) and report what changed."""
+    """Prune a program (or a module, exported first with `example_args`) and report what changed.
+
+    `graph`: the program's dependency graph, built beforehand with the config's `ignore` (the worker builds
+    it as a stage of its own, to report progress and honour a cancel in between)."""
     config.validate()
     t0 = time.perf_counter()
+    if graph is not None:
+        if graph.ep is not model:
+            raise PruneError("the dependency graph given was built for another program")
+        if graph.ignore != tuple(config.ignore):
+            raise PruneError("the dependency graph given was built with other ignore patterns than the config's")
+        t0 -= graph.build_s
     ep = model if isinstance(model, ExportedProgram) else torch.export.export(model, tuple(example_args or ()))
-    graph = DependencyGraph(ep, ignore=config.ignore)
-    t_graph = time.perf_counter()
+    graph = graph or DependencyGraph(ep, ignore=config.ignore)
+    t_graph = t0 + graph.build_s
     tensors = program_tensors(ep)
     plan = select(graph, config, tensors)
     module = pruned_module(ep, plan)

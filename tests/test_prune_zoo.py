@@ -74,3 +74,20 @@ def test_core_aten_programs_prune_too(name: str, programs) -> None:
         assert y.shape == ep.module()(*x).shape
         if not zoo.ZOO[name].normalised:
             torch.testing.assert_close(y, apply_zeroing(ep, result.plan)(*x), atol=1e-5, rtol=1e-4)
+
+
+def test_a_graph_built_beforehand_gives_the_same_result_and_must_match(programs) -> None:
+    from prunery.core import DependencyGraph, PruneError
+
+    ep = programs("resnet_basic")
+    config = PruneConfig(ratio=0.5, ignore=("fc.*",))
+    graph = DependencyGraph(ep, ignore=config.ignore)
+    with_graph, without = prune(ep, config, graph=graph), prune(ep, config)
+    assert with_graph.report["params_after"] == without.report["params_after"]
+    assert [layer["shape_after"] for layer in with_graph.report["layers"]] == \
+        [layer["shape_after"] for layer in without.report["layers"]]
+    assert with_graph.report["timings_s"]["graph"] == pytest.approx(graph.build_s, abs=1e-3)
+    with pytest.raises(PruneError, match="other ignore patterns"):
+        prune(ep, PruneConfig(ratio=0.5), graph=graph)
+    with pytest.raises(PruneError, match="another program"):
+        prune(programs("vgg"), config, graph=graph)

@@ -3,14 +3,15 @@
 `run_job(job_id, worker_id)` first claims the job in the database (`jobs.claim`: a compare-and-set with a
 lease, counting the attempt). A task whose job is already finished, cancelled, or live under another
 worker's lease does nothing, so a redelivered or duplicated message is harmless. Then the stages, each
-announced as a progress event (stage names as in the API's `Job.stage`):
+announced as a progress event (stage names as in the API's `Job.stage`), a cancel honoured between them:
 
     load    5%   fetch the model artifact to a temp file (size and sha256 checked against its row) and open
                  it with `prunery.core.load_program`, the engine's safe intake: uploaded files are loaded
                  in no other way
-    prune   25%  `prunery.core.prune` with a `PruneConfig` from the job's spec (the `prunery prune` options):
-                 dependency graph, group selection, removal and re-export in one engine call, whose parts
-                 (graph, select_and_remove, reexport) the report and the stage metrics break out
+    graph   15%  the program's dependency graph (`prunery.core.DependencyGraph`, with the spec's ignore globs)
+    prune   30%  `prunery.core.prune` with that graph and a `PruneConfig` from the job's spec (the `prunery
+                 prune` options): group selection, removal and re-export, whose parts (select_and_remove,
+                 reexport) the report and the stage metrics break out
     export  75%  `torch.export.save` of the pruned program, then `vet_archive` on the file: we publish only
                  what our own intake accepts
     store   90%  write `jobs/{id}/model.pt2` and `jobs/{id}/report.json` (fixed keys: a retry overwrites,
@@ -38,7 +39,8 @@ device is for the training and evaluation stages to come.
 Test hooks (only when PRUNERY_TEST_HOOKS=1 in the worker's environment, never in production), read from
 the job's labels: `prunery-test-delay: "stage=seconds,..."` sleeps at the start of those stages, as a long
 engine call would (not checking for cancellation); `prunery-test-crash: "stage"` ends the job process
-abruptly (os._exit) at the start of that stage, on every attempt.
+abruptly (os._exit) at the start of that stage, on every attempt; `prunery-test-alloc: "stage=bytes"` allocates
+that many bytes at the start of the stage.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ import importlib
 import json
 import logging
 import os
+import resource
 import shutil
 import tempfile
 import threading
@@ -63,7 +66,16 @@ import torch
 from google.rpc import code_pb2
 from sqlalchemy import select
 
-from prunery.core import ArchiveLoadError, PruneConfig, PruneError, UnsafeArchiveError, load_program, prune, vet_archive
+from prunery.core import (
+    ArchiveLoadError,
+    DependencyGraph,
+    PruneConfig,
+    PruneError,
+    UnsafeArchiveError,
+    load_program,
+    prune,
+    vet_archive,
+)
 from prunery.service import jobs
 from prunery.service.db import Artifact, ArtifactKind, ArtifactState, Database, Job, JobState, utcnow
 from prunery.service.objectstore import ObjectNotFound, ObjectStore, TooLarge, open_store
@@ -74,7 +86,7 @@ __all__ = ["STAGES", "JobFailure", "config_from_spec", "preload_engine", "run_jo
 
 log = logging.getLogger("prunery.worker.pipeline")
 
-STAGES: dict[str, float] = {"load": 0.05, "prune": 0.25, "export": 0.75, "store": 0.9}
+STAGES: dict[str, float] = {"load": 0.05, "graph": 0.15, "prune": 0.3, "export": 0.75, "store": 0.9}
 _IMPORTANCE_ENUM = {0: "l2", 1: "l1", 2: "l2", 3: "bn", 4: "random"}  # prunery.v1.Importance numbers
 _CHUNK = 1 << 20
 TERMINAL = {JobState.SUCCEEDED.value, JobState.FAILED.value, JobState.CANCELLED.value}
@@ -109,6 +121,28 @@ def _one_line(text: object, limit: int = 500) -> str:
 
 def _exc_line(exc: BaseException) -> str:
     return _one_line(f"{type(exc).__name__}: {exc}")
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    """Python's MemoryError, or torch's allocator failing (a RuntimeError) under the job's memory limit."""
+    return isinstance(exc, MemoryError) or (isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc))
+
+
+@contextmanager
+def memory_limit(nbytes: int) -> Iterator[None]:
+    """Lower this process's RLIMIT_DATA soft limit to `nbytes` (0: leave it) for the block, then restore it.
+    RLIMIT_DATA counts the heap and private anonymous mappings (where tensors live) but not the address space
+    reserved for thread stacks and file mappings, which RLIMIT_AS would count against torch's many threads."""
+    if not nbytes:
+        yield
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_DATA)
+    new = nbytes if hard == resource.RLIM_INFINITY else min(nbytes, hard)
+    resource.setrlimit(resource.RLIMIT_DATA, (new, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_DATA, (soft, hard))
 
 
 def _spec_error(message: str) -> JobFailure:
@@ -256,10 +290,38 @@ class _LeaseKeeper(threading.Thread):
                     log.exception("job %s: lease renewal failed", r.job.id)
                     if time.monotonic() - last_ok > settings.lease_s:
                         self.lost.set()  # another worker may own it by now
+            limit = settings.job_timeout_s
+            if limit and time.perf_counter() - r.started > limit and not self.lost.is_set():
+                self._time_out(limit)
             if (self.cancel.is_set() or self.lost.is_set()) and self.flag_time is None:
                 self.flag_time = time.monotonic()
             if self.flag_time is not None and time.monotonic() - self.flag_time > settings.cancel_grace_s:
                 self._hard_stop()
+
+    def _time_out(self, limit: float) -> None:
+        """The attempt ran past PRUNERY_JOB_TIMEOUT_S: fail the job (no retry: it would time out again) and
+        end this process, whatever the main thread is doing."""
+        r = self.run_
+        if not r.finishing.acquire(blocking=False):
+            return  # the main thread is finishing the job itself
+        with r.io_lock:
+            log.warning("job %s: past its time limit of %.0fs in the %s stage; ending its process",
+                        r.job.id, limit, r.stage)
+            state = None
+            try:
+                r.store.delete_prefix(r.prefix)
+                with r.db.session() as s:
+                    if jobs.fail(s, r.job.id, code_pb2.DEADLINE_EXCEEDED, "JOB_TIMEOUT",
+                                 f"the job ran longer than its limit of {limit:.0f} s (in the {r.stage or 'worker'} "
+                                 "stage; PRUNERY_JOB_TIMEOUT_S on the worker sets the limit)",
+                                 worker_id=r.worker_id):
+                        state = JobState.FAILED.value
+            except Exception:
+                log.exception("job %s: could not record its timeout (its lease will expire)", r.job.id)
+            r.account(state)
+            shutil.rmtree(r.tmpdir, ignore_errors=True)
+            logging.shutdown()
+            os._exit(0)
 
     def _hard_stop(self) -> None:
         r = self.run_
@@ -358,6 +420,9 @@ class _Run:
         if self.job.labels.get("prunery-test-crash") == stage:
             log.warning("job %s: test hook: crashing at %s", self.job.id, stage)
             os._exit(70)
+        alloc_stage, _, alloc_bytes = (self.job.labels.get("prunery-test-alloc") or "").partition("=")
+        if alloc_stage == stage:
+            bytearray(int(alloc_bytes))  # as an input that makes the engine allocate without end would
         for item in (self.job.labels.get("prunery-test-delay") or "").split(","):
             name, _, seconds = item.partition("=")
             if name.strip() == stage:
@@ -384,10 +449,17 @@ class _Run:
                 self.finishing.acquire()
                 state, outcome = self.failed(f)
             except Exception as e:
-                log.exception("job %s: unexpected error in the %s stage", self.job.id, self.stage)
                 self.finishing.acquire()
-                state, outcome = self.failed(JobFailure(code_pb2.INTERNAL, "WORKER_ERROR",
-                                                        f"{self.stage or 'worker'}: {_exc_line(e)}"))
+                if _out_of_memory(e):
+                    limit = self.settings.job_memory_bytes
+                    failure = JobFailure(code_pb2.RESOURCE_EXHAUSTED, "JOB_MEMORY_LIMIT",
+                                         f"{self.stage or 'worker'}: the job needed more memory than " + (
+                                             f"its limit of {limit / 2**30:.1f} GiB (PRUNERY_JOB_MEMORY_BYTES on "
+                                             "the worker)" if limit else "the worker has"))
+                else:
+                    log.exception("job %s: unexpected error in the %s stage", self.job.id, self.stage)
+                    failure = JobFailure(code_pb2.INTERNAL, "WORKER_ERROR", f"{self.stage or 'worker'}: {_exc_line(e)}")
+                state, outcome = self.failed(failure)
         finally:
             self.keeper.done.set()
             self.account(state)
@@ -443,10 +515,13 @@ class _Run:
             path = self._fetch(source)
             program = self._load(path, source)
         device = select_device()
+        with self.stage_("graph", "building the dependency graph"):
+            graph = self._engine(DependencyGraph, program, ignore=config.ignore)
         with self.stage_("prune", f"pruning {config.ratio:.0%} of each group ({config.importance}) on {device}"):
-            result = self._prune(program, config)
+            result = self._engine(prune, program, config, graph=graph)
         for part, seconds in (result.report.get("timings_s") or {}).items():
-            metrics.STAGE_DURATION.labels(part).observe(float(seconds))
+            if part not in STAGES:  # the engine's parts of the prune stage
+                metrics.STAGE_DURATION.labels(part).observe(float(seconds))
         with self.stage_("export", "saving the pruned program"):
             out = self._export(result.program)
         report = dict(result.report)
@@ -515,9 +590,10 @@ class _Run:
         except Exception as e:
             raise JobFailure(code_pb2.INTERNAL, "MODEL_LOAD_FAILED", msg(_exc_line(e))) from e
 
-    def _prune(self, program: torch.export.ExportedProgram, config: PruneConfig) -> Any:
+    def _engine(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """An engine call, its refusals mapped to PRUNE_FAILED."""
         try:
-            return prune(program, config)
+            return fn(*args, **kwargs)
         except ValueError as e:  # PruneError and the engine's other refusals
             raise JobFailure(code_pb2.FAILED_PRECONDITION, "PRUNE_FAILED", _one_line(e)) from None
         except Exception as e:
@@ -623,4 +699,5 @@ def run_job(job_id: str | uuid.UUID, worker_id: str, *, settings: WorkerSettings
         log.info("job %s: not claimed (state %s); nothing to do", jid, state or "missing")
         return {"job": str(jid), "outcome": "skipped", "state": state}
     log.info("job %s: claimed by %s (attempt %d of %d)", jid, worker_id, view.attempt, view.max_attempts)
-    return _Run(settings, db, store, view, worker_id, enqueue_fn).execute()
+    with memory_limit(settings.job_memory_bytes):
+        return _Run(settings, db, store, view, worker_id, enqueue_fn).execute()

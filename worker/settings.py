@@ -14,8 +14,15 @@ Imports neither torch nor Celery, so the API can read the same settings (broker 
 - PRUNERY_REAPER_INTERVAL_S (10): how often a worker's main process sweeps for expired leases.
 - PRUNERY_RESEND_QUEUED_S (120; 0: never): a job QUEUED this long while the queue is empty lost its message
   and is sent again.
+- PRUNERY_PENDING_UPLOAD_TTL_S (21600, 6 hours): an upload still PENDING after this long was cut off by a
+  crash of the API: the reaper deletes its row and object. Must exceed the longest upload.
 - PRUNERY_CANCEL_GRACE_S (10): a cancel the running stage has not honoured by then ends the job's process.
 - PRUNERY_MAX_RESULT_BYTES (16 GiB): cap on a stored result.
+- PRUNERY_JOB_TIMEOUT_S (21600; 0: none): an attempt running longer FAILS with DEADLINE_EXCEEDED (JOB_TIMEOUT),
+  not retried; its process ends. Guards against inputs that make the engine run without end.
+- PRUNERY_JOB_MEMORY_BYTES (80% of the machine's memory; 0: no limit): the job process's data segment limit
+  (RLIMIT_DATA: heap and anonymous mappings). A job past it FAILS with RESOURCE_EXHAUSTED (JOB_MEMORY_LIMIT)
+  instead of taking the host down with it.
 - PRUNERY_METRICS_PORT (0: off) and PRUNERY_METRICS_ADDR (0.0.0.0): the worker's Prometheus `/metrics`.
 - PROMETHEUS_MULTIPROC_DIR (a fresh temporary folder): per-process metric files (see metrics.py); private to
   one worker, emptied when it starts.
@@ -45,6 +52,14 @@ def _int(name: str, default: int, minimum: int = 0) -> int:
     return int(env_number(name, default, minimum))
 
 
+def default_job_memory_bytes() -> int:
+    """80% of the machine's physical memory (0 where it cannot be read)."""
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") * 0.8)
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
 @dataclass(frozen=True)
 class WorkerSettings:
     data_dir: Path
@@ -58,12 +73,15 @@ class WorkerSettings:
     heartbeat_s: float = 5.0
     reaper_interval_s: float = 10.0
     resend_queued_s: float = 120.0
+    pending_upload_ttl_s: float = 6 * 3600.0
     cancel_grace_s: float = 10.0
     max_result_bytes: int = 16 << 30
     metrics_port: int = 0
     metrics_addr: str = "0.0.0.0"
     preload: bool = True
     tmp_dir: Path = Path(tempfile.gettempdir())
+    job_timeout_s: float = 6 * 3600.0
+    job_memory_bytes: int = 0
 
     @classmethod
     def from_env(cls) -> WorkerSettings:
@@ -84,12 +102,15 @@ class WorkerSettings:
             heartbeat_s=heartbeat_s,
             reaper_interval_s=_float("PRUNERY_REAPER_INTERVAL_S", 10.0, 0.1),
             resend_queued_s=_float("PRUNERY_RESEND_QUEUED_S", 120.0),
+            pending_upload_ttl_s=_float("PRUNERY_PENDING_UPLOAD_TTL_S", 6 * 3600.0, 1.0),
             cancel_grace_s=_float("PRUNERY_CANCEL_GRACE_S", 10.0, 0.1),
             max_result_bytes=_int("PRUNERY_MAX_RESULT_BYTES", 16 << 30, 1),
             metrics_port=_int("PRUNERY_METRICS_PORT", 0),
             metrics_addr=os.environ.get("PRUNERY_METRICS_ADDR") or "0.0.0.0",
             preload=(os.environ.get("PRUNERY_WORKER_PRELOAD") or "1").strip().lower() not in ("0", "false", "no"),
             tmp_dir=Path(os.environ.get("PRUNERY_TMP_DIR") or tempfile.gettempdir()),
+            job_timeout_s=_float("PRUNERY_JOB_TIMEOUT_S", 6 * 3600.0),
+            job_memory_bytes=_int("PRUNERY_JOB_MEMORY_BYTES", default_job_memory_bytes()),
         )
 
     @property
