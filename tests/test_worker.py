@@ -104,8 +104,8 @@ class Stack:
         env.update(extra)
         return env
 
-    def start_worker(self, name: str) -> WorkerProc:
-        worker = WorkerProc(name, self, free_port(), self.settings.queue)
+    def start_worker(self, name: str, **env: str) -> WorkerProc:
+        worker = WorkerProc(name, self, free_port(), self.settings.queue, env)
         self.workers.append(worker)
         return worker
 
@@ -178,13 +178,13 @@ class Stack:
 class WorkerProc:
     """A real worker: `celery worker --pool prefork -c 1` in its own process group."""
 
-    def __init__(self, name: str, stack: Stack, metrics_port: int, queue: str) -> None:
+    def __init__(self, name: str, stack: Stack, metrics_port: int, queue: str, extra_env: dict[str, str]) -> None:
         self.name = name
         self.metrics_port = metrics_port
         self.log_path = stack.data_dir / f"worker-{name}.log"
         self.metrics_dir = stack.data_dir / f"metrics-{name}"
         env = stack.env(PRUNERY_METRICS_PORT=str(metrics_port), PRUNERY_METRICS_ADDR="127.0.0.1",
-                        PROMETHEUS_MULTIPROC_DIR=str(self.metrics_dir))
+                        PROMETHEUS_MULTIPROC_DIR=str(self.metrics_dir), **extra_env)
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "celery", "-A", "prunery.worker.app", "worker", "--pool", "prefork", "-c", "1",
@@ -357,15 +357,16 @@ def test_job_runs_to_succeeded(stack: Stack, conv1d_bytes: bytes, tmp_path: Path
     events = stack.events(job_id)
     assert [e.sequence for e in events] == list(range(1, len(events) + 1))
     assert [(e.state, e.stage) for e in events] == [
-        ("QUEUED", ""), ("RUNNING", ""), ("RUNNING", "load"), ("RUNNING", "prune"), ("RUNNING", "export"),
-        ("RUNNING", "store"), ("SUCCEEDED", "store"),
+        ("QUEUED", ""), ("RUNNING", ""), ("RUNNING", "load"), ("RUNNING", "graph"), ("RUNNING", "prune"),
+        ("RUNNING", "export"), ("RUNNING", "store"), ("SUCCEEDED", "store"),
     ]
     assert [e.progress for e in events] == sorted(e.progress for e in events)
 
     # the worker's /metrics merges what its job processes recorded
     text = stack.workers[0].metrics()
     assert 'prunery_jobs_finished_total{state="SUCCEEDED"}' in text
-    assert 'prunery_stage_duration_seconds_count{stage="prune"}' in text
+    for stage in ("load", "graph", "prune", "export", "store", "select_and_remove", "reexport"):
+        assert f'prunery_stage_duration_seconds_count{{stage="{stage}"}} 1.0' in text, stage
     assert "prunery_job_duration_seconds_count" in text
     assert "prunery_artifact_out_bytes_total" in text and "prunery_jobs_running 0.0" in text
 
@@ -467,6 +468,30 @@ def test_a_job_that_always_crashes_its_worker_fails_after_max_attempts(stack: St
     worker.wait_metric('prunery_jobs_finished_total{state="FAILED"}', lambda v: v >= 1)
     worker.wait_metric("prunery_jobs_running", lambda v: v == 0)
     _succeeded(stack, stack.submit(stack.upload(conv1d_bytes)))  # the worker survived its job processes
+
+
+def test_jobs_past_their_time_or_memory_limit_fail_and_the_worker_goes_on(
+        database_url: str, conv1d_bytes: bytes, tmp_path_factory: pytest.TempPathFactory) -> None:
+    st = Stack(database_url, tmp_path_factory.mktemp("objects"), tmp_path_factory.mktemp("limits"))
+    try:
+        worker = st.start_worker("limited", PRUNERY_JOB_TIMEOUT_S="3", PRUNERY_JOB_MEMORY_BYTES=str(6 << 30))
+        worker.wait_ready()
+        model = st.upload(conv1d_bytes)
+        slow = st.submit(model, labels={"prunery-test-delay": "prune=60"})  # as an engine call that never ends
+        greedy = st.submit(model, labels={"prunery-test-alloc": f"load={8 << 30}"})  # past 6 GiB at once
+        fine = st.submit(model)
+        t0 = time.monotonic()
+        job = st.wait_state(slow, "SUCCEEDED", "FAILED", "CANCELLED", timeout=60)
+        assert (job.state, job.error_reason, job.error_code) == ("FAILED", "JOB_TIMEOUT", 4), job.error_message
+        assert "limit of 3 s (in the prune stage" in job.error_message and job.attempt_count == 1
+        assert time.monotonic() - t0 < 30
+        job = st.wait_state(greedy, "SUCCEEDED", "FAILED", "CANCELLED", timeout=60)
+        assert (job.state, job.error_reason, job.error_code) == ("FAILED", "JOB_MEMORY_LIMIT", 8), job.error_message
+        assert "load: the job needed more memory than its limit of 6.0 GiB" in job.error_message
+        _succeeded(st, fine)  # under the same limits, a normal job runs
+        assert st.keys_under(f"jobs/{slow}") == [] and st.keys_under(f"jobs/{greedy}") == []
+    finally:
+        st.close()
 
 
 def test_sigkill_a_worker_mid_job_while_another_runs(conv1d_bytes: bytes, tmp_path_factory: pytest.TempPathFactory,
