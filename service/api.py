@@ -10,9 +10,12 @@ for bad fields, a BadRequest.
 
 Uploads stream straight into the object store (one chunk in memory at a time, plus at most one S3 part in
 the store): the size and SHA-256 are checked as the bytes pass, and a mismatch, a broken or cancelled
-stream, or the tenant's cap makes `put_stream` drop what it wrote before anything becomes visible. The
-artifact's row is inserted only once the object is complete and verified, so a failed upload leaves no
-object and no row.
+stream makes `put_stream` drop what it wrote before anything becomes visible. An upload first reserves its
+declared size: a PENDING artifact row (with its storage key) inserted under the tenant row's lock, so the
+tenant's cap counts uploads in progress and concurrent uploads cannot together pass it. Once the object is
+complete and verified the row becomes READY; a failed upload deletes its object and its row, leaving
+nothing. Every read ignores PENDING rows. What a crash of the API leaves (a PENDING row, maybe its object)
+is deleted by the workers' reaper after `PRUNERY_PENDING_UPLOAD_TTL_S` (`worker/reaper.py`).
 
 The job spec is stored as a JSON object with the PruneSpec's field names and defaults filled in:
 `{"model": "artifacts/{id}", "ratio": 0.5, "importance": "L2", "global_pruning": false, "round_to": 0,
@@ -38,7 +41,7 @@ from datetime import datetime
 from typing import Any, TypeVar
 
 import grpc
-from sqlalchemy import and_, delete, func, or_, select
+from sqlalchemy import and_, delete, func, or_, select, update
 from sqlalchemy.engine import Connection, Row
 from sqlalchemy.orm import Session
 
@@ -367,6 +370,7 @@ class ApiBackend:
 
 
 def _tenant_bytes(session: Session, tenant: str) -> int:
+    """Bytes the tenant holds, including the declared sizes of its uploads in progress (PENDING rows)."""
     return int(session.scalar(select(func.coalesce(func.sum(Artifact.size_bytes), 0))
                               .where(Artifact.tenant_id == tenant)) or 0)
 
@@ -450,13 +454,19 @@ class ArtifactService(pb_grpc.ArtifactServiceServicer):
             raise errors.invalid(violations)
 
         cap = self.b.settings.tenant_cap_bytes
-        with self.b.session() as s:
-            used = _tenant_bytes(s, tenant)
-        if meta.size_bytes > cap - used:
-            raise _cap_error(cap, used, meta.size_bytes)
-
         artifact_id = uuid.uuid4()
         key = artifact_name(artifact_id)
+        with self.b.session() as s:
+            s.execute(select(Tenant.id).where(Tenant.id == tenant).with_for_update())  # serialise the cap
+            used = _tenant_bytes(s, tenant)
+            if meta.size_bytes > cap - used:
+                raise _cap_error(cap, used, meta.size_bytes)
+            s.add(Artifact(id=artifact_id, tenant_id=tenant, display_name=meta.display_name,
+                           kind=pb.ArtifactKind.Name(meta.kind), state=ArtifactState.PENDING.value,
+                           size_bytes=meta.size_bytes, sha256="", labels=dict(meta.labels), storage_key=key,
+                           create_time=utcnow()))
+        # reserved (committed): from here on, any failure deletes the object and the PENDING row
+
         verifier = _UploadVerifier(meta.size_bytes, meta.sha256)
 
         def chunks() -> Iterator[bytes]:
@@ -471,38 +481,51 @@ class ArtifactService(pb_grpc.ArtifactServiceServicer):
                     yield data
             verifier.finish()  # raising here, inside put_stream's loop, stores nothing
 
+        stored = False
         try:
-            size, sha256 = self.b.store.put_stream(key, chunks(), max_bytes=max(0, cap - used))
-        except (ApiError, grpc.RpcError):
-            raise
-        except TooLarge:
-            raise _cap_error(cap, used, verifier.received) from None
-        except Exception as e:
-            log.exception("upload of %s to %r failed", key, self.b.store)
-            raise ApiError(grpc.StatusCode.UNAVAILABLE, f"the object store failed: {type(e).__name__}; retry",
-                           Reason.STORE_UNAVAILABLE) from e
-
-        try:
-            with self.b.session() as s:
-                s.execute(select(Tenant.id).where(Tenant.id == tenant).with_for_update())  # serialise the cap
-                used = _tenant_bytes(s, tenant)
-                if used + size > cap:
-                    raise _cap_error(cap, used, size)
-                row = Artifact(id=artifact_id, tenant_id=tenant, display_name=meta.display_name,
-                               kind=pb.ArtifactKind.Name(meta.kind), state=ArtifactState.READY.value,
-                               size_bytes=size, sha256=sha256, labels=dict(meta.labels), storage_key=key,
-                               create_time=utcnow())
-                s.add(row)
-                s.flush()
-                result = artifact_proto(row)
-        except BaseException:
             try:
-                self.b.store.delete(key)
-            except Exception:
-                log.exception("could not delete %s after its upload failed", key)
+                # the verifier stops a stream past the declared size first; the store's limit is a backstop
+                size, sha256 = self.b.store.put_stream(key, chunks(), max_bytes=meta.size_bytes)
+            except (ApiError, grpc.RpcError):
+                raise
+            except TooLarge:
+                raise errors.invalid(
+                    [("metadata.size_bytes", f"declared {meta.size_bytes} bytes, but more were sent")],
+                    reason=Reason.SIZE_MISMATCH) from None
+            except Exception as e:
+                log.exception("upload of %s to %r failed", key, self.b.store)
+                raise ApiError(grpc.StatusCode.UNAVAILABLE, f"the object store failed: {type(e).__name__}; retry",
+                               Reason.STORE_UNAVAILABLE) from e
+            stored = True
+            with self.b.session() as s:
+                flipped = s.execute(update(Artifact).where(
+                    Artifact.id == artifact_id, Artifact.state == ArtifactState.PENDING.value,
+                ).values(state=ArtifactState.READY.value, size_bytes=size, sha256=sha256)).rowcount
+                if flipped != 1:  # the reaper swept the reservation: the upload outlived the pending-upload TTL
+                    raise ApiError(grpc.StatusCode.ABORTED, f"the upload of {key} took longer than the server keeps "
+                                   "an unfinished upload; retry", Reason.UPLOAD_EXPIRED)
+                result = artifact_proto(s.scalars(select(Artifact).where(Artifact.id == artifact_id)).one())
+        except BaseException:
+            self._drop_pending(artifact_id, key, stored)
             raise
         log.info("tenant %s uploaded %s (%d bytes)", tenant, key, size)
         return result
+
+    def _drop_pending(self, artifact_id: uuid.UUID, key: str, stored: bool) -> None:
+        """Undo a failed upload: its object (if stored), then its PENDING row. Never raises: what cannot be
+        deleted now stays PENDING, and the reaper deletes it once the pending-upload TTL has passed."""
+        if stored:
+            try:
+                self.b.store.delete(key)
+            except Exception:
+                log.exception("could not delete %s after its upload failed; the reaper will", key)
+                return  # keep the row, so the object is not forgotten
+        try:
+            with self.b.session() as s:
+                s.execute(delete(Artifact).where(Artifact.id == artifact_id,
+                                                 Artifact.state == ArtifactState.PENDING.value))
+        except Exception:
+            log.exception("could not delete the reservation of failed upload %s; the reaper will", key)
 
     @_unary
     def GetArtifact(self, request: pb.GetArtifactRequest, context: grpc.ServicerContext) -> pb.Artifact:  # noqa: N802
@@ -683,7 +706,7 @@ class JobService(pb_grpc.JobServiceServicer):
                             grpc.StatusCode.ALREADY_EXISTS,
                             f"request_id {request_id!r} already created {job_proto(existing).name} with another spec "
                             "or labels; a retry must resend the same request, a new job needs a new request_id",
-                            "REQUEST_ID_REUSED")
+                            Reason.REQUEST_ID_REUSED)
                     return job_proto(existing)
             if not request.HasField("job"):
                 raise errors.invalid([("job", "required: the job's spec (and labels)")])

@@ -40,6 +40,10 @@ class Reason:
     RESULT_NOT_FOUND = "RESULT_NOT_FOUND"
     # OUT_OF_RANGE
     OFFSET_OUT_OF_RANGE = "OFFSET_OUT_OF_RANGE"
+    # ALREADY_EXISTS
+    REQUEST_ID_REUSED = "REQUEST_ID_REUSED"  # a CreateJob request_id sent again with another spec or labels
+    # ABORTED
+    UPLOAD_EXPIRED = "UPLOAD_EXPIRED"  # an upload outlived PRUNERY_PENDING_UPLOAD_TTL_S and its reservation went
     # RESOURCE_EXHAUSTED
     TENANT_CAP_EXCEEDED = "TENANT_CAP_EXCEEDED"
     # FAILED_PRECONDITION

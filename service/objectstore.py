@@ -8,6 +8,13 @@ memory, hashing as it goes, and is all-or-nothing: on any exception (the source 
 (`TooLarge`), the store failing) no object is left behind under the key, and an existing object there is
 untouched. `open_range` streams an object from a byte offset, so interrupted downloads resume.
 
+A process killed in the middle of `put_stream` runs no cleanup. What it leaves depends on the store:
+`FolderStore` leaves its temporary file under `root/.tmp/`, which `remove_stale_temp_files` deletes once
+old enough (the workers' reaper calls it); `S3Store` leaves an incomplete multipart upload (for uploads
+larger than one part), whose parts are billed but invisible to listings: these are left to a bucket
+lifecycle rule, `AbortIncompleteMultipartUpload` (e.g. `DaysAfterInitiation: 1`), which production
+buckets should carry.
+
 S3 credentials and defaults come from the usual AWS environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY,
 AWS_DEFAULT_REGION, AWS_ENDPOINT_URL_S3, ...). Recent boto3 adds CRC checksums to every request and validates
 them on responses, which several S3-compatible servers reject: we ask for checksums only where an operation
@@ -23,6 +30,7 @@ import os
 import re
 import shutil
 import tempfile
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -100,6 +108,11 @@ class ObjectStore(ABC):
     def get_bytes(self, key: str) -> bytes:
         """The whole object in memory: for small objects only (reports)."""
         return b"".join(self.open_range(key))
+
+    def remove_stale_temp_files(self, older_than_s: float) -> int:
+        """Delete what `put_stream` calls killed mid-write left behind, untouched for `older_than_s`;
+        return how many. Nothing by default (S3: a bucket lifecycle rule, see the module doc)."""
+        return 0
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.url!r})"
@@ -217,6 +230,18 @@ class FolderStore(ObjectStore):
                 count += 1
         self._prune_empty_dirs(parent)
         return count
+
+    def remove_stale_temp_files(self, older_than_s: float) -> int:
+        """Delete the temporary files of `.tmp/` not written for `older_than_s` (a live upload writes to
+        its file all along, so only those of killed processes get that old); return how many."""
+        cutoff = time.time() - older_than_s
+        removed = 0
+        for path in self._tmp.glob("upload-*") if self._tmp.is_dir() else []:
+            with contextlib.suppress(FileNotFoundError):
+                if path.stat().st_mtime < cutoff:
+                    path.unlink()
+                    removed += 1
+        return removed
 
     def _prune_empty_dirs(self, path: Path) -> None:
         while path != self.root and self.root in path.parents:

@@ -400,6 +400,60 @@ def test_client_cancel_mid_upload_leaves_nothing(api: Api, tenant: Tenant) -> No
     assert_nothing_left(api, tenant)
 
 
+def test_upload_in_progress_is_invisible_but_counts_toward_the_cap(api: Api, tenant: Tenant) -> None:
+    data = os.urandom(api.cap * 6 // 10)
+    release = threading.Event()
+
+    def blocked() -> Iterator[pb.UploadArtifactRequest]:
+        requests = upload_requests(data, labels={"team": "vision"})
+        yield next(requests)  # the metadata
+        yield next(requests)  # the first chunk
+        release.wait(30)
+        yield from requests
+
+    def pending() -> list[Artifact]:
+        with api.database.session() as s:
+            return list(s.scalars(select(Artifact).where(Artifact.tenant_id == tenant.name)))
+
+    future = api.artifacts.UploadArtifact.future(blocked(), metadata=tenant.md, timeout=60)
+    try:
+        wait_for(lambda: len(pending()) == 1, what="the upload to reserve its row")
+        [row] = pending()
+        assert (row.state, row.size_bytes, row.storage_key) == ("PENDING", len(data), f"artifacts/{row.id}")
+        name = f"artifacts/{row.id}"
+
+        # invisible to every read
+        expect(rpc_error(api.artifacts.GetArtifact, pb.GetArtifactRequest(name=name), metadata=tenant.md),
+               Code.NOT_FOUND, "ARTIFACT_NOT_FOUND")
+        listed = api.artifacts.ListArtifacts(pb.ListArtifactsRequest(), metadata=tenant.md)
+        assert list(listed.artifacts) == []
+        expect(rpc_error(api.artifacts.DownloadArtifact, pb.DownloadArtifactRequest(name=name), metadata=tenant.md),
+               Code.NOT_FOUND, "ARTIFACT_NOT_FOUND")
+        expect(rpc_error(create_job, api, tenant, name), Code.INVALID_ARGUMENT, "INVALID_FIELD", "job.spec.model")
+        expect(rpc_error(api.artifacts.DeleteArtifact, pb.DeleteArtifactRequest(name=name), metadata=tenant.md),
+               Code.NOT_FOUND, "ARTIFACT_NOT_FOUND")
+
+        # but its declared size counts toward the tenant's cap: a second upload that would pass it together
+        # with the pending one is refused before sending a byte to the store
+        d = expect(rpc_error(upload, api, tenant, os.urandom(api.cap * 6 // 10)), Code.RESOURCE_EXHAUSTED,
+                   "TENANT_CAP_EXCEEDED")
+        assert d.metadata["used_bytes"] == str(len(data))
+        assert [r.id for r in pending()] == [row.id]
+    finally:
+        release.set()
+
+    art = future.result(timeout=60)
+    assert (art.name, art.size_bytes, art.sha256) == (name, len(data), hashlib.sha256(data).hexdigest())
+    assert dict(art.labels) == {"team": "vision"}
+    [row] = pending()
+    assert (row.state, row.sha256) == ("READY", art.sha256)
+    assert api.artifacts.GetArtifact(pb.GetArtifactRequest(name=name), metadata=tenant.md) == art
+    assert list(api.artifacts.ListArtifacts(pb.ListArtifactsRequest(), metadata=tenant.md).artifacts) == [art]
+    assert download(api, tenant, name)[1] == data
+    api.artifacts.DeleteArtifact(pb.DeleteArtifactRequest(name=name), metadata=tenant.md)
+    assert_nothing_left(api, tenant)
+
+
 def test_list_artifacts_pages_and_filters(folder_api: Api, tenant: Tenant) -> None:
     api = folder_api
     made = []

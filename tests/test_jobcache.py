@@ -86,9 +86,18 @@ def eventually(predicate: Callable[[], bool], timeout_s: float = 5.0) -> bool:
     return predicate()
 
 
+def created(cache: JobCache, database: Database, tenant: str) -> uuid.UUID:
+    """A new job, once the cache has had the notification of its insert (which drops what a read made before
+    it arrived may have stored)."""
+    generation = cache._generation
+    job_id = new_job(database, tenant)
+    assert eventually(lambda: cache._generation != generation, 2.0)
+    return job_id
+
+
 def test_reads_are_cached_and_dropped_when_another_connection_changes_the_job(
         cache: JobCache, database: Database, tenant: str) -> None:
-    job_id = new_job(database, tenant)
+    job_id = created(cache, database, tenant)
     load = CountingLoad(database, job_id)
     first = cache.get(job_id, tenant, load)
     assert first is not None and first.state == pb.QUEUED
@@ -108,7 +117,7 @@ def test_reads_are_cached_and_dropped_when_another_connection_changes_the_job(
 
 
 def test_a_read_that_races_with_a_change_is_not_kept(cache: JobCache, database: Database, tenant: str) -> None:
-    job_id = new_job(database, tenant)
+    job_id = created(cache, database, tenant)
 
     def change_and_wait_for_its_notification() -> None:
         generation = cache._generation
@@ -126,7 +135,7 @@ def test_a_read_that_races_with_a_change_is_not_kept(cache: JobCache, database: 
 
 def test_without_its_listener_the_cache_is_bypassed_until_it_listens_again(
         cache: JobCache, database: Database, tenant: str) -> None:
-    job_id = new_job(database, tenant)
+    job_id = created(cache, database, tenant)
     load = CountingLoad(database, job_id)
     cache.get(job_id, tenant, load)
     with database.session() as s:
@@ -157,7 +166,7 @@ def test_through_the_api_getjob_follows_a_worker_and_watchjob_wakes_on_notificat
         assert server.backend.job_cache is not None and server.backend.job_cache.live
         with grpc.insecure_channel(server.address) as channel:
             stub = pb_grpc.JobServiceStub(channel)
-            job_id = new_job(database, tenant)
+            job_id = created(server.backend.job_cache, database, tenant)
             name = f"jobs/{job_id}"
             assert stub.GetJob(pb.GetJobRequest(name=name), metadata=metadata).state == pb.QUEUED
             hits = server.backend.job_cache.hits

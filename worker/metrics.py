@@ -43,7 +43,8 @@ from prometheus_client.multiprocess import MultiProcessCollector, mark_process_d
 
 __all__ = [
     "ARTIFACT_IN_BYTES", "ARTIFACT_OUT_BYTES", "JOBS_FINISHED", "JOBS_QUEUED", "JOBS_REQUEUED", "JOBS_RUNNING",
-    "JOB_DURATION", "MetricsServer", "STAGE_DURATION", "collector", "housekeeping", "multiproc_dir", "parent_write",
+    "JOB_DURATION", "MetricsServer", "STAGE_DURATION", "UPLOADS_SWEPT", "collector", "housekeeping", "multiproc_dir",
+    "parent_write",
 ]
 
 _DURATION_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 7200, 21600)
@@ -61,6 +62,9 @@ JOBS_QUEUED = Gauge("prunery_jobs_queued", "Jobs waiting in the QUEUED state (al
 JOBS_REQUEUED = Counter("prunery_jobs_requeued_total",
                         "Jobs put back in the queue by the reaper: expired lease, or a lost broker message",
                         ["reason"])
+UPLOADS_SWEPT = Counter("prunery_uploads_swept_total",
+                        "Unfinished uploads (PENDING artifacts older than PRUNERY_PENDING_UPLOAD_TTL_S, left by a "
+                        "crash of the API) whose row and object the reaper deleted")
 ARTIFACT_IN_BYTES = Counter("prunery_artifact_in_bytes_total", "Bytes of artifacts read from the object store")
 ARTIFACT_OUT_BYTES = Counter("prunery_artifact_out_bytes_total", "Bytes of artifacts written to the object store")
 

@@ -18,6 +18,14 @@ How a job survives the death of its worker (the lease, the broker and the reaper
   and send): it is sent again.
 - Duplicates are harmless: every path goes through `jobs.claim`, so a job runs in one place at a time, and
   an attempt is counted per claim. Reapers of several workers may run at once: each job row is locked.
+
+The reaper also deletes what a crash of the API leaves of an upload (`sweep_pending_uploads`, at most every
+`UPLOAD_SWEEP_INTERVAL_S`). An upload first reserves a PENDING artifact row, then streams its object, then
+makes the row READY; a failed upload deletes both. An API killed in between leaves the PENDING row (counted
+in its tenant's cap, invisible to clients) and perhaps the object, or a folder store's temporary file or an
+S3 incomplete multipart upload. PENDING rows older than `PRUNERY_PENDING_UPLOAD_TTL_S` have their object
+deleted, then their row; stale temporary files of a folder store go too. S3 incomplete multipart uploads
+are left to the bucket's `AbortIncompleteMultipartUpload` lifecycle rule.
 """
 
 from __future__ import annotations
@@ -33,19 +41,23 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import event, func, select
+from sqlalchemy import delete, event, func, select
 from sqlalchemy.orm import Session
 
 from prunery.service import jobs
-from prunery.service.db import Database, Job, JobState, utcnow
+from prunery.service.db import Artifact, ArtifactState, Database, Job, JobState, utcnow
+from prunery.service.objectstore import ObjectStore
 from prunery.worker.metrics import pid_alive
 from prunery.worker.settings import WorkerSettings
 
-__all__ = ["ReapResult", "Reaper", "reap_expired", "resend_lost"]
+__all__ = ["ReapResult", "Reaper", "UploadSweep", "reap_expired", "resend_lost", "sweep_pending_uploads"]
 
 log = logging.getLogger("prunery.worker.reaper")
 
 EnqueueFn = Callable[[uuid.UUID], None]
+
+# the sweep scans the artifacts table for PENDING rows, and they age for hours: no need to look every tick
+UPLOAD_SWEEP_INTERVAL_S = 300.0
 
 
 @dataclass
@@ -121,6 +133,50 @@ def resend_lost(session: Session, older_than_s: float, queue_depth: Callable[[],
     return stale
 
 
+@dataclass
+class UploadSweep:
+    artifacts: list[uuid.UUID] = field(default_factory=list)  # PENDING rows deleted, with their objects
+    temp_files: int = 0  # stale temporary files of the object store deleted
+
+
+def sweep_pending_uploads(session: Session, store: ObjectStore, ttl_s: float, *, limit: int = 100) -> UploadSweep:
+    """Delete the uploads a crash of the API left unfinished: PENDING artifacts created more than `ttl_s`
+    ago lose their object (a missing one is fine), then their row (in `session`; the caller commits).
+
+    Rows are locked with SKIP LOCKED, so concurrent reapers take different rows, and a row an upload is
+    making READY right now is skipped (or, once this commits, the upload finds its row gone and deletes its
+    object). A row whose object cannot be deleted stays, for the next sweep. The store's stale temporary
+    files (a folder store's `.tmp/`) older than `ttl_s` go too; an S3 store's incomplete multipart uploads
+    are left to the bucket's `AbortIncompleteMultipartUpload` lifecycle rule.
+    """
+    cutoff = utcnow() - timedelta(seconds=ttl_s)
+    rows = session.execute(
+        select(Artifact.id, Artifact.storage_key)
+        .where(Artifact.state == ArtifactState.PENDING.value, Artifact.create_time < cutoff)
+        .order_by(Artifact.create_time).limit(limit).with_for_update(skip_locked=True)).all()
+    result = UploadSweep()
+    for artifact_id, key in rows:
+        try:
+            store.delete(key)
+        except Exception:
+            log.exception("unfinished upload %s: could not delete its object %s; retrying next sweep", artifact_id,
+                          key)
+            continue
+        session.execute(delete(Artifact).where(Artifact.id == artifact_id,
+                                               Artifact.state == ArtifactState.PENDING.value))
+        result.artifacts.append(artifact_id)
+    if result.artifacts:
+        log.warning("deleted %d upload(s) left unfinished for over %.0fs (the API stopped mid-upload)",
+                    len(result.artifacts), ttl_s)
+    try:
+        result.temp_files = store.remove_stale_temp_files(ttl_s)
+    except Exception:
+        log.exception("could not delete the stale temporary files of %r", store)
+    if result.temp_files:
+        log.warning("deleted %d temporary file(s) of uploads cut off by a crash", result.temp_files)
+    return result
+
+
 class Reaper(threading.Thread):
     """Runs the sweeps every `reaper_interval_s` in a worker's main process (a daemon thread)."""
 
@@ -130,7 +186,8 @@ class Reaper(threading.Thread):
         self.celery = celery
         self._stop_event = threading.Event()
         self._db: Database | None = None
-        self._store: Any = None
+        self._store: ObjectStore | None = None
+        self._next_upload_sweep = 0.0  # time.monotonic() of the next sweep_pending_uploads
 
     def stop(self, timeout: float = 5.0) -> None:
         self._stop_event.set()
@@ -194,20 +251,42 @@ class Reaper(threading.Thread):
             metrics.JOBS_QUEUED.set(queued or 0)
         for job_id in result.failed + result.cancelled:  # their workers died: delete partial outputs
             self._delete_outputs(job_id)
+        self._sweep_uploads()
         metrics.housekeeping()
         self._prune_processed_messages()
         self._prune_job_tmpdirs()
         return result
 
-    def _delete_outputs(self, job_id: uuid.UUID) -> None:
+    def _object_store(self) -> ObjectStore:
         if self._store is None:
             from prunery.service.objectstore import open_store
 
             self._store = open_store(self.settings.store_url)
+        return self._store
+
+    def _delete_outputs(self, job_id: uuid.UUID) -> None:
+        store = self._object_store()
         try:
-            self._store.delete_prefix(f"jobs/{job_id}/")
+            store.delete_prefix(f"jobs/{job_id}/")
         except Exception:
             log.exception("job %s: could not delete its partial outputs", job_id)
+
+    def _sweep_uploads(self) -> None:
+        from prunery.worker import metrics
+
+        now = time.monotonic()
+        if now < self._next_upload_sweep or self._db is None:
+            return
+        self._next_upload_sweep = now + UPLOAD_SWEEP_INTERVAL_S
+        try:
+            with self._db.session() as session:
+                swept = sweep_pending_uploads(session, self._object_store(), self.settings.pending_upload_ttl_s)
+        except Exception:
+            log.exception("the sweep of unfinished uploads failed; retrying in %.0fs", UPLOAD_SWEEP_INTERVAL_S)
+            return
+        if swept.artifacts:
+            with metrics.parent_write():
+                metrics.UPLOADS_SWEPT.inc(len(swept.artifacts))
 
     def _prune_job_tmpdirs(self) -> None:
         """Scratch folders of job processes that died without cleaning up (`prunery-job-{pid}-...`)."""
