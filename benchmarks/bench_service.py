@@ -171,7 +171,7 @@ def proc_cpu_s(pid: int) -> float:
 # 1. GetJob throughput and latency
 # ---------------------------------------------------------------------------------------------------------
 
-def _noop_enqueue(job_id: str) -> None:
+def _noop_enqueue(job_id: str, queue: str) -> None:
     """The injected enqueue: jobs stay QUEUED; no broker is involved."""
 
 

@@ -221,7 +221,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
         artifact = client.upload(args.model, labels=dict(args.label or []))
         spec = spec_from_options(artifact.name, args.ratio, args.importance, args.global_pruning, args.round_to,
                                  args.max_ratio, args.ignore, args.seed)
-        job = client.create_job(spec, labels=dict(args.label or []))
+        job = client.create_job(spec, labels=dict(args.label or []), queue=args.queue)
         print(job.name)
         if not args.wait:
             return 0
@@ -358,6 +358,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", help="with --wait: write the pruned model here")
     p.add_argument("--report", help="with --wait: write the report here")
     p.add_argument("--label", nargs="+", type=lambda kv: tuple(kv.split("=", 1)), metavar="KEY=VALUE")
+    p.add_argument("--queue", default="", help="worker pool (GPU class) to run on, one of the server's queues "
+                   "(default: the server's default queue)")
     _add_prune_options(p)
     _add_client_options(p)
     p.set_defaults(func=cmd_submit)

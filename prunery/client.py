@@ -156,9 +156,10 @@ class Client:
 
     # --- jobs ----------------------------------------------------------------------------------
     def create_job(self, spec: pb.PruneSpec, labels: dict[str, str] | None = None,
-                   request_id: str | None = None) -> pb.Job:
-        """Create a job; retrying with the same request_id returns the same job."""
-        request = pb.CreateJobRequest(job=pb.Job(spec=spec, labels=labels or {}),
+                   request_id: str | None = None, queue: str = "") -> pb.Job:
+        """Create a job (on `queue`, a worker pool of the server; default: its default queue); retrying with the
+        same request_id returns the same job."""
+        request = pb.CreateJobRequest(job=pb.Job(spec=spec, labels=labels or {}, queue=queue),
                                       request_id=request_id or str(uuid.uuid4()))
         return self._call(self.jobs.CreateJob, request)
 

@@ -88,7 +88,7 @@ LABEL_KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 SHA256_RE = re.compile(r"^[0-9a-fA-F]{64}$")
 
 T = TypeVar("T")
-Enqueue = Callable[[str], None]
+Enqueue = Callable[[str, str], None]  # (job id, queue)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -237,7 +237,8 @@ def artifact_proto(a: Artifact | Row[Any]) -> pb.Artifact:
 def _same_request(job: Job, requested: pb.Job) -> bool:
     """Whether a CreateJob retry asks for the job that its request_id already created."""
     try:
-        return spec_to_dict(requested.spec) == job.spec and dict(requested.labels) == (job.labels or {})
+        return (spec_to_dict(requested.spec) == job.spec and dict(requested.labels) == (job.labels or {})
+                and requested.queue in ("", job.queue))
     except errors.ApiError:
         return False
 
@@ -274,7 +275,7 @@ def job_proto(j: Job | Row[Any]) -> pb.Job:
     """From an ORM object or a Core row of the jobs table."""
     msg = pb.Job(name=job_name(j.id), spec=spec_from_dict(j.spec or {}), state=pb.JobState.Value(j.state),
                  progress=j.progress, attempt_count=j.attempt_count, result_artifacts=_result_names(j),
-                 labels=dict(j.labels or {}), stage=j.stage or "")
+                 labels=dict(j.labels or {}), stage=j.stage or "", queue=j.queue)
     msg.create_time.FromDatetime(j.create_time)
     if j.start_time is not None:
         msg.start_time.FromDatetime(j.start_time)
@@ -679,6 +680,9 @@ class JobService(pb_grpc.JobServiceServicer):
             if not glob or len(glob) > 512:
                 v.append((f"job.spec.ignore[{i}]", "globs are 1-512 characters"))
         v += _label_violations(job.labels, "job.labels")
+        queues = self.b.settings.queues
+        if job.queue and job.queue not in queues:
+            v.append(("job.queue", f"unknown queue {job.queue!r}; this server sends jobs to {', '.join(queues)}"))
         if model_id is not None:
             # FOR SHARE: a concurrent DeleteArtifact (FOR UPDATE) waits for this job to exist, then sees it
             artifact = session.scalars(select(Artifact).where(
@@ -714,14 +718,14 @@ class JobService(pb_grpc.JobServiceServicer):
             if violations:
                 raise errors.invalid(violations)
             job, created = jobs.create_job(s, tenant, spec_to_dict(request.job.spec), dict(request.job.labels),
-                                           request_id)
+                                           request_id, queue=request.job.queue or self.b.settings.queue)
             result = job_proto(job)
         # committed: a worker receiving the id finds the job
         if created:
             if self.b.metrics is not None:
                 self.b.metrics.jobs_created.inc()
             try:
-                self.b.enqueue(str(job.id))
+                self.b.enqueue(str(job.id), job.queue)
             except Exception:
                 # the job is stored and QUEUED: the workers' reaper resends queued jobs whose message was lost
                 log.exception("could not send %s to the broker; it stays QUEUED until resent", result.name)

@@ -50,6 +50,8 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 from sqlalchemy.pool import StaticPool
 
+from prunery.service.settings import DEFAULT_QUEUE
+
 SQLITE_BUSY_TIMEOUT_S = 30.0
 
 NAMING_CONVENTION = {
@@ -178,6 +180,8 @@ class Job(Base):
     lease_expires_at: Mapped[datetime | None] = mapped_column(default=None)
     heartbeat_at: Mapped[datetime | None] = mapped_column(default=None)
     event_sequence: Mapped[int] = mapped_column(Integer, default=0)  # sequence of the job's last event
+    # the Celery queue (worker pool, e.g. a GPU class) the job is sent to; the reaper resends it there
+    queue: Mapped[str] = mapped_column(String(64), default=DEFAULT_QUEUE, server_default=DEFAULT_QUEUE)
 
 
 class JobEvent(Base):

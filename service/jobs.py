@@ -43,6 +43,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from prunery.service.db import Job, JobEvent, JobState, utcnow
+from prunery.service.settings import DEFAULT_QUEUE
 
 __all__ = [
     "DEFAULT_MAX_ATTEMPTS", "TERMINAL", "TRANSITIONS", "TOO_MANY_ATTEMPTS", "IllegalTransition", "JobNotFound",
@@ -149,12 +150,14 @@ def is_cancel_requested(session: Session, job_id: uuid.UUID | str) -> bool:
 # ---------------------------------------------------------------------------------------------------------
 
 def create_job(session: Session, tenant: str, spec: Mapping[str, Any], labels: Mapping[str, str] | None = None,
-               request_id: str | None = None, *, max_attempts: int = DEFAULT_MAX_ATTEMPTS) -> tuple[Job, bool]:
+               request_id: str | None = None, *, max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+               queue: str | None = None) -> tuple[Job, bool]:
     """Insert a QUEUED job and its first event; return (job, created).
 
     With a `request_id`, a second call by the same tenant returns the first job and created=False, even when
     both calls race (the unique (tenant, request_id) index decides; the loser reads the winner's row).
-    The tenant row must exist (db.ensure_tenant).
+    The tenant row must exist (db.ensure_tenant). `queue`: the worker pool to send it to (default queue if
+    None); the caller sends it there after the commit.
     """
     if max_attempts < 1:
         raise ValueError("max_attempts must be at least 1")
@@ -172,7 +175,8 @@ def create_job(session: Session, tenant: str, spec: Mapping[str, Any], labels: M
     now = utcnow()
     job = Job(id=uuid.uuid4(), tenant_id=tenant, request_id=request_id, spec=dict(spec), labels=dict(labels or {}),
               state=S.QUEUED.value, progress=0.0, stage="", attempt_count=0, max_attempts=max_attempts,
-              result_artifact_ids=[], create_time=now, update_time=now, event_sequence=1)
+              result_artifact_ids=[], create_time=now, update_time=now, event_sequence=1,
+              queue=queue or DEFAULT_QUEUE)
     try:
         with session.begin_nested():
             session.add(job)

@@ -51,7 +51,8 @@ def transport_options(settings: Any) -> dict[str, Any]:
 
 
 class CeleryEnqueuer:
-    """`enqueuer(job_id)` sends the job's task; one Celery app (and its connection pool) per instance."""
+    """`enqueuer(job_id, queue)` sends the job's task (to the settings' default queue if `queue` is None); one
+    Celery app (and its connection pool) per instance."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -78,12 +79,12 @@ class CeleryEnqueuer:
                 self._app = app
             return self._app
 
-    def __call__(self, job_id: uuid.UUID | str) -> None:
+    def __call__(self, job_id: uuid.UUID | str, queue: str | None = None) -> None:
         options = transport_options(self.settings)
         if "data_folder_out" in options:
             for key in ("data_folder_out", "control_folder", "processed_folder"):
                 os.makedirs(options[key], exist_ok=True)
-        self._celery().send_task(TASK_NAME, args=[str(job_id)], queue=self.settings.queue, retry=True,
+        self._celery().send_task(TASK_NAME, args=[str(job_id)], queue=queue or self.settings.queue, retry=True,
                                  retry_policy={"max_retries": 3, "interval_start": 0.2, "interval_step": 0.5,
                                                "interval_max": 2.0})
 
@@ -98,10 +99,10 @@ _default: CeleryEnqueuer | None = None
 _default_lock = threading.Lock()
 
 
-def enqueue(job_id: uuid.UUID | str) -> None:
+def enqueue(job_id: uuid.UUID | str, queue: str | None = None) -> None:
     """Send `job_id` with the broker configured by the `PRUNERY_*` environment."""
     global _default
     with _default_lock:
         if _default is None:
             _default = CeleryEnqueuer(Settings.from_env())
-    _default(job_id)
+    _default(job_id, queue)

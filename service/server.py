@@ -119,7 +119,7 @@ class PruneryServer(grpc.Server):
 
 
 def build_server(settings: Settings | None = None, *, database: db.Database | None = None,
-                 store: ObjectStore | None = None, enqueue: Callable[[str], None] | None = None,
+                 store: ObjectStore | None = None, enqueue: Callable[[str, str], None] | None = None,
                  metrics: Metrics | None = None) -> PruneryServer:
     """A server for `settings` (default: from the environment), bound to `settings.listen_address` (port 0:
     any free port; see `.port`) but not started. The database must be migrated (`db.upgrade`). `database`,

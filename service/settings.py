@@ -9,7 +9,9 @@ a worker started in the same environment share one database, one object store an
 | PRUNERY_DATABASE_URL           | `sqlite:///{data}/prunery.db`       | SQLAlchemy URL (postgresql://... in prod)     |
 | PRUNERY_STORE_URL              | `file://{data}/objects`             | object store URL (s3://bucket/prefix?...)     |
 | PRUNERY_BROKER_URL             | `filesystem://` under `{data}/broker` | Celery broker (redis://... in prod)         |
-| PRUNERY_QUEUE                  | `prunery`                           | queue the jobs are sent to                    |
+| PRUNERY_QUEUE                  | `prunery`                           | default queue of the jobs                     |
+| PRUNERY_QUEUES                 | (none)                              | more queues a job may name (comma-separated,  |
+|                                |                                     | one per worker pool / GPU class)              |
 | PRUNERY_BROKER_KEYPREFIX       | (none)                              | Redis `global_keyprefix` (isolation)          |
 | PRUNERY_LISTEN_ADDRESS         | `127.0.0.1:50051`                   | gRPC listen address (`0.0.0.0:50051` in prod) |
 | PRUNERY_METRICS_PORT           | 0 (off)                             | Prometheus `/metrics` HTTP port of the API    |
@@ -75,6 +77,7 @@ class Settings:
     store_url: str = ""  # "" = folder in data_dir
     broker_url: str = "filesystem://"
     queue: str = DEFAULT_QUEUE
+    extra_queues: tuple[str, ...] = ()
     broker_keyprefix: str = ""
     listen_address: str = DEFAULT_LISTEN_ADDRESS
     metrics_port: int | None = None
@@ -100,6 +103,11 @@ class Settings:
             raise ValueError("grpc_workers must be at least 1")
 
     @property
+    def queues(self) -> tuple[str, ...]:
+        """The queues a job may name: the default first."""
+        return (self.queue, *(q for q in self.extra_queues if q != self.queue))
+
+    @property
     def broker_dir(self) -> Path:
         """Folders of the `filesystem://` broker (embedded default), as the worker uses them."""
         return self.data_dir / "broker"
@@ -114,6 +122,7 @@ class Settings:
             store_url=os.environ.get("PRUNERY_STORE_URL") or "",
             broker_url=os.environ.get("PRUNERY_BROKER_URL") or "filesystem://",
             queue=os.environ.get("PRUNERY_QUEUE") or DEFAULT_QUEUE,
+            extra_queues=tuple(q.strip() for q in (os.environ.get("PRUNERY_QUEUES") or "").split(",") if q.strip()),
             broker_keyprefix=os.environ.get("PRUNERY_BROKER_KEYPREFIX", ""),
             listen_address=os.environ.get("PRUNERY_LISTEN_ADDRESS") or DEFAULT_LISTEN_ADDRESS,
             metrics_port=metrics_port or None,  # 0 means off, as for the worker

@@ -48,15 +48,17 @@ Code = grpc.StatusCode
 # ---------------------------------------------------------------------------------------------------------
 
 class Recorder:
-    """An injected `enqueue`: records the job ids sent."""
+    """An injected `enqueue`: records the job ids sent, and their queues."""
 
     def __init__(self) -> None:
         self.ids: list[str] = []
+        self.queues: dict[str, str] = {}
         self.lock = threading.Lock()
 
-    def __call__(self, job_id: str) -> None:
+    def __call__(self, job_id: str, queue: str) -> None:
         with self.lock:
             self.ids.append(job_id)
+            self.queues[job_id] = queue
 
 
 @dataclass
@@ -264,9 +266,9 @@ def wait_for(predicate: Callable[[], bool], timeout: float = 15.0, what: str = "
         time.sleep(0.02)
 
 
-def create_job(api: Api, t: Tenant, model: str, request_id: str = "", **spec: Any) -> pb.Job:
+def create_job(api: Api, t: Tenant, model: str, request_id: str = "", queue: str = "", **spec: Any) -> pb.Job:
     spec.setdefault("ratio", 0.5)
-    job = pb.Job(spec=pb.PruneSpec(model=model, **spec), labels={"team": "vision"})
+    job = pb.Job(spec=pb.PruneSpec(model=model, **spec), labels={"team": "vision"}, queue=queue)
     return api.jobs.CreateJob(pb.CreateJobRequest(job=job, request_id=request_id), metadata=t.md, timeout=30)
 
 
@@ -648,6 +650,7 @@ def test_create_job_is_idempotent(folder_api: Api, tenant: Tenant, model: pb.Art
     assert first.state == pb.QUEUED and first.create_time.seconds > 0 and first.progress == 0
     assert re.fullmatch(r"jobs/[0-9a-f-]{36}", first.name)
     assert api.enqueued.ids.count(job_id_of(first)) == 1  # one message for one job
+    assert api.enqueued.queues[job_id_of(first)] == first.queue == "prunery"
     # the stored spec has its defaults filled in
     assert first.spec == pb.PruneSpec(model=model.name, ratio=0.25, importance=pb.L2, round_to=8, max_ratio=1.0,
                                       ignore=["fc.*"])
@@ -825,7 +828,8 @@ def test_list_jobs_pages_and_filters(folder_api: Api, tenant: Tenant, model: pb.
 # Queue, health, reflection, metrics, imports, settings
 # ---------------------------------------------------------------------------------------------------------
 
-def test_create_job_sends_one_celery_message_through_redis(pg_url: str, database: Database, tmp_path: Path) -> None:
+def test_create_job_sends_one_celery_message_through_redis_to_its_queue(pg_url: str, database: Database,
+                                                                        tmp_path: Path) -> None:
     redis = pytest.importorskip("redis")
     client = redis.Redis(host="127.0.0.1", port=6379, db=0)
     try:
@@ -834,8 +838,8 @@ def test_create_job_sends_one_celery_message_through_redis(pg_url: str, database
         pytest.skip("no Redis on 127.0.0.1:6379")
     prefix = f"prunery-test-{uuid.uuid4().hex[:8]}:"
     settings = Settings(database_url=pg_url, store_url=str(tmp_path / "objects"), listen_address="127.0.0.1:0",
-                        broker_url="redis://127.0.0.1:6379/0", queue="jobs", broker_keyprefix=prefix,
-                        auth_cache_s=0)
+                        broker_url="redis://127.0.0.1:6379/0", queue="jobs", extra_queues=("a100",),
+                        broker_keyprefix=prefix, auth_cache_s=0)
     server = build_server(settings, database=database)
     server.start()
     t = new_tenant(pg_url)
@@ -845,11 +849,19 @@ def test_create_job_sends_one_celery_message_through_redis(pg_url: str, database
             model = upload(api, t, b"model bytes")
             rid = uuid.uuid4().hex
             job = create_job(api, t, model.name, rid)
-            assert create_job(api, t, model.name, rid) == job
-        assert client.llen(f"{prefix}jobs") == 1
-        message = json.loads(client.lindex(f"{prefix}jobs", 0))
-        assert message["headers"]["task"] == "prunery.run_job"
-        assert job_id_of(job) in message["headers"]["argsrepr"]
+            assert create_job(api, t, model.name, rid) == job and job.queue == "jobs"  # the default queue
+            gpu = create_job(api, t, model.name, queue="a100")
+            assert gpu.queue == "a100"
+            assert api.jobs.GetJob(pb.GetJobRequest(name=gpu.name), metadata=t.md).queue == "a100"
+            d = expect(rpc_error(create_job, api, t, model.name, queue="h100"), Code.INVALID_ARGUMENT, "INVALID_FIELD",
+                       "job.queue")
+            assert "jobs, a100" in d.message
+        for queue, created in (("jobs", job), ("a100", gpu)):
+            assert client.llen(f"{prefix}{queue}") == 1
+            message = json.loads(client.lindex(f"{prefix}{queue}", 0))
+            assert message["headers"]["task"] == "prunery.run_job"
+            assert job_id_of(created) in message["headers"]["argsrepr"]
+        assert client.llen(f"{prefix}h100") == 0
     finally:
         server.stop(0).wait(10)
         for key in client.scan_iter(f"{prefix}*"):

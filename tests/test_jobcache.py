@@ -158,7 +158,7 @@ def test_through_the_api_getjob_follows_a_worker_and_watchjob_wakes_on_notificat
     # a 30 s poll: only the notification can deliver the events below within the test's deadlines
     settings = Settings(database_url=pg_url, store_url=(tmp_path / "objects").as_uri(), listen_address="127.0.0.1:0",
                         watch_poll_s=30.0, auth_cache_s=0, grpc_workers=8)
-    server = build_server(settings, database=database, enqueue=lambda job_id: None)
+    server = build_server(settings, database=database, enqueue=lambda job_id, queue: None)
     server.start()
     token = tokens.create(pg_url, tenant, "jobcache test")
     metadata = (("authorization", f"Bearer {token}"),)

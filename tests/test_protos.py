@@ -27,7 +27,7 @@ FIELD_NUMBERS = {
     "GetArtifactRequest": {"name": 1},
     "GetJobRequest": {"name": 1},
     "Job": {"name": 1, "spec": 2, "state": 3, "progress": 4, "create_time": 5, "start_time": 6, "end_time": 7,
-            "attempt_count": 8, "error": 9, "result_artifacts": 10, "report": 11, "labels": 12, "stage": 13},
+            "attempt_count": 8, "error": 9, "result_artifacts": 10, "report": 11, "labels": 12, "stage": 13, "queue": 14},
     "JobEvent": {"sequence": 1, "time": 2, "state": 3, "progress": 4, "stage": 5, "message": 6, "job": 7},
     "ListArtifactsRequest": {"page_size": 1, "page_token": 2, "filter": 3},
     "ListArtifactsResponse": {"artifacts": 1, "next_page_token": 2},

@@ -206,7 +206,7 @@ def test_upload_outliving_the_ttl_fails_and_leaves_nothing(database_url: str, da
     store = FolderStore(tmp_path / "objects")
     settings = Settings(database_url=database_url, store_url=store.url, listen_address="127.0.0.1:0",
                         metrics_port=0, tenant_cap_bytes=1 << 20, auth_cache_s=0, grpc_workers=4)
-    server = build_server(settings, database=database, store=store, enqueue=lambda _job_id: None)
+    server = build_server(settings, database=database, store=store, enqueue=lambda _job_id, _queue: None)
     server.start()
     channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
     tenant = f"t-{uuid.uuid4().hex[:10]}"

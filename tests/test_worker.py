@@ -125,7 +125,7 @@ class Stack:
                max_attempts: int = 3, **spec: Any) -> uuid.UUID:
         with self.db.session() as s:
             job, _ = jobs.create_job(s, TENANT, {"model": f"artifacts/{artifact_id}", "ratio": ratio, **spec},
-                                     labels=labels, max_attempts=max_attempts)
+                                     labels=labels, max_attempts=max_attempts, queue=self.settings.queue)
             job_id = job.id
         enqueue(job_id, celery=self.celery)  # after the commit, as the API does
         return job_id
@@ -564,48 +564,56 @@ def test_embedded_defaults(conv1d_bytes: bytes, tmp_path: Path, monkeypatch: pyt
 
 
 def test_reaper_sweeps() -> None:
-    """reap_expired and resend_lost on their own (a database no worker watches), sending only after commit."""
+    """reap_expired and resend_lost on their own (a database no worker watches), sending only after commit, each
+    job to its own queue."""
     with temporary_postgres_database(prefix="prunery_worker_test") as url:
         upgrade(url)
         db = Database(url)
         try:
             with db.session() as s:
                 ensure_tenant(s, TENANT)
-                ids = [jobs.create_job(s, TENANT, {"ratio": 0.5}, max_attempts=n)[0].id for n in (3, 1, 3, 3)]
-            retry, exhausted, cancelling, queued = ids
+                ids = [jobs.create_job(s, TENANT, {"ratio": 0.5}, max_attempts=n, queue=q)[0].id
+                       for n, q in ((3, "a100"), (1, None), (3, None), (3, None), (3, "a100"))]
+            retry, exhausted, cancelling, queued, queued_elsewhere = ids
             with db.session() as s:
                 for job_id in (retry, exhausted, cancelling):
                     assert jobs.claim(s, job_id, "dead-host:1:x", lease_s=0.05)
                 jobs.request_cancel(s, cancelling)
             time.sleep(0.1)
 
-            sent: list[uuid.UUID] = []
+            sent: list[tuple[uuid.UUID, str]] = []
+
+            def send(job_id: uuid.UUID, queue: str) -> None:
+                sent.append((job_id, queue))
+
             with db.session() as s:
-                result = reap_expired(s, enqueue_fn=sent.append)
+                result = reap_expired(s, enqueue_fn=send)
                 assert sent == []  # not before the commit
             assert (result.requeued, result.failed, result.cancelled) == ([retry], [exhausted], [cancelling])
-            assert sent == [retry]
+            assert sent == [(retry, "a100")]  # back to the pool it was created for
             with db.session() as s:
                 states = {i: (j.state, j.error_reason) for i in ids if (j := jobs.get_job(s, i))}
             assert states == {retry: ("QUEUED", None), exhausted: ("FAILED", jobs.TOO_MANY_ATTEMPTS),
-                              cancelling: ("CANCELLED", None), queued: ("QUEUED", None)}
+                              cancelling: ("CANCELLED", None), queued: ("QUEUED", None),
+                              queued_elsewhere: ("QUEUED", None)}
 
             # a sweep whose transaction rolls back sends nothing
             with db.session() as s:
                 assert jobs.claim(s, retry, "dead-host:2:y", lease_s=0.05)
             time.sleep(0.1)
             with pytest.raises(RuntimeError), db.session() as s:
-                assert reap_expired(s, enqueue_fn=sent.append).requeued == [retry]
+                assert reap_expired(s, enqueue_fn=send).requeued == [retry]
                 raise RuntimeError
-            assert sent == [retry]
+            assert sent == [(retry, "a100")]
 
-            # a QUEUED job whose message was lost is sent again, only when old enough and the queue is empty
+            # a QUEUED job of this worker's queue whose message was lost is sent again, only when old enough and
+            # the queue is empty; another pool's jobs are that pool's reapers' business
             with db.session() as s:
-                assert resend_lost(s, 3600, lambda: 0, enqueue_fn=sent.append) == []
+                assert resend_lost(s, 3600, lambda: 0, "prunery", enqueue_fn=send) == []
             with db.session() as s:
-                assert resend_lost(s, 0, lambda: 1, enqueue_fn=sent.append) == []
+                assert resend_lost(s, 0, lambda: 1, "prunery", enqueue_fn=send) == []
             with db.session() as s:
-                assert resend_lost(s, 0, lambda: 0, enqueue_fn=sent.append) == [queued]
-            assert sent == [retry, queued]
+                assert resend_lost(s, 0, lambda: 0, "prunery", enqueue_fn=send) == [queued]
+            assert sent == [(retry, "a100"), (queued, "prunery")]
         finally:
             db.dispose()

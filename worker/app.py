@@ -114,14 +114,15 @@ def make_app(settings: WorkerSettings | None = None, *, main: bool = False) -> C
 app = make_app(main=True)
 
 
-def enqueue(job_id: uuid.UUID | str, *, celery: Celery | None = None) -> None:
+def enqueue(job_id: uuid.UUID | str, queue: str | None = None, *, celery: Celery | None = None) -> None:
     """Send job `job_id` to the workers, by task name (the caller need not import the worker code).
 
-    Call it after the job row is committed: a worker receiving the id must find the job."""
+    Call it after the job row is committed: a worker receiving the id must find the job. `queue`: the job's
+    (default: this app's)."""
     target = celery or app
     settings: WorkerSettings = target.prunery_settings  # type: ignore[attr-defined]
     _ensure_broker_dirs(settings)
-    target.send_task(TASK_NAME, args=[str(job_id)], queue=settings.queue, retry=True,
+    target.send_task(TASK_NAME, args=[str(job_id)], queue=queue or settings.queue, retry=True,
                      retry_policy={"max_retries": 5, "interval_start": 0.2, "interval_step": 0.5,
                                    "interval_max": 2.0})
 

@@ -13,9 +13,10 @@ How a job survives the death of its worker (the lease, the broker and the reaper
   worker's main process runs this reaper every `PRUNERY_REAPER_INTERVAL_S`: jobs RUNNING with an expired lease
   go back to QUEUED and are sent again (`jobs.requeue_expired`, then `enqueue` after the commit), or FAIL
   with TOO_MANY_ATTEMPTS once their attempts are used up, so a job that kills its worker every time ends
-  instead of looping; CANCELLING jobs with an expired lease become CANCELLED. A job QUEUED for longer than
-  `PRUNERY_RESEND_QUEUED_S` while the queue is empty lost its message (e.g. the API died between commit
-  and send): it is sent again.
+  instead of looping; CANCELLING jobs with an expired lease become CANCELLED. Requeued jobs go back to the
+  queue they were created for (`jobs.queue`: one per worker pool, e.g. a GPU class), whichever pool the
+  reaper's worker serves. A job of the worker's own queue QUEUED for longer than `PRUNERY_RESEND_QUEUED_S`
+  while that queue is empty lost its message (e.g. the API died between commit and send): it is sent again.
 - Duplicates are harmless: every path goes through `jobs.claim`, so a job runs in one place at a time, and
   an attempt is counted per claim. Reapers of several workers may run at once: each job row is locked.
 
@@ -54,7 +55,7 @@ __all__ = ["ReapResult", "Reaper", "UploadSweep", "reap_expired", "resend_lost",
 
 log = logging.getLogger("prunery.worker.reaper")
 
-EnqueueFn = Callable[[uuid.UUID], None]
+EnqueueFn = Callable[[uuid.UUID, str], None]  # (job id, its queue)
 
 # the sweep scans the artifacts table for PENDING rows, and they age for hours: no need to look every tick
 UPLOAD_SWEEP_INTERVAL_S = 300.0
@@ -79,17 +80,18 @@ def _after_commit(session: Session, fn: Callable[[], None]) -> None:
     event.listen(session, "after_commit", _run, once=True)
 
 
-def _default_enqueue(job_id: uuid.UUID) -> None:
+def _default_enqueue(job_id: uuid.UUID, queue: str) -> None:
     from prunery.worker.app import enqueue
 
-    enqueue(job_id)
+    enqueue(job_id, queue)
 
 
 def reap_expired(session: Session, *, enqueue_fn: EnqueueFn | None = _default_enqueue, limit: int = 100) -> ReapResult:
     """Requeue (or fail, or finish cancelling) RUNNING/CANCELLING jobs whose lease expired.
 
     The state changes are made in `session` (the caller commits); the requeued jobs are sent with
-    `enqueue_fn` after that commit, so a worker receiving one always finds it QUEUED."""
+    `enqueue_fn` to their own queues (whichever pool this reaper's worker serves) after that commit, so a
+    worker receiving one always finds it QUEUED."""
     now = utcnow()
     expired = {
         job_id: state
@@ -112,24 +114,27 @@ def reap_expired(session: Session, *, enqueue_fn: EnqueueFn | None = _default_en
     for job_id in result.failed:
         log.warning("job %s: its worker died on every attempt; failed", job_id)
     if result.requeued and enqueue_fn is not None:
-        ids = list(result.requeued)
-        _after_commit(session, lambda: [enqueue_fn(i) for i in ids])
+        queues = dict(session.execute(select(Job.id, Job.queue).where(Job.id.in_(result.requeued))).all())
+        sends = [(i, queues[i]) for i in result.requeued]
+        _after_commit(session, lambda: [enqueue_fn(i, q) for i, q in sends])
     return result
 
 
-def resend_lost(session: Session, older_than_s: float, queue_depth: Callable[[], int], *,
+def resend_lost(session: Session, older_than_s: float, queue_depth: Callable[[], int], queue: str, *,
                 enqueue_fn: EnqueueFn | None = _default_enqueue, limit: int = 100) -> list[uuid.UUID]:
-    """Send again the jobs QUEUED for more than `older_than_s` (since their last event) while the queue is
-    empty: their message was lost. Sent after the caller's commit. Returns their ids."""
+    """Send again the jobs of `queue` QUEUED for more than `older_than_s` (since their last event) while that
+    queue is empty (`queue_depth()`): their message was lost. Sent after the caller's commit. Returns their
+    ids."""
     cutoff = utcnow() - timedelta(seconds=older_than_s)
-    stale = list(session.scalars(select(Job.id).where(Job.state == JobState.QUEUED.value, Job.update_time < cutoff)
+    stale = list(session.scalars(select(Job.id).where(Job.state == JobState.QUEUED.value, Job.queue == queue,
+                                                      Job.update_time < cutoff)
                                  .order_by(Job.create_time).limit(limit)))
     if not stale or queue_depth() > 0:
         return []
     log.warning("%d job(s) queued for over %.0fs with an empty queue (lost messages); sending again", len(stale),
                 older_than_s)
     if enqueue_fn is not None:
-        _after_commit(session, lambda: [enqueue_fn(i) for i in stale])
+        _after_commit(session, lambda: [enqueue_fn(i, queue) for i in stale])
     return stale
 
 
@@ -194,10 +199,10 @@ class Reaper(threading.Thread):
         if self.is_alive() and threading.current_thread() is not self:
             self.join(timeout)
 
-    def _enqueue(self, job_id: uuid.UUID) -> None:
+    def _enqueue(self, job_id: uuid.UUID, queue: str) -> None:
         from prunery.worker.app import enqueue
 
-        enqueue(job_id, celery=self.celery)
+        enqueue(job_id, queue, celery=self.celery)
 
     def _queue_depth(self) -> int:
         from prunery.worker.app import queue_depth
@@ -235,7 +240,7 @@ class Reaper(threading.Thread):
         resent: list[uuid.UUID] = []
         if self.settings.resend_queued_s > 0:
             with self._db.session() as session:
-                resent = resend_lost(session, self.settings.resend_queued_s, self._queue_depth,
+                resent = resend_lost(session, self.settings.resend_queued_s, self._queue_depth, self.settings.queue,
                                      enqueue_fn=self._enqueue)
         with self._db.session() as session:
             queued = session.scalar(select(func.count()).select_from(Job).where(Job.state == JobState.QUEUED.value))

@@ -161,7 +161,7 @@ class PruneSpec(_message.Message):
     def __init__(self, model: _Optional[str] = ..., ratio: _Optional[float] = ..., importance: _Optional[_Union[Importance, str]] = ..., global_pruning: _Optional[bool] = ..., round_to: _Optional[int] = ..., max_ratio: _Optional[float] = ..., ignore: _Optional[_Iterable[str]] = ..., seed: _Optional[int] = ...) -> None: ...
 
 class Job(_message.Message):
-    __slots__ = ("name", "spec", "state", "progress", "create_time", "start_time", "end_time", "attempt_count", "error", "result_artifacts", "report", "labels", "stage")
+    __slots__ = ("name", "spec", "state", "progress", "create_time", "start_time", "end_time", "attempt_count", "error", "result_artifacts", "report", "labels", "stage", "queue")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -182,6 +182,7 @@ class Job(_message.Message):
     REPORT_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
     STAGE_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_FIELD_NUMBER: _ClassVar[int]
     name: str
     spec: PruneSpec
     state: JobState
@@ -195,7 +196,8 @@ class Job(_message.Message):
     report: _struct_pb2.Struct
     labels: _containers.ScalarMap[str, str]
     stage: str
-    def __init__(self, name: _Optional[str] = ..., spec: _Optional[_Union[PruneSpec, _Mapping]] = ..., state: _Optional[_Union[JobState, str]] = ..., progress: _Optional[float] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., attempt_count: _Optional[int] = ..., error: _Optional[_Union[_status_pb2.Status, _Mapping]] = ..., result_artifacts: _Optional[_Iterable[str]] = ..., report: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., labels: _Optional[_Mapping[str, str]] = ..., stage: _Optional[str] = ...) -> None: ...
+    queue: str
+    def __init__(self, name: _Optional[str] = ..., spec: _Optional[_Union[PruneSpec, _Mapping]] = ..., state: _Optional[_Union[JobState, str]] = ..., progress: _Optional[float] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., attempt_count: _Optional[int] = ..., error: _Optional[_Union[_status_pb2.Status, _Mapping]] = ..., result_artifacts: _Optional[_Iterable[str]] = ..., report: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., labels: _Optional[_Mapping[str, str]] = ..., stage: _Optional[str] = ..., queue: _Optional[str] = ...) -> None: ...
 
 class CreateJobRequest(_message.Message):
     __slots__ = ("job", "request_id")
