@@ -14,6 +14,8 @@ import torch
 from torch.export import ExportedProgram
 from torch.export.graph_signature import InputKind
 
+from .tensors import tied_names
+
 aten = torch.ops.aten
 
 
@@ -35,9 +37,11 @@ def _numel(t: torch.Tensor) -> int:
 
 
 def count_params(ep: ExportedProgram) -> int:
-    names = {s.target for s in ep.graph_signature.input_specs if s.kind == InputKind.PARAMETER}
+    names = [s.target for s in ep.graph_signature.input_specs if s.kind == InputKind.PARAMETER]
     sd = ep.state_dict
-    return sum(sd[n].numel() for n in names if n in sd)
+    tensors = {n: sd[n] for n in names if n in sd}
+    tied = tied_names(tensors)  # a tied weight counts once
+    return sum(t.numel() for n, t in tensors.items() if n not in tied)
 
 
 def _conv_ops() -> set:

@@ -18,6 +18,7 @@ group costs time linear in the group, never a re-walk of the graph.
 from __future__ import annotations
 
 import fnmatch
+import math
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -30,7 +31,10 @@ from scipy.sparse.csgraph import connected_components
 from torch.export import ExportedProgram
 from torch.export.graph_signature import InputKind, OutputKind
 
+from .tensors import program_tensors, tied_names
+
 FROZEN = 0  # sentinel element id
+ATTENTION_MODES = ("heads", "head-dim", "none")  # what attention dims may lose: whole heads, dims inside heads
 
 
 @dataclass
@@ -54,6 +58,9 @@ class Group:
     # positions into `components`, one array per set of indices carried by the same members (the
     # channels of each producer feeding a concat, say); the ratio applies to each part
     parts: list[np.ndarray] = field(default_factory=list)
+    # a transformer's residual stream (normalised by LayerNorm/RMSNorm and summed by skip connections), pruned
+    # only when asked (`PruneConfig.prune_hidden`)
+    hidden: bool = False
 
     @property
     def size(self) -> int:
@@ -75,6 +82,16 @@ class Builder:
         # node name -> rewrite(kept_count, kept_indices) -> None; filled by rules that carry literals
         self.rewrites: dict[str, Callable] = {}
         self.roles: dict[int, str] = {}  # slot -> role of the parameter dim it belongs to
+        # slot identity classes (union-find over slots joined by `union`), to recognise one dim seen by several
+        # ops; rules mark attention head dims and normalised (residual stream) dims on them
+        self._slot_parent: list[int] = []
+        self.head_slots: set[int] = set()
+        self.head_links: list[tuple[int, int]] = []  # (a, b): b's heads are a's, repeated (grouped-query attention)
+        self.norm_slots: set[int] = set()  # dims a LayerNorm/RMSNorm normalises
+        self.residual_slots: set[int] = set()  # dims two operands of an add share (skip connections)
+        # split/merge of a dim into factors (reshape), decided when the graph is complete: which factor stays
+        # free depends on what the factors turn out to be (attention heads, head dims, channels)
+        self.factor_splits: list[tuple[int, list[int], list[int]]] = []
 
     # --- slots -----------------------------------------------------------------------------
     def new(self, size: int | torch.SymInt) -> int:
@@ -85,6 +102,7 @@ class Builder:
         self.slot_size.append(n)
         self.slot_symbolic.append(not concrete)
         self.slot_frozen_hint.append(False)
+        self._slot_parent.append(sid)
         self.n_elems += n
         if not concrete:
             self.freeze(sid)
@@ -125,7 +143,83 @@ class Builder:
             return
         if self.slot_frozen_hint[a] or self.slot_frozen_hint[b]:
             self.slot_frozen_hint[a] = self.slot_frozen_hint[b] = True
+        ra, rb = self.slot_class(a), self.slot_class(b)
+        if ra != rb:
+            self._slot_parent[max(ra, rb)] = min(ra, rb)
         self._pairs(self.elems(a), self.elems(b))
+
+    def slot_class(self, slot: int) -> int:
+        """The identity class of a slot: slots joined element for element by `union` share it."""
+        parent = self._slot_parent
+        root = slot
+        while parent[root] != root:
+            root = parent[root]
+        while parent[slot] != root:
+            parent[slot], slot = root, parent[slot]
+        return root
+
+    def split_factors(self, whole: int, factors: list[int], sizes: list[int]) -> None:
+        """`whole` (size prod(sizes)) is the row-major merge of `factors`; coupled at the end (`resolve_factors`)."""
+        self.handled.add(whole)
+        self.handled.update(factors)
+        self.factor_splits.append((whole, list(factors), list(sizes)))
+
+    def resolve_factors(self, attention: str) -> None:
+        """Couple every recorded split through one free factor, the others frozen (row-major index arithmetic:
+        with two free factors every element would join every other). The free factor is the head factor of
+        an attention dim (`attention="heads"`: whole heads go), the factor inside it ("head-dim": the same
+        dims of every head go), none ("none"); elsewhere the largest not frozen (channels in a flatten,
+        per-group channels in a shuffle)."""
+        heads = {self.slot_class(s) for s in self.head_slots}
+
+        def default(factors: list[int], sizes: list[int]) -> int | None:
+            candidates = [k for k, f in enumerate(factors) if not self.slot_frozen_hint[f] and sizes[k] > 1]
+            return max(candidates, key=lambda k: (sizes[k], k)) if candidates else None
+
+        # a head dim split into (or merged from) factors of its own, as grouped-query attention's key/value heads
+        # repeated to the query heads: the factor that stays free is a head dim too
+        changed = True
+        while changed:
+            changed = False
+            for a, c in self.head_links:
+                ka, kc = self.slot_class(a), self.slot_class(c)
+                if (ka in heads) != (kc in heads):
+                    heads.update((ka, kc))
+                    changed = True
+            for whole, factors, sizes in self.factor_splits:
+                if self.slot_class(whole) in heads and not any(self.slot_class(f) in heads for f in factors):
+                    k = default(factors, sizes)
+                    if k is not None:
+                        heads.add(self.slot_class(factors[k]))
+                        changed = True
+        for whole, factors, sizes in self.factor_splits:
+            head_k = [k for k, f in enumerate(factors) if self.slot_class(f) in heads]
+            whole_head = self.slot_class(whole) in heads
+            free: int | None
+            if self.slot_frozen_hint[whole]:
+                free = None
+            elif not head_k and not whole_head:
+                free = default(factors, sizes)
+            elif attention == "heads":
+                free = head_k[0] if head_k else default(factors, sizes)
+            elif attention == "head-dim" and head_k and not whole_head:
+                inner = [k for k in range(head_k[0] + 1, len(factors))
+                         if sizes[k] > 1 and not self.slot_frozen_hint[factors[k]]]
+                free = inner[0] if inner else None
+            else:
+                free = None
+            if free is None:
+                for f in factors:
+                    self.freeze(f)
+                self.freeze(whole)
+                continue
+            total = math.prod(sizes)
+            stride = math.prod(sizes[free + 1:])
+            t = np.arange(total)
+            self.union_map(whole, t, factors[free], (t // stride) % sizes[free])
+            for k, f in enumerate(factors):
+                if k != free:
+                    self.freeze(f)
 
     def union_map(self, a: int, ia: np.ndarray, b: int, ib: np.ndarray) -> None:
         """Element ia[j] of slot a is coupled to element ib[j] of slot b (offsets, blocks, groups)."""
@@ -160,12 +254,15 @@ class ParamInfo:
 class DependencyGraph:
     """Dependency graph of an ExportedProgram; see the module docstring."""
 
-    def __init__(self, ep: ExportedProgram, ignore: Sequence[str] = ()):
+    def __init__(self, ep: ExportedProgram, ignore: Sequence[str] = (), attention: str = "heads"):
         from . import rules  # late import: rules import Builder from here
 
+        if attention not in ATTENTION_MODES:
+            raise ValueError(f"attention must be one of {', '.join(ATTENTION_MODES)}, got {attention!r}")
         t0 = time.perf_counter()
         self.ep = ep
         self.ignore = tuple(ignore)
+        self.attention = attention
         self.builder = b = Builder()
         self.frozen_ops: Counter[str] = Counter()
         self.node_slots: dict[str, object] = {}  # node name -> list[int] | list[list[int]] | None
@@ -176,6 +273,8 @@ class DependencyGraph:
             InputKind.BUFFER: "buffer",
             InputKind.CONSTANT_TENSOR: "constant",
         }
+        tied = tied_names(program_tensors(ep))
+        first_slots: dict[str, list[int]] = {}  # tied tensors: the slots of the name seen first
         placeholder_kind: dict[str, tuple[str, str | None]] = {}
         for spec in sig.input_specs:
             placeholder_kind[spec.arg.name] = (kinds.get(spec.kind, "input"), spec.target)
@@ -195,6 +294,10 @@ class DependencyGraph:
                         b.freeze(s)
                 else:
                     self.params[target] = ParamInfo(target, kind, slots, node.name)
+                    seen = first_slots.setdefault(tied.get(target, target), slots)
+                    if seen is not slots:  # another name of a tied tensor: the same dims
+                        for a, c in zip(slots, seen, strict=True):
+                            b.union(a, c)
                     if any(fnmatch.fnmatchcase(target, pat) for pat in ignore):
                         for s in slots:
                             b.freeze(s)
@@ -211,6 +314,7 @@ class DependencyGraph:
                     slots = self.node_slots.get(name)
                     for s in _flat_slots(slots):
                         b.freeze(s)
+        b.resolve_factors(attention)
         self._finalize()
         self.build_s = time.perf_counter() - t0
 
@@ -277,9 +381,18 @@ class DependencyGraph:
                     self.groups[gid].members.append(Member(p.name, p.kind, d, s, b.roles.get(s, "")))
         # groups made only of buffers or constants remove nothing worth removing: keep those with a parameter
         self.groups = [g for g in self.groups if any(m.kind == "parameter" for m in g.members)]
+        normed, residual = self._labels_of(b.norm_slots), self._labels_of(b.residual_slots)
         for i, g in enumerate(self.groups):
             g.id = i
+            # the residual stream: normalised, and summed along skip connections (an MLP's normalised hidden
+            # layer is not; neither is a ResNet's channel group)
+            g.hidden = bool(np.isin(g.components, normed).any() and np.isin(g.components, residual).any())
         self._split_parts()
+
+    def _labels_of(self, slots: set[int]) -> np.ndarray:
+        if not slots:
+            return np.zeros(0, dtype=np.int64)
+        return np.unique(np.concatenate([self.slot_labels(s) for s in slots]))
 
     def _split_parts(self) -> None:
         """Parts of a group: its components keyed by the set of member slots carrying them (a sum of

@@ -20,9 +20,10 @@ from torch.export import Dim, ExportedProgram
 from torch.export.graph_signature import InputKind
 
 from .counting import count
-from .graph import DependencyGraph
+from .graph import ATTENTION_MODES, DependencyGraph
 from .importance import IMPORTANCES, group_scores, relative
 from .program_module import NodeCall, ProgramModule, call_specs, supported
+from .tensors import program_tensors, tied_names
 
 
 class PruneError(ValueError):
@@ -38,6 +39,12 @@ class PruneConfig:
     max_ratio: float = 1.0
     ignore: tuple[str, ...] = ()
     seed: int = 0
+    # attention dims that may go: "heads" (whole heads, with their Q/K/V rows and output-projection columns),
+    # "head-dim" (the same dims inside every head) or "none"
+    attention: str = "heads"
+    # the residual stream width (the dims every LayerNorm/RMSNorm normalises, with the embeddings feeding
+    # them): left whole unless asked
+    prune_hidden: bool = False
 
     def validate(self) -> None:
         if not 0.0 < self.ratio < 1.0:
@@ -48,6 +55,8 @@ class PruneConfig:
             raise PruneError(f"max ratio must be in (0, 1], got {self.max_ratio}")
         if self.round_to is not None and self.round_to < 1:
             raise PruneError(f"round-to must be a positive integer, got {self.round_to}")
+        if self.attention not in ATTENTION_MODES:
+            raise PruneError(f"attention must be one of {', '.join(ATTENTION_MODES)}, got {self.attention!r}")
 
 
 @dataclass
@@ -63,13 +72,6 @@ class PrunePlan:
 
     def removed(self, slot: int) -> np.ndarray:
         return np.flatnonzero(self.pruned[self.graph.slot_labels(slot)])
-
-
-def program_tensors(ep: ExportedProgram) -> dict[str, torch.Tensor]:
-    """Parameters, buffers and constants of the program by fully qualified name."""
-    out = dict(ep.state_dict)
-    out.update({k: v for k, v in ep.constants.items() if isinstance(v, torch.Tensor)})
-    return out
 
 
 def _n_to_prune(n: int, ratio: float) -> int:
@@ -97,7 +99,7 @@ def select(graph: DependencyGraph, config: PruneConfig, tensors: dict[str, torch
     scores = group_scores(graph, tensors, config.importance, config.seed)
     pruned = np.zeros(int(graph.labels.max()) + 1, dtype=bool)
     plan = PrunePlan(graph, pruned)
-    parts = [(g, part) for g in graph.groups for part in g.parts]
+    parts = [(g, part) for g in graph.groups if config.prune_hidden or not g.hidden for part in g.parts]
     chosen: list[np.ndarray] = []
     if config.global_pruning:
         rel = [relative(scores[g.id][part]) for g, part in parts]
@@ -202,6 +204,8 @@ def pruned_module(ep: ExportedProgram, plan: PrunePlan) -> torch.nn.Module:
             old = tensors[info.name]
             new_tensors[info.name] = (torch.nn.Parameter(new, requires_grad=old.requires_grad)
                                       if isinstance(old, torch.nn.Parameter) else new)
+    for name, canonical in tied_names(tensors).items():  # tied names share slots: one tensor again
+        new_tensors[name] = new_tensors[canonical]
     rewrites = plan.graph.builder.rewrites
     if supported(ep):
         overrides = {}
@@ -317,11 +321,12 @@ def prune(
     if graph is not None:
         if graph.ep is not model:
             raise PruneError("the dependency graph given was built for another program")
-        if graph.ignore != tuple(config.ignore):
-            raise PruneError("the dependency graph given was built with other ignore patterns than the config's")
+        if graph.ignore != tuple(config.ignore) or graph.attention != config.attention:
+            raise PruneError("the dependency graph given was built with other ignore patterns or attention mode "
+                             "than the config's")
         t0 -= graph.build_s
     ep = model if isinstance(model, ExportedProgram) else torch.export.export(model, tuple(example_args or ()))
-    graph = graph or DependencyGraph(ep, ignore=config.ignore)
+    graph = graph or DependencyGraph(ep, ignore=config.ignore, attention=config.attention)
     t_graph = t0 + graph.build_s
     tensors = program_tensors(ep)
     plan = select(graph, config, tensors)

@@ -170,18 +170,32 @@ def _same(a, b) -> bool:
     return ea is not None and ea == eb
 
 
+_SUMS = {aten.add.Tensor, aten.add_.Tensor, aten.sub.Tensor, aten.sub_.Tensor}
+
+
 def pointwise(g: DependencyGraph, node: Node):
     v = _val(node)
     if not isinstance(v, torch.Tensor):
         return NotImplemented
-    return _broadcast(g, node, _tensor_inputs(node), tuple(v.shape))
+    inputs = _tensor_inputs(node)
+    out = _broadcast(g, node, inputs, tuple(v.shape))
+    if node.target in _SUMS and len(inputs) == 2:
+        # a skip connection (x + f(x)): the dims both operands carry at full size
+        shape = tuple(v.shape)
+        sa, sb = _shape(inputs[0]), _shape(inputs[1])
+        for i in range(1, min(len(sa), len(sb)) + 1):
+            if _same(sa[-i], shape[-i]) and _same(sb[-i], shape[-i]):
+                g.builder.residual_slots.add(out[-i])
+    return out
 
 
 @rule(aten.dropout.default, aten.clone.default, aten.contiguous.default, aten.alias.default,
       aten.detach.default, aten._to_copy.default, aten.to.dtype, aten.to.dtype_layout, aten.to.device,
       aten.softmax.int, aten._softmax.default, aten.log_softmax.int, aten._log_softmax.default,
       aten.native_dropout.default, aten.feature_dropout.default, aten.alpha_dropout.default,
-      aten.lift_fresh_copy.default, aten.type_as.default, aten.where.self, aten.masked_fill.Scalar,
+      aten.lift_fresh_copy.default, aten.type_as.default, aten.where.self, aten.where.ScalarOther,
+      aten.where.ScalarSelf, aten.where.Scalar, aten.zeros_like.default, aten.ones_like.default,
+      aten.full_like.default, aten.empty_like.default, aten.fill.Scalar, aten.fill_.Scalar, aten.masked_fill.Scalar,
       aten.masked_fill.Tensor, aten.hardtanh_.default, aten.relu_.default, aten.silu_.default,
       aten.hardswish_.default, aten.hardsigmoid_.default, aten.leaky_relu_.default)
 def same_shape(g: DependencyGraph, node: Node):
@@ -314,6 +328,8 @@ def _matmul_slots(g: DependencyGraph, a: Node, c: Node, out_shape) -> list[int] 
     b.union(sa[-1], sc[-2])
     batch = _align(g, [(list(sa[:-2]), _shape(a)[:-2]), (list(sc[:-2]), _shape(c)[:-2])], tuple(out_shape[:-2]))
     b.handled.update((sa[-2], sc[-1]))
+    # (batch, heads, ...) @ (batch, heads, ...): attention written out by hand; its head dims, for resolve_factors
+    b.head_slots.update(batch[1:])
     return batch + [sa[-2], sc[-1]]
 
 
@@ -321,6 +337,60 @@ def _matmul_slots(g: DependencyGraph, a: Node, c: Node, out_shape) -> list[int] 
 def matmul(g: DependencyGraph, node: Node):
     r = _matmul_slots(g, node.args[0], node.args[1], _shape(node))
     return NotImplemented if r is None else r
+
+
+@rule(aten.scaled_dot_product_attention.default)
+def sdpa(g: DependencyGraph, node: Node):
+    """q (..., Hq, L, E), k (..., Hk, S, E), v (..., Hk, S, Ev) -> (..., Hq, L, Ev). E of q and k is contracted
+    (coupled), Ev runs from v to the output, S from k to v, L from q to the output; the batch dims are shared
+    and, with grouped-query attention (`enable_gqa`, Hk < Hq), query head h reads key/value head h // (Hq/Hk).
+    The head dims are marked for `Builder.resolve_factors`. When E may shrink, the default scale 1/sqrt(E) is
+    written out so that the pruned program keeps the original one."""
+    b = g.builder
+    q, k, v = node.args[0], node.args[1], node.args[2]
+    qs, ks, vs = g.slots_of(q), g.slots_of(k), g.slots_of(v)
+    if qs is None or ks is None or vs is None or not (len(qs) == len(ks) == len(vs) >= 2):
+        return NotImplemented
+    qsh, ksh, vsh = _shape(q), _shape(k), _shape(v)
+    b.union(qs[-1], ks[-1])
+    b.union(ks[-2], vs[-2])
+    nb = len(qs) - 2
+    if nb >= 1 and not _same(qsh[-3], ksh[-3]):  # grouped-query attention
+        hq, hk = qsh[-3], ksh[-3]
+        if not (isinstance(hq, int) and isinstance(hk, int) and hk and hq % hk == 0) or not _same(ksh[-3], vsh[-3]):
+            return NotImplemented
+        b.union(ks[-3], vs[-3])
+        b.union_map(qs[-3], np.arange(hq), ks[-3], np.arange(hq) // (hq // hk))
+        b.head_links.append((ks[-3], qs[-3]))
+        batch = _align(g, [(qs[:-3], qsh[:-3]), (ks[:-3], ksh[:-3]), (vs[:-3], vsh[:-3])], tuple(_shape(node)[:-3]))
+        batch.append(qs[-3])
+        b.handled.add(qs[-3])
+    else:
+        batch = _align(g, [(qs[:-2], qsh[:-2]), (ks[:-2], ksh[:-2]), (vs[:-2], vsh[:-2])], tuple(_shape(node)[:-2]))
+    if nb >= 1:
+        b.head_slots.update((qs[-3], ks[-3], vs[-3]))
+    out = batch + [qs[-2], vs[-1]]
+    b.handled.update(out)
+    mask = _arg(node, 3, "attn_mask")
+    ms = g.slots_of(mask)
+    if ms is not None:  # broadcast to (..., Hq, L, S)
+        full = batch + [qs[-2], ks[-2]]
+        msh, fsh = _shape(mask), tuple(_shape(node)[:-1]) + (ksh[-2],)
+        for i in range(1, min(len(ms), len(full)) + 1):
+            if _same(msh[-i], fsh[-i]):
+                b.union(ms[-i], full[-i])
+            else:
+                b.handled.add(ms[-i])  # a size-1 dim broadcast: carries nothing
+    e = qsh[-1]
+    if _arg(node, 6, "scale") is None and isinstance(e, int):
+        e_slot = qs[-1]
+
+        def rw(n: Node, kept: Kept) -> None:
+            if len(kept(e_slot)) != e:
+                _set_arg(n, 6, "scale", 1.0 / math.sqrt(e))
+
+        b.rewrites[node.name] = rw
+    return out
 
 
 @rule(aten.addmm.default)
@@ -449,6 +519,7 @@ def layer_norm(g: DependencyGraph, node: Node):
         return NotImplemented
     k = len(shape)
     norm_slots = xs[len(xs) - k:]
+    b.norm_slots.update(norm_slots)
     for i, name in ((2, "weight"), (3, "bias")):
         p = _arg(node, i, name)
         ps = g.slots_of(p)
@@ -568,9 +639,22 @@ def reduction(g: DependencyGraph, node: Node):
             out.append(s)
             b.handled.add(s)
             j += 1
+    if keep and _is_norm_statistic(node, x):
+        b.norm_slots.update(xs[d] for d in dims)
     if node.target in (aten.max.dim, aten.min.dim):
         return [out, list(out)]
     return out
+
+
+def _is_norm_statistic(node: Node, x) -> bool:
+    """A normalisation written out by hand: the variance, or the mean of squares (RMSNorm), kept for broadcasting."""
+    if node.target in (aten.var.correction, aten.var.dim):
+        return True
+    if node.target is not aten.mean.dim or not isinstance(x, Node):
+        return False
+    if x.target is aten.pow.Tensor_Scalar:
+        return x.args[1] == 2
+    return x.target is aten.mul.Tensor and len(x.args) == 2 and x.args[0] is x.args[1]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -805,7 +889,7 @@ def _register_shape_rewrite(b: Builder, node: Node, idx: int, name: str, slots: 
 def _reshape_slots(g: DependencyGraph, xs: list[int], in_shape, out_shape) -> list[int]:
     """Match input and output dims in blocks of equal product; within a block, one-to-one dims alias,
     a dim split into factors (or factors merged into a dim) is coupled through one free factor with
-    the others frozen (row-major index arithmetic), anything else is frozen."""
+    the others frozen (`Builder.split_factors`), anything else is frozen."""
     b = g.builder
     out: list[int | None] = [None] * len(out_shape)
     i = j = 0
@@ -864,9 +948,9 @@ def _reshape_slots(g: DependencyGraph, xs: list[int], in_shape, out_shape) -> li
         for k, s in zip(bj, out_block, strict=True):
             out[k] = s
         if len(bi) == 1:
-            _couple_factors(g, xs[bi[0]], out_block, out_sizes)
+            b.split_factors(xs[bi[0]], out_block, out_sizes)
         elif len(bj) == 1:
-            _couple_factors(g, out_block[0], [xs[k] for k in bi], in_sizes)
+            b.split_factors(out_block[0], [xs[k] for k in bi], in_sizes)
         else:
             for k in bi:
                 b.freeze(xs[k])
@@ -880,25 +964,59 @@ def _is_one(v) -> bool:
     return isinstance(v, int) and v == 1
 
 
-def _couple_factors(g: DependencyGraph, whole: int, factors: list[int], sizes: list[int]) -> None:
-    """`whole` (size prod(sizes)) is the row-major merge of `factors`. One factor stays free and is
-    coupled to the elements of `whole` that carry its index; the others are frozen."""
+@rule(aten.repeat_interleave.self_int)
+def repeat_interleave(g: DependencyGraph, node: Node):
+    """x.repeat_interleave(r, dim): output index i*r + j along `dim` is input index i (grouped-query attention
+    repeating each key/value head for its query heads); the other dims pass through."""
     b = g.builder
-    candidates = [k for k, s in enumerate(factors) if not b.is_frozen_hint(s) and sizes[k] > 1]
-    if b.is_frozen_hint(whole) or not candidates:
-        for s in factors:
-            b.freeze(s)
-        b.freeze(whole)
-        return
-    # largest factor wins (ties: the innermost): channels in a flatten, per-group channels in a shuffle
-    free = max(candidates, key=lambda k: (sizes[k], k))
-    total = math.prod(sizes)
-    stride = math.prod(sizes[free + 1:])
-    t = np.arange(total)
-    b.union_map(whole, t, factors[free], (t // stride) % sizes[free])
-    for k, s in enumerate(factors):
-        if k != free:
-            b.freeze(s)
+    x, reps, dim = node.args[0], node.args[1], _arg(node, 2, "dim")
+    xs = g.slots_of(x)
+    if xs is None or dim is None or not isinstance(reps, int):
+        return NotImplemented
+    d = dim % len(xs)
+    out = list(xs)
+    n = b.size(xs[d])
+    o = b.new(_shape(node)[d])
+    if not b.slot_symbolic[xs[d]]:
+        b.union_map(xs[d], np.arange(n * reps) // reps, o, np.arange(n * reps))
+        b.head_links.append((xs[d], o))
+    out[d] = o
+    b.handled.update(out)
+    return out
+
+
+@rule(aten.roll.default)
+def roll(g: DependencyGraph, node: Node):
+    """Shifted windows: the rolled dims (spatial) are left as they are; the others pass through."""
+    b = g.builder
+    x, dims = node.args[0], _arg(node, 2, "dims", [])
+    xs = g.slots_of(x)
+    if xs is None or not dims:
+        return NotImplemented
+    rolled = {d % len(xs) for d in ([dims] if isinstance(dims, int) else dims)}
+    out = [b.new(_shape(node)[i]) if i in rolled else s for i, s in enumerate(xs)]
+    b.handled.update(s for i, s in enumerate(xs) if i not in rolled)
+    return out
+
+
+@rule(aten.index.Tensor)
+def index(g: DependencyGraph, node: Node):
+    """x[..., idx, ...] with one index tensor (a relative position bias table gathered by an index buffer): the
+    indexed dim is replaced by the index's dims (and stays whole: the index values point into it); the other
+    dims of x pass through."""
+    b = g.builder
+    x, indices = node.args[0], node.args[1]
+    xs = g.slots_of(x)
+    tensors = [i for i, t in enumerate(indices) if t is not None]
+    if xs is None or len(tensors) != 1:
+        return NotImplemented
+    k = tensors[0]
+    si = g.slots_of(indices[k])
+    if si is None or _val(indices[k]).dtype == torch.bool:
+        return NotImplemented
+    out = list(xs[:k]) + list(si) + list(xs[k + 1:])
+    b.handled.update(out)
+    return out
 
 
 @rule(aten.repeat.default)
@@ -925,3 +1043,6 @@ def repeat(g: DependencyGraph, node: Node):
         else:
             out.append(b.new(out_shape[lead + i]))
     return out
+
+
+from . import rules_rnn  # noqa: E402,F401  (registers the recurrent-layer rules)

@@ -87,7 +87,7 @@ def test_a_graph_built_beforehand_gives_the_same_result_and_must_match(programs)
     assert [layer["shape_after"] for layer in with_graph.report["layers"]] == \
         [layer["shape_after"] for layer in without.report["layers"]]
     assert with_graph.report["timings_s"]["graph"] == pytest.approx(graph.build_s, abs=1e-3)
-    with pytest.raises(PruneError, match="other ignore patterns"):
+    with pytest.raises(PruneError, match="other ignore patterns or attention mode"):
         prune(ep, PruneConfig(ratio=0.5), graph=graph)
     with pytest.raises(PruneError, match="another program"):
         prune(programs("vgg"), config, graph=graph)

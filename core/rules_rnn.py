@@ -1,0 +1,187 @@
+"""Rules for recurrent layers (LSTM, GRU) as `torch.export` writes them; registered into `rules.RULES`.
+
+Also the tensor-creation ops (`zeros`, `ones`, `full`, `empty`, `new_zeros`, `new_ones`, `new_full`):
+`nn.LSTM` / `nn.GRU` build their initial state with `aten.zeros([layers * dirs, B, H])`, a size literal
+that must shrink with H. These rules live here because the recurrent rules need them; they are general
+(any creation op with a literal size list) and `core/rules.py` had none when they were written.
+
+`aten.lstm.input(input, hx: [h0, c0], params, has_biases, num_layers, dropout, train, bidirectional,
+batch_first) -> (output, h_n, c_n)` and `aten.gru.input(input, hx, params, ...) -> (output, h_n)` carry
+every layer's weights in one flat list: per layer, per direction (forward, then reverse),
+`w_ih (G*H, in), w_hh (G*H, H)[, b_ih (G*H,), b_hh (G*H,)]`, with G gate blocks of H rows each
+(LSTM G=4: i, f, g, o; GRU G=3: r, z, n). The op takes one hidden size H for all layers and directions
+(it reads it from `hx`, a plain (layers * dirs, B, H) tensor), so a single hidden slot stands for all of them.
+"""
+
+from __future__ import annotations
+
+from types import NotImplementedType
+
+import numpy as np
+import torch
+from torch.fx import Node
+
+from .graph import DependencyGraph
+from .rules import Kept, _arg, _out_tensors, _same, _set_arg, _shape, _val, rule
+
+aten = torch.ops.aten
+
+# ---------------------------------------------------------------------------------------------
+# tensor creation with a size literal
+# ---------------------------------------------------------------------------------------------
+
+_CREATION = {  # op -> index of the size argument (the other tensor argument, if any, gives dtype/device only)
+    aten.zeros.default: 0,
+    aten.ones.default: 0,
+    aten.full.default: 0,
+    aten.empty.memory_format: 0,
+    aten.new_zeros.default: 1,
+    aten.new_ones.default: 1,
+    aten.new_full.default: 1,
+}
+
+
+@rule(*_CREATION)
+def creation(g: DependencyGraph, node: Node) -> list[int] | NotImplementedType:
+    """`zeros(size)` and friends. Couplings: none of their own. Every output dim is a fresh slot (marked
+    handled, so it is coupled only by the ops that consume the tensor; symbolic dims are frozen by the
+    Builder); the `self` of `new_*` lends only dtype and device, so its dims are handled too and left to
+    their other users. The rewrite recomputes each int entry of the size literal from the kept count of
+    its output slot (`zeros([L*D, B, H])` with H pruned); symbolic entries stay as they are."""
+    b = g.builder
+    v = _val(node)
+    idx = _CREATION[node.target]
+    size = _arg(node, idx, "size")
+    if not isinstance(v, torch.Tensor) or not isinstance(size, (list, tuple)) or len(size) != v.dim():
+        return NotImplemented
+    out = b.new_like(v.shape)
+    b.handled.update(out)
+    if idx == 1:
+        src = g.slots_of(node.args[0])
+        b.handled.update(src or [])
+
+    def rw(n: Node, kept: Kept) -> None:
+        old = _arg(n, idx, "size")
+        new = [len(kept(s)) if isinstance(x, int) else x for x, s in zip(old, out, strict=True)]
+        _set_arg(n, idx, "size", new)
+
+    b.rewrites[node.name] = rw
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# recurrent layers
+# ---------------------------------------------------------------------------------------------
+
+_RNN = {aten.lstm.input: 4, aten.gru.input: 3}  # op -> gate blocks G
+
+
+@rule(*_RNN)
+def rnn(g: DependencyGraph, node: Node) -> list[list[int]] | NotImplementedType:
+    """`aten.lstm.input` / `aten.gru.input`, dense (no `proj_size`). Couplings, with one hidden slot `h` of
+    size H shared by every layer and direction (the op has a single H, that of `hx`):
+
+    - rows of every `w_ih`, `w_hh`, `b_ih`, `b_hh`: row k*H + j is hidden unit j of `h`, for every gate k;
+    - columns of every `w_hh`: unit j of `h`;
+    - columns of layer 0's `w_ih`: the input's last dim (features);
+    - columns of layer l > 0's `w_ih` (D*H, forward then reverse): column d*H + j is unit j of `h`;
+    - the output's last dim (D*H) likewise; its other dims are the input's (batch and time, whatever
+      `batch_first` says, keep their order);
+    - `h0`/`c0`/`h_n`/`c_n` (layers*D, B, H): last dim `h`, batch dim the input's batch dim, dim 0 frozen.
+
+    Anything else (projections, a weight count or shape that does not fit, a non-tensor argument) is
+    NotImplemented: every dim frozen and the op reported."""
+    b = g.builder
+    n_gates = _RNN[node.target]
+    lstm = node.target is aten.lstm.input
+    if len(node.args) < 9 or node.kwargs:
+        return NotImplemented
+    x, hx, params = node.args[0], node.args[1], node.args[2]
+    has_biases, num_layers = node.args[3], node.args[4]
+    bidirectional, batch_first = node.args[7], node.args[8]
+    if not (isinstance(num_layers, int) and num_layers >= 1 and isinstance(bidirectional, bool)
+            and isinstance(has_biases, bool) and isinstance(batch_first, bool)):
+        return NotImplemented
+    states = list(hx) if lstm else [hx]
+    if lstm and len(states) != 2:
+        return NotImplemented
+    n_dirs = 2 if bidirectional else 1
+    per = 4 if has_biases else 2
+    if not isinstance(params, (list, tuple)) or len(params) != num_layers * n_dirs * per:
+        return NotImplemented  # an LSTM with proj_size adds w_hr: not handled
+
+    xs = g.slots_of(x)
+    if xs is None or len(xs) not in (2, 3):
+        return NotImplemented
+    batched = len(xs) == 3
+    state_slots = [g.slots_of(s) for s in states]
+    if any(s is None or len(s) != len(xs) for s in state_slots):
+        return NotImplemented
+    hidden = _shape(states[0])[-1]
+    if not isinstance(hidden, int) or not all(_same(_shape(s)[-1], hidden) for s in states):
+        return NotImplemented
+    outs = _out_tensors(node)
+    n_dirs_hidden = n_dirs * hidden
+    if (outs is None or len(outs) != len(states) + 1 or outs[0].dim() != len(xs)
+            or not _same(outs[0].shape[-1], n_dirs_hidden)):
+        return NotImplemented
+    gh = n_gates * hidden
+    shapes = []
+    for p in params:
+        ps = g.slots_of(p)
+        if ps is None:
+            return NotImplemented
+        shapes.append((ps, _shape(p)))
+    in_size = _shape(x)[-1]
+    if not isinstance(in_size, int):
+        return NotImplemented
+    for layer in range(num_layers):
+        want_in = in_size if layer == 0 else n_dirs * hidden
+        for d in range(n_dirs):
+            base = (layer * n_dirs + d) * per
+            wanted = [(gh, want_in), (gh, hidden)] + [(gh,)] * (per - 2)
+            if any(not _fits(shapes[base + k][1], w) for k, w in enumerate(wanted)):
+                return NotImplemented
+
+    h = b.new(hidden)
+    rows = np.arange(gh)
+    unit_of_row = np.tile(np.arange(hidden), n_gates)
+    cols = np.arange(n_dirs_hidden)
+    unit_of_col = np.tile(np.arange(hidden), n_dirs)
+    for layer in range(num_layers):
+        for d in range(n_dirs):
+            base = (layer * n_dirs + d) * per
+            ih, hh = shapes[base][0], shapes[base + 1][0]
+            b.union_map(ih[0], rows, h, unit_of_row)
+            b.union_map(hh[0], rows, h, unit_of_row)
+            for k in range(2, per):
+                b.union_map(shapes[base + k][0][0], rows, h, unit_of_row)
+            b.union(hh[1], h)
+            if layer == 0:
+                b.union(xs[-1], ih[1])
+            else:
+                b.union_map(ih[1], cols, h, unit_of_col)
+
+    feat = b.new(n_dirs_hidden)
+    b.union_map(feat, cols, h, unit_of_col)
+    out = list(xs[:-1]) + [feat]
+    b.handled.update(out)
+
+    batch_slot = (xs[0] if batch_first else xs[1]) if batched else None
+    for ss in state_slots:
+        b.union(ss[-1], h)
+        if batch_slot is not None:
+            b.union(ss[1], batch_slot)
+    results = [out]
+    for t in outs[1:]:
+        sl = b.new_like(t.shape)  # dim 0 (layers * dirs) stays unhandled: frozen
+        b.union(sl[-1], h)
+        if batch_slot is not None:
+            b.union(sl[1], batch_slot)
+        results.append(sl)
+    return results
+
+
+def _fits(shape: tuple, want: tuple[int, ...]) -> bool:
+    """`shape` is exactly the concrete `want` (no symbolic size compared, so no guard is built)."""
+    return len(shape) == len(want) and all(isinstance(a, int) and a == w for a, w in zip(shape, want, strict=True))
