@@ -45,6 +45,8 @@ def _config_from(args: argparse.Namespace):
         max_ratio=args.max_ratio,
         ignore=tuple(args.ignore or ()),
         seed=args.seed,
+        attention=args.attention,
+        prune_hidden=args.prune_hidden,
     )
 
 
@@ -220,7 +222,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     with _client(args) as client:
         artifact = client.upload(args.model, labels=dict(args.label or []))
         spec = spec_from_options(artifact.name, args.ratio, args.importance, args.global_pruning, args.round_to,
-                                 args.max_ratio, args.ignore, args.seed)
+                                 args.max_ratio, args.ignore, args.seed, args.attention, args.prune_hidden)
         job = client.create_job(spec, labels=dict(args.label or []), queue=args.queue)
         print(job.name)
         if not args.wait:
@@ -322,6 +324,11 @@ def _add_prune_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-ratio", type=float, default=1.0, help="never remove more than this from a group")
     p.add_argument("--ignore", nargs="+", metavar="GLOB", help="parameter-name globs to leave untouched")
     p.add_argument("--seed", type=int, default=0, help="seed for --importance random")
+    p.add_argument("--attention", default="heads", choices=["heads", "head-dim", "none"],
+                   help="what attention may lose: whole heads (Q/K/V rows and output-projection columns together), "
+                        "the same dims inside every head, or nothing")
+    p.add_argument("--prune-hidden", action="store_true",
+                   help="also prune the residual stream width (hidden size) of transformers; left whole by default")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -24,6 +24,7 @@ from prunery.v1 import prunery_pb2_grpc as pb_grpc
 
 CHUNK = 1 << 20
 IMPORTANCE = {"l1": pb.L1, "l2": pb.L2, "bn": pb.BN, "random": pb.RANDOM}
+ATTENTION = {"heads": pb.ATTENTION_HEADS, "head-dim": pb.ATTENTION_HEAD_DIM, "none": pb.ATTENTION_NONE}
 TERMINAL = {pb.SUCCEEDED, pb.FAILED, pb.CANCELLED}
 
 _RETRY_CONFIG = json.dumps({
@@ -59,12 +60,15 @@ def job_name(job: str) -> str:
 
 def spec_from_options(model: str, ratio: float, importance: str = "l2", global_pruning: bool = False,
                       round_to: int | None = None, max_ratio: float = 1.0, ignore: list[str] | None = None,
-                      seed: int = 0) -> pb.PruneSpec:
+                      seed: int = 0, attention: str = "heads", prune_hidden: bool = False) -> pb.PruneSpec:
     """The job spec for the same options `prunery prune` takes."""
     if importance not in IMPORTANCE:
         raise ValueError(f"unknown importance {importance!r}; choose one of {', '.join(IMPORTANCE)}")
+    if attention not in ATTENTION:
+        raise ValueError(f"unknown attention mode {attention!r}; choose one of {', '.join(ATTENTION)}")
     return pb.PruneSpec(model=model, ratio=ratio, importance=IMPORTANCE[importance], global_pruning=global_pruning,
-                        round_to=round_to or 0, max_ratio=max_ratio, ignore=list(ignore or []), seed=seed)
+                        round_to=round_to or 0, max_ratio=max_ratio, ignore=list(ignore or []), seed=seed,
+                        attention=ATTENTION[attention], prune_hidden=prune_hidden)
 
 
 class Client:

@@ -237,8 +237,8 @@ def artifact_proto(a: Artifact | Row[Any]) -> pb.Artifact:
 def _same_request(job: Job, requested: pb.Job) -> bool:
     """Whether a CreateJob retry asks for the job that its request_id already created."""
     try:
-        return (spec_to_dict(requested.spec) == job.spec and dict(requested.labels) == (job.labels or {})
-                and requested.queue in ("", job.queue))
+        return (spec_to_dict(requested.spec) == {**SPEC_DEFAULTS, **job.spec}
+                and dict(requested.labels) == (job.labels or {}) and requested.queue in ("", job.queue))
     except errors.ApiError:
         return False
 
@@ -254,7 +254,16 @@ def spec_to_dict(spec: pb.PruneSpec) -> dict[str, Any]:
         "max_ratio": float(spec.max_ratio) if spec.max_ratio else 1.0,
         "ignore": list(spec.ignore),
         "seed": int(spec.seed),
+        "attention": _ATTENTION_NAMES.get(spec.attention, "heads"),
+        "prune_hidden": bool(spec.prune_hidden),
     }
+
+
+# AttentionPruning values as the engine names them (stored specs use the engine's names)
+_ATTENTION_NAMES = {pb.ATTENTION_PRUNING_UNSPECIFIED: "heads", pb.ATTENTION_HEADS: "heads",
+                    pb.ATTENTION_HEAD_DIM: "head-dim", pb.ATTENTION_NONE: "none"}
+_ATTENTION_VALUES = {"heads": pb.ATTENTION_HEADS, "head-dim": pb.ATTENTION_HEAD_DIM, "none": pb.ATTENTION_NONE}
+SPEC_DEFAULTS = {"attention": "heads", "prune_hidden": False}  # fields added after jobs were first stored
 
 
 def spec_from_dict(d: Mapping[str, Any]) -> pb.PruneSpec:
@@ -264,7 +273,8 @@ def spec_from_dict(d: Mapping[str, Any]) -> pb.PruneSpec:
         importance=pb.Importance.Value(importance) if importance in pb.Importance.keys() else 0,
         global_pruning=bool(d.get("global_pruning", False)), round_to=int(d.get("round_to", 0)),
         max_ratio=float(d.get("max_ratio", 0.0)), ignore=[str(g) for g in d.get("ignore", [])],
-        seed=int(d.get("seed", 0)))
+        seed=int(d.get("seed", 0)), attention=_ATTENTION_VALUES.get(str(d.get("attention", "heads")), 0),
+        prune_hidden=bool(d.get("prune_hidden", False)))
 
 
 def _result_names(job: Job | Row[Any]) -> list[str]:
@@ -670,6 +680,9 @@ class JobService(pb_grpc.JobServiceServicer):
             v.append(("job.spec.ratio", f"must be between 0 and 1, both excluded; got {spec.ratio}"))
         if spec.importance not in pb.Importance.values():
             v.append(("job.spec.importance", f"unknown importance {spec.importance}; use L1, L2, BN or RANDOM"))
+        if spec.attention not in _ATTENTION_NAMES:
+            v.append(("job.spec.attention", f"unknown attention mode {spec.attention}; use ATTENTION_HEADS, "
+                      "ATTENTION_HEAD_DIM or ATTENTION_NONE"))
         if spec.round_to < 0:
             v.append(("job.spec.round_to", f"must be 0 (no rounding) or positive; got {spec.round_to}"))
         if not (0.0 <= spec.max_ratio <= 1.0) or math.isnan(spec.max_ratio):

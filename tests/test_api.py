@@ -612,6 +612,7 @@ INVALID_SPECS = [
     ({"model": ""}, "job.spec.model"),
     ({"model": "dataset"}, "job.spec.model"),
     ({"ignore": [""]}, "job.spec.ignore[0]"),
+    ({"attention": 42}, "job.spec.attention"),
 ]
 
 
@@ -653,7 +654,7 @@ def test_create_job_is_idempotent(folder_api: Api, tenant: Tenant, model: pb.Art
     assert api.enqueued.queues[job_id_of(first)] == first.queue == "prunery"
     # the stored spec has its defaults filled in
     assert first.spec == pb.PruneSpec(model=model.name, ratio=0.25, importance=pb.L2, round_to=8, max_ratio=1.0,
-                                      ignore=["fc.*"])
+                                      ignore=["fc.*"], attention=pb.ATTENTION_HEADS, prune_hidden=False)
     assert dict(first.labels) == {"team": "vision"}
     # the same request_id for a different job is a client bug: refused, nothing created
     with pytest.raises(grpc.RpcError) as err:

@@ -94,6 +94,27 @@ def test_upload_create_watch_download(client: Client, model_path: Path, tmp_path
     assert [j.name for j in client.list_jobs(filter="labels.team=vision")] == [job.name]
 
 
+def test_a_transformer_job_gives_the_model_a_local_run_of_the_same_spec_gives(client: Client, tmp_path: Path) -> None:
+    from prunery import zoo_seq
+    from prunery.core import PruneConfig, prune
+
+    ep = zoo_seq.export("llama")
+    path = tmp_path / "llama.pt2"
+    torch.export.save(ep, path)
+    spec = spec_from_options(client.upload(path).name, 0.5, attention="head-dim", prune_hidden=True)
+    job = client.wait(client.create_job(spec).name)
+    assert job.state == pb.SUCCEEDED, job.error.message
+    assert job.spec.attention == pb.ATTENTION_HEAD_DIM and job.spec.prune_hidden
+    served = load_program(client.download(f"{job.name}/model", tmp_path / "served.pt2"))
+    local = prune(load_program(path), PruneConfig(ratio=0.5, attention="head-dim", prune_hidden=True)).program
+    assert {k: v.shape for k, v in served.state_dict.items()} == {k: v.shape for k, v in local.state_dict.items()}
+    assert served.state_dict["layers.0.attn.q_proj.weight"].shape[0] < 64  # head dims went
+    assert served.state_dict["embed.weight"].shape[1] < 64  # and the hidden size
+    x = zoo_seq.SEQ_ZOO["llama"].make_inputs(2, 11)
+    with torch.no_grad():
+        torch.testing.assert_close(served.module()(*x), local.module()(*x))
+
+
 def test_malicious_upload_fails_its_job_and_never_runs(client: Client, model_path: Path, tmp_path: Path) -> None:
     marker = tmp_path / "pwned"
     evil = tmp_path / "evil.pt2"

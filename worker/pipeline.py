@@ -173,6 +173,8 @@ def config_from_spec(spec: Mapping[str, Any]) -> PruneConfig:
             max_ratio=float(spec.get("max_ratio") or 1.0),
             ignore=tuple(ignore),
             seed=int(spec.get("seed") or 0),
+            attention=str(spec.get("attention") or "heads"),
+            prune_hidden=bool(spec.get("prune_hidden", False)),
         )
         config.validate()
     except PruneError as e:
@@ -516,7 +518,7 @@ class _Run:
             program = self._load(path, source)
         device = select_device()
         with self.stage_("graph", "building the dependency graph"):
-            graph = self._engine(DependencyGraph, program, ignore=config.ignore)
+            graph = self._engine(DependencyGraph, program, ignore=config.ignore, attention=config.attention)
         with self.stage_("prune", f"pruning {config.ratio:.0%} of each group ({config.importance}) on {device}"):
             result = self._engine(prune, program, config, graph=graph)
         for part, seconds in (result.report.get("timings_s") or {}).items():

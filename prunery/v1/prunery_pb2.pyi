@@ -27,6 +27,13 @@ class Importance(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     BN: _ClassVar[Importance]
     RANDOM: _ClassVar[Importance]
 
+class AttentionPruning(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ATTENTION_PRUNING_UNSPECIFIED: _ClassVar[AttentionPruning]
+    ATTENTION_HEADS: _ClassVar[AttentionPruning]
+    ATTENTION_HEAD_DIM: _ClassVar[AttentionPruning]
+    ATTENTION_NONE: _ClassVar[AttentionPruning]
+
 class JobState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     JOB_STATE_UNSPECIFIED: _ClassVar[JobState]
@@ -45,6 +52,10 @@ L1: Importance
 L2: Importance
 BN: Importance
 RANDOM: Importance
+ATTENTION_PRUNING_UNSPECIFIED: AttentionPruning
+ATTENTION_HEADS: AttentionPruning
+ATTENTION_HEAD_DIM: AttentionPruning
+ATTENTION_NONE: AttentionPruning
 JOB_STATE_UNSPECIFIED: JobState
 QUEUED: JobState
 RUNNING: JobState
@@ -141,7 +152,7 @@ class DeleteArtifactResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class PruneSpec(_message.Message):
-    __slots__ = ("model", "ratio", "importance", "global_pruning", "round_to", "max_ratio", "ignore", "seed")
+    __slots__ = ("model", "ratio", "importance", "global_pruning", "round_to", "max_ratio", "ignore", "seed", "attention", "prune_hidden")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     RATIO_FIELD_NUMBER: _ClassVar[int]
     IMPORTANCE_FIELD_NUMBER: _ClassVar[int]
@@ -150,6 +161,8 @@ class PruneSpec(_message.Message):
     MAX_RATIO_FIELD_NUMBER: _ClassVar[int]
     IGNORE_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
+    ATTENTION_FIELD_NUMBER: _ClassVar[int]
+    PRUNE_HIDDEN_FIELD_NUMBER: _ClassVar[int]
     model: str
     ratio: float
     importance: Importance
@@ -158,7 +171,9 @@ class PruneSpec(_message.Message):
     max_ratio: float
     ignore: _containers.RepeatedScalarFieldContainer[str]
     seed: int
-    def __init__(self, model: _Optional[str] = ..., ratio: _Optional[float] = ..., importance: _Optional[_Union[Importance, str]] = ..., global_pruning: _Optional[bool] = ..., round_to: _Optional[int] = ..., max_ratio: _Optional[float] = ..., ignore: _Optional[_Iterable[str]] = ..., seed: _Optional[int] = ...) -> None: ...
+    attention: AttentionPruning
+    prune_hidden: bool
+    def __init__(self, model: _Optional[str] = ..., ratio: _Optional[float] = ..., importance: _Optional[_Union[Importance, str]] = ..., global_pruning: _Optional[bool] = ..., round_to: _Optional[int] = ..., max_ratio: _Optional[float] = ..., ignore: _Optional[_Iterable[str]] = ..., seed: _Optional[int] = ..., attention: _Optional[_Union[AttentionPruning, str]] = ..., prune_hidden: _Optional[bool] = ...) -> None: ...
 
 class Job(_message.Message):
     __slots__ = ("name", "spec", "state", "progress", "create_time", "start_time", "end_time", "attempt_count", "error", "result_artifacts", "report", "labels", "stage", "queue")
