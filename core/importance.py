@@ -14,18 +14,21 @@ The relative score `I[g,k] / mean_k I[g,k]` makes groups comparable for global p
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import numpy as np
 import torch
 
-from .graph import DependencyGraph
+from .graph import DependencyGraph, Group
 
 IMPORTANCES = ("l1", "l2", "bn", "random")
 
 
 def group_scores(
-    graph: DependencyGraph, tensors: dict[str, torch.Tensor], importance: str = "l2", seed: int = 0
+    graph: DependencyGraph, tensors: dict[str, torch.Tensor], importance: str = "l2", seed: int = 0,
+    groups: Iterable[Group] | None = None,
 ) -> dict[int, np.ndarray]:
-    """Raw importance per group id, aligned with `group.components`."""
+    """Raw importance per group id, aligned with `group.components`, for `groups` (default: all)."""
     if importance not in IMPORTANCES:
         raise ValueError(f"unknown importance {importance!r}; choose one of {', '.join(IMPORTANCES)}")
     n_labels = int(graph.labels.max()) + 1
@@ -33,7 +36,7 @@ def group_scores(
     carriers = np.zeros(n_labels, dtype=np.float64)  # how many members carry each component
     rng = np.random.default_rng(seed)
     out: dict[int, np.ndarray] = {}
-    for g in graph.groups:
+    for g in graph.groups if groups is None else groups:
         if importance == "random":
             out[g.id] = rng.random(g.size)
             continue
@@ -46,10 +49,13 @@ def group_scores(
         for m in members:
             lab = graph.slot_labels(m.slot)
             carriers[graph.slot_comps[m.slot]] += 1
-            t = tensors[m.name].detach().to(torch.float64)
+            t = tensors[m.name].detach()
+            t = t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
             dims = [d for d in range(t.dim()) if d != m.dim]
             v = t.pow(2) if norm == "l2" else t.abs()
-            np.add.at(acc, lab, (v.sum(dim=dims) if dims else v).cpu().numpy())
+            # accumulated in float64 (a large layer's sum of squares loses digits in float32)
+            v = v.sum(dim=dims, dtype=torch.float64) if dims else v.to(torch.float64)
+            np.add.at(acc, lab, v.cpu().numpy())
         out[g.id] = acc[g.components] / np.maximum(carriers[g.components], 1)
     return out
 

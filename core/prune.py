@@ -96,10 +96,11 @@ def select(graph: DependencyGraph, config: PruneConfig, tensors: dict[str, torch
     producer's channels, in a concat), so a cheap branch is not emptied to spare an expensive one;
     global selection ranks all parts together on the relative score (importance over the part's mean)."""
     config.validate()
-    scores = group_scores(graph, tensors, config.importance, config.seed)
+    groups = [g for g in graph.groups if config.prune_hidden or not g.hidden]
+    scores = group_scores(graph, tensors, config.importance, config.seed, groups)
     pruned = np.zeros(int(graph.labels.max()) + 1, dtype=bool)
     plan = PrunePlan(graph, pruned)
-    parts = [(g, part) for g in graph.groups if config.prune_hidden or not g.hidden for part in g.parts]
+    parts = [(g, part) for g in groups for part in g.parts]
     chosen: list[np.ndarray] = []
     if config.global_pruning:
         rel = [relative(scores[g.id][part]) for g, part in parts]
@@ -135,15 +136,16 @@ def _keep_every_slot_nonempty(plan: PrunePlan, scores: dict[int, np.ndarray]) ->
     """A slot whose every index would go (a chunk of a split, say) keeps its most important one."""
     g = plan.graph
     comp_score = np.zeros(len(plan.pruned))
-    for grp in g.groups:
-        comp_score[grp.components] = scores[grp.id]
     comp_group = np.full(len(plan.pruned), -1)
     for grp in g.groups:
+        if grp.id in scores:
+            comp_score[grp.components] = scores[grp.id]
         comp_group[grp.components] = grp.id
-    for s in range(len(g.slot_off)):
-        if g.slot_size[s] == 0:
-            continue
-        lab = g.slot_labels(s)
+    # the slots whose every element is pruned (elements lie contiguously per slot)
+    sized = np.flatnonzero(g.slot_size > 0)
+    emptied = sized[np.logical_and.reduceat(plan.pruned[g.labels], g.slot_off[sized])] if len(sized) else sized
+    for s in emptied:
+        lab = g.slot_labels(int(s))
         if plan.pruned[lab].all():
             best = lab[np.argmax(comp_score[lab])]
             plan.pruned[best] = False
