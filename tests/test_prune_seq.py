@@ -123,3 +123,20 @@ def test_prune_hidden_shrinks_the_residual_stream_and_keeps_tied_embeddings_tied
     x = _inputs("gpt")
     with torch.no_grad():
         assert module(*x).shape == ep.module()(*x).shape
+
+
+@pytest.mark.parametrize("name", _params(["vit", "hf_bert", "llama"]))
+def test_prune_hidden_takes_the_embeddings_and_norms_along(name: str) -> None:
+    """The hidden size goes everywhere at once: patch embedding conv, class token and position table (ViT),
+    word/position/type embeddings and every LayerNorm (BERT), RMSNorm weights and the embedding (LLaMA)."""
+    ep = _exported(name)
+    result = prune(ep, PruneConfig(ratio=0.5, prune_hidden=True))
+    shapes = _shapes(result.report)
+    norms = {n: s for n, s in shapes.items() if NORM.search(n)}
+    widths = {after[-1] for before, after in norms.values()}
+    assert len(widths) == 1 and widths.pop() < norms[next(iter(norms))][0][-1], norms  # one smaller width
+    embeddings = {n: s for n, s in shapes.items() if re.search(r"(embed|embeddings\.|cls_token)", n)}
+    assert embeddings and all(after != before for before, after in embeddings.values()), embeddings
+    x = _inputs(name)
+    with torch.no_grad():
+        assert result.program.module()(*x).shape == ep.module()(*x).shape
