@@ -8,6 +8,7 @@ they were traced with).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -32,10 +33,6 @@ def _int(v) -> int:
     return int(hint) if hint is not None else 1
 
 
-def _numel(t: torch.Tensor) -> int:
-    return math.prod(_int(s) for s in t.shape)
-
-
 def count_params(ep: ExportedProgram) -> int:
     names = [s.target for s in ep.graph_signature.input_specs if s.kind == InputKind.PARAMETER]
     sd = ep.state_dict
@@ -55,9 +52,23 @@ def _tconv_ops() -> set:
     return {aten.conv_transpose1d.default, aten.conv_transpose2d.input, aten.conv_transpose3d.input}
 
 
-def count_macs(ep: ExportedProgram) -> int:
+DimSize = Callable[[torch.fx.Node, int], int]  # (node, dim) -> the size of that dim of the node's value
+
+
+def _traced_size(node: torch.fx.Node, dim: int) -> int:
+    return _int(node.meta["val"].shape[dim])
+
+
+def count_macs(ep: ExportedProgram, size: DimSize = _traced_size) -> int:
+    """Multiply-accumulates of the convolutions, linear layers and matrix products at the example inputs'
+    shapes; `size` gives every dim's size (default: as traced; `plan_counts` passes the sizes a pruning
+    plan would leave, so a candidate is counted without building it)."""
     conv, tconv = _conv_ops(), _tconv_ops()
     total = 0
+
+    def numel(node: torch.fx.Node) -> int:
+        return math.prod(size(node, d) for d in range(node.meta["val"].dim()))
+
     for n in ep.graph.nodes:
         if n.op != "call_function":
             continue
@@ -66,19 +77,14 @@ def count_macs(ep: ExportedProgram) -> int:
             continue
         t = n.target
         if t in conv or t in tconv:
-            w = n.args[1].meta["val"]
-            x = n.args[0].meta["val"]
-            kernel = math.prod(_int(s) for s in w.shape[2:])
+            w, x = n.args[1], n.args[0]
+            kernel = math.prod(size(w, d) for d in range(2, w.meta["val"].dim()))
             transposed = t in tconv or (t is aten.convolution.default and bool(n.args[6]))
-            if transposed:
-                total += _numel(x) * _int(w.shape[1]) * kernel
-            else:
-                total += _numel(out) * _int(w.shape[1]) * kernel
+            total += (numel(x) if transposed else numel(n)) * size(w, 1) * kernel
         elif t is aten.linear.default:
-            total += _numel(out) * _int(n.args[1].meta["val"].shape[-1])
+            total += numel(n) * size(n.args[1], -1)
         elif t in (aten.matmul.default, aten.mm.default, aten.bmm.default, aten.addmm.default):
-            a = n.args[1 if t is aten.addmm.default else 0].meta["val"]
-            total += _numel(out) * _int(a.shape[-1])
+            total += numel(n) * size(n.args[1 if t is aten.addmm.default else 0], -1)
     return total
 
 

@@ -19,7 +19,7 @@ import torch.utils._pytree as pytree
 from torch.export import Dim, ExportedProgram
 from torch.export.graph_signature import InputKind
 
-from .counting import count
+from .counting import Counts, _traced_size, count, count_macs
 from .graph import ATTENTION_MODES, DependencyGraph
 from .importance import IMPORTANCES, group_scores, relative
 from .program_module import NodeCall, ProgramModule, call_specs, supported
@@ -91,13 +91,16 @@ def _round_keep(n: int, k: int, round_to: int | None) -> int:
     return n - keep
 
 
-def select(graph: DependencyGraph, config: PruneConfig, tensors: dict[str, torch.Tensor]) -> PrunePlan:
+def select(graph: DependencyGraph, config: PruneConfig, tensors: dict[str, torch.Tensor],
+           scores: dict[int, np.ndarray] | None = None) -> PrunePlan:
     """Choose the components to remove. The ratio applies to every part of every group (each
     producer's channels, in a concat), so a cheap branch is not emptied to spare an expensive one;
-    global selection ranks all parts together on the relative score (importance over the part's mean)."""
+    global selection ranks all parts together on the relative score (importance over the part's mean).
+    `scores` (per group id, aligned with its components) replace the config's importance criterion."""
     config.validate()
     groups = [g for g in graph.groups if config.prune_hidden or not g.hidden]
-    scores = group_scores(graph, tensors, config.importance, config.seed, groups)
+    if scores is None:
+        scores = group_scores(graph, tensors, config.importance, config.seed, groups)
     pruned = np.zeros(int(graph.labels.max()) + 1, dtype=bool)
     plan = PrunePlan(graph, pruned)
     parts = [(g, part) for g in groups for part in g.parts]
@@ -130,6 +133,25 @@ def select(graph: DependencyGraph, config: PruneConfig, tensors: dict[str, torch
         plan.per_group[g.id] = plan.per_group.get(g.id, 0) + int(len(idx))
     _keep_every_slot_nonempty(plan, scores)
     return plan
+
+
+def plan_counts(ep: ExportedProgram, plan: PrunePlan) -> Counts:
+    """Params and MACs the program would have after `plan`, counted on the original graph with every prunable
+    dim at its kept size: what `count(prune(...).program)` gives, without building the program."""
+    graph = plan.graph
+
+    def size(node: torch.fx.Node, dim: int) -> int:
+        slots = graph.node_slots.get(node.name)
+        if isinstance(slots, list) and slots and not isinstance(slots[0], list):
+            slot = slots[dim]
+            if not graph.builder.slot_symbolic[slot]:
+                return len(plan.kept(slot))
+        return _traced_size(node, dim)
+
+    tied = tied_names({name: t for name, t in program_tensors(ep).items() if name in graph.params})
+    params = sum(math.prod(len(plan.kept(s)) for s in info.slots) for name, info in graph.params.items()
+                 if info.kind == "parameter" and name not in tied)
+    return Counts(params=params, macs=count_macs(ep, size))
 
 
 def _keep_every_slot_nonempty(plan: PrunePlan, scores: dict[int, np.ndarray]) -> None:
@@ -307,17 +329,63 @@ class PruneResult:
     plan: PrunePlan
 
 
+def build_report(config: PruneConfig, before_ep: ExportedProgram, after_ep: ExportedProgram, graph: DependencyGraph,
+                 plan: PrunePlan, timings: dict[str, float]) -> dict:
+    """The JSON report of a pruning from `before_ep` to `after_ep` (`graph` and `plan`: of its last step)."""
+    before, after = count(before_ep), count(after_ep)
+    tensors, new_tensors = program_tensors(before_ep), program_tensors(after_ep)
+    layers = [
+        {
+            "name": info.name,
+            "kind": info.kind,
+            "shape_before": list(tensors[info.name].shape) if info.name in tensors else None,
+            "shape_after": list(new_tensors[info.name].shape) if info.name in new_tensors else None,
+        }
+        for info in graph.params.values()
+        if info.kind == "parameter"
+    ]
+    return {
+        "spec": {
+            "ratio": config.ratio,
+            "importance": config.importance,
+            "global": config.global_pruning,
+            "round_to": config.round_to,
+            "max_ratio": config.max_ratio,
+            "ignore": list(config.ignore),
+            "attention": config.attention,
+            "prune_hidden": config.prune_hidden,
+        },
+        "params_before": before.params,
+        "params_after": after.params,
+        "macs_before": before.macs,
+        "macs_after": after.macs,
+        "num_groups": len(graph.groups),
+        "pruned_groups": sum(1 for k in plan.per_group.values() if k > 0),
+        "frozen_ops": sorted(graph.frozen_ops),
+        "duration_s": round(sum(timings.values()), 4),
+        "timings_s": {k: round(v, 4) for k, v in timings.items()},
+        "groups": [
+            {"id": g.id, "size": g.size, "pruned": plan.per_group.get(g.id, 0),
+             "members": [f"{m.name}:{m.dim}" for m in g.members]}
+            for g in graph.groups
+        ],
+        "layers": layers,
+    }
+
+
 def prune(
     model: ExportedProgram | torch.nn.Module,
     config: PruneConfig,
     example_args: tuple | None = None,
     *,
     graph: DependencyGraph | None = None,
+    scores: dict[int, np.ndarray] | None = None,
 ) -> PruneResult:
     """Prune a program (or a module, exported first with `example_args`) and report what changed.
 
     `graph`: the program's dependency graph, built beforehand with the config's `ignore` (the worker builds
-    it as a stage of its own, to report progress and honour a cancel in between)."""
+    it as a stage of its own, to report progress and honour a cancel in between). `scores`: importance per
+    group computed elsewhere (from data: Taylor, Fisher), instead of the config's magnitude criterion."""
     config.validate()
     t0 = time.perf_counter()
     if graph is not None:
@@ -331,50 +399,11 @@ def prune(
     graph = graph or DependencyGraph(ep, ignore=config.ignore, attention=config.attention)
     t_graph = t0 + graph.build_s
     tensors = program_tensors(ep)
-    plan = select(graph, config, tensors)
+    plan = select(graph, config, tensors, scores)
     module = pruned_module(ep, plan)
     t_removed = time.perf_counter()
     new_ep = reexport(ep, module)
     t_end = time.perf_counter()
-    before, after = count(ep), count(new_ep)
-    new_tensors = program_tensors(new_ep)
-    layers = [
-        {
-            "name": info.name,
-            "kind": info.kind,
-            "shape_before": list(tensors[info.name].shape),
-            "shape_after": list(new_tensors[info.name].shape) if info.name in new_tensors else None,
-        }
-        for info in graph.params.values()
-        if info.kind == "parameter"
-    ]
-    report = {
-        "spec": {
-            "ratio": config.ratio,
-            "importance": config.importance,
-            "global": config.global_pruning,
-            "round_to": config.round_to,
-            "max_ratio": config.max_ratio,
-            "ignore": list(config.ignore),
-        },
-        "params_before": before.params,
-        "params_after": after.params,
-        "macs_before": before.macs,
-        "macs_after": after.macs,
-        "num_groups": len(graph.groups),
-        "pruned_groups": sum(1 for k in plan.per_group.values() if k > 0),
-        "frozen_ops": sorted(graph.frozen_ops),
-        "duration_s": round(t_end - t0, 4),
-        "timings_s": {
-            "graph": round(t_graph - t0, 4),
-            "select_and_remove": round(t_removed - t_graph, 4),
-            "reexport": round(t_end - t_removed, 4),
-        },
-        "groups": [
-            {"id": g.id, "size": g.size, "pruned": plan.per_group.get(g.id, 0),
-             "members": [f"{m.name}:{m.dim}" for m in g.members]}
-            for g in graph.groups
-        ],
-        "layers": layers,
-    }
+    report = build_report(config, ep, new_ep, graph, plan, {
+        "graph": t_graph - t0, "select_and_remove": t_removed - t_graph, "reexport": t_end - t_removed})
     return PruneResult(new_ep, report, plan)
