@@ -22,6 +22,7 @@ import torch
 from .graph import DependencyGraph, Group
 
 IMPORTANCES = ("l1", "l2", "bn", "random")
+DATA_IMPORTANCES = ("taylor", "fisher")  # from gradients on a dataset: core/train.py, through core/recipe.py
 
 
 def group_scores(

@@ -21,7 +21,7 @@ from torch.export.graph_signature import InputKind
 
 from .counting import Counts, _traced_size, count, count_macs
 from .graph import ATTENTION_MODES, DependencyGraph
-from .importance import IMPORTANCES, group_scores, relative
+from .importance import DATA_IMPORTANCES, IMPORTANCES, group_scores, relative
 from .program_module import NodeCall, ProgramModule, call_specs, supported
 from .tensors import program_tensors, tied_names
 
@@ -49,8 +49,9 @@ class PruneConfig:
     def validate(self) -> None:
         if not 0.0 < self.ratio < 1.0:
             raise PruneError(f"ratio must be in (0, 1), got {self.ratio}")
-        if self.importance not in IMPORTANCES:
-            raise PruneError(f"unknown importance {self.importance!r}; choose one of {', '.join(IMPORTANCES)}")
+        if self.importance not in IMPORTANCES + DATA_IMPORTANCES:
+            raise PruneError(f"unknown importance {self.importance!r}; choose one of "
+                             f"{', '.join(IMPORTANCES + DATA_IMPORTANCES)}")
         if not 0.0 < self.max_ratio <= 1.0:
             raise PruneError(f"max ratio must be in (0, 1], got {self.max_ratio}")
         if self.round_to is not None and self.round_to < 1:
@@ -100,6 +101,9 @@ def select(graph: DependencyGraph, config: PruneConfig, tensors: dict[str, torch
     config.validate()
     groups = [g for g in graph.groups if config.prune_hidden or not g.hidden]
     if scores is None:
+        if config.importance in DATA_IMPORTANCES:
+            raise PruneError(f"{config.importance} importance is computed from data: give a dataset "
+                             "(prunery prune --dataset FILE, or core.recipe.run_recipe)")
         scores = group_scores(graph, tensors, config.importance, config.seed, groups)
     pruned = np.zeros(int(graph.labels.max()) + 1, dtype=bool)
     plan = PrunePlan(graph, pruned)
@@ -276,6 +280,16 @@ def example_inputs(ep: ExportedProgram) -> tuple[tuple, dict]:
     return pytree.tree_unflatten(leaves, call_specs(ep)[0])
 
 
+def _finite_int(bound: object) -> int | None:
+    """A range bound as an int, None when infinite (sympy's oo, or torch's int_oo, whose `is_finite` is not
+    False)."""
+    try:
+        value = int(bound)  # type: ignore[call-overload]
+    except (TypeError, ValueError, AttributeError, OverflowError):
+        return None
+    return value if abs(value) < 2**62 else None
+
+
 def dynamic_shapes(ep: ExportedProgram, args: tuple, kwargs: dict):
     """The program's dynamic input dims as named Dims with their original bounds."""
     dims: dict[str, Dim] = {}
@@ -292,8 +306,8 @@ def dynamic_shapes(ep: ExportedProgram, args: tuple, kwargs: dict):
             name = str(s.node.expr)
             if name not in dims:
                 vr = bounds.get(name)
-                lo = int(vr.lower) if vr is not None and vr.lower.is_finite else None
-                hi = int(vr.upper) if vr is not None and vr.upper.is_finite else None
+                lo = _finite_int(vr.lower) if vr is not None else None
+                hi = _finite_int(vr.upper) if vr is not None else None
                 kw = {}
                 if lo is not None:
                     kw["min"] = max(lo, 0)

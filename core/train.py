@@ -164,7 +164,7 @@ def _state_names(ep: ExportedProgram) -> list[str]:
 
 def updated_program(ep: ExportedProgram, module: nn.Module) -> ExportedProgram:
     """`ep` with the module's current parameters and buffers (by the program's names; shapes unchanged):
-    a new program over a copy of `ep`'s graph, its tensors on the devices of `ep`'s. Saves, loads and runs."""
+    a new program over `ep`'s graph, its tensors on the devices of `ep`'s. Saves, loads and runs."""
     state: dict[str, torch.Tensor] = {}
     done: dict[int, torch.Tensor] = {}  # tied names: one tensor again
     for name, old in ep.state_dict.items():
@@ -179,7 +179,9 @@ def updated_program(ep: ExportedProgram, module: nn.Module) -> ExportedProgram:
         state[name] = new
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # torch deep-copies its own tree specs
-        return ep._update(copy.deepcopy(ep.graph_module), ep.graph_signature, state_dict=state)
+        # the graph is shared, not copied: nothing mutates it, and a copy renames placeholders whose names
+        # shadow Python builtins (`input` -> `input_1`), which the program's signature would no longer match
+        return ep._update(ep.graph_module, ep.graph_signature, state_dict=state)
 
 
 def _as_module(program: ExportedProgram | nn.Module, device: torch.device) -> nn.Module:

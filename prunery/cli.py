@@ -37,8 +37,13 @@ def _write_json(data: dict, out: Path) -> None:
 def _config_from(args: argparse.Namespace):
     from prunery.core import PruneConfig
 
+    if args.ratio is None and not any(getattr(args, f"target_{m}", None) is not None
+                                      for m in ("macs", "params", "latency")):
+        raise ValueError("give --ratio R (the fraction of each group to remove)"
+                         + (" or a target: --target-macs, --target-params, --target-latency"
+                            if hasattr(args, "target_macs") else ""))
     return PruneConfig(
-        ratio=args.ratio,
+        ratio=args.ratio if args.ratio is not None else 0.5,  # a target decides how much goes
         importance=args.importance,
         global_pruning=args.global_pruning,
         round_to=args.round_to,
@@ -76,15 +81,56 @@ def _print_summary(report: dict, out: Path) -> None:
           f"{report['pruned_groups']}/{report['num_groups']} groups pruned in {report['duration_s']:.2f}s")
     if report["frozen_ops"]:
         print("frozen ops (no rule, dims kept): " + ", ".join(report["frozen_ops"]))
+    target = report.get("target")
+    if target:
+        print(f"target {target['metric']} {target['goal']:.6g}: reached {target['reached']:.6g} "
+              f"({target['within']:.1%} off{'' if target['met'] else ', NOT within the 2% asked'}) "
+              f"in {len(target['rounds'])} rounds")
+    for name, metrics in (report.get("evaluation") or {}).items():
+        print(f"held-out {name.replace('_', ' ')}: " + ", ".join(
+            f"{k} {v:.4f}" for k, v in metrics.items() if k in ("accuracy", "agreement", "cosine", "loss")))
+    latency = report.get("latency_ms")
+    if latency:
+        print("latency ms (batch: before -> after): " + ", ".join(
+            f"{b}: {latency['before'][b]:.3f} -> {latency['after'][b]:.3f}" for b in latency["before"]))
+
+
+def _recipe_from(args: argparse.Namespace):
+    """The recipe around the pruning (`core/recipe.py`) from the options; None when only pruning is asked."""
+    from prunery.core.data import load_dataset
+    from prunery.core.recipe import Recipe
+    from prunery.core.targets import Target
+
+    targets = [Target(metric, value) for metric, value in (
+        ("macs", args.target_macs), ("params", args.target_params), ("latency_ms", args.target_latency))
+        if value is not None]
+    if len(targets) > 1:
+        raise ValueError("give one target: --target-macs, --target-params or --target-latency")
+    data_driven = args.importance in ("taylor", "fisher")
+    if not (args.dataset or targets or data_driven or args.sparse_steps or args.finetune_steps or args.distill):
+        return None
+    return Recipe(
+        dataset=load_dataset(args.dataset) if args.dataset else None, held_out=args.held_out,
+        batch_size=args.batch_size, sparse_steps=args.sparse_steps, reg=args.reg, alpha=args.alpha, lr=args.lr,
+        finetune_steps=args.finetune_steps, finetune_lr=args.finetune_lr, distill=args.distill,
+        target=targets[0] if targets else None, target_steps=args.target_steps, device=args.device, seed=args.seed)
+
+
+def _print_progress(stage: str, fraction: float, message: str) -> None:
+    print(f"[{stage}] {message}", flush=True)
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
     from prunery.core import load_program, prune
+    from prunery.core.recipe import run_recipe
 
     config = _config_from(args)
     config.validate()
+    recipe = _recipe_from(args)
+    if recipe is not None:
+        recipe.validate(config)
     ep = load_program(args.model)
-    result = prune(ep, config)
+    result = prune(ep, config) if recipe is None else run_recipe(ep, config, recipe, _print_progress)
     out = Path(args.output)
     _save_program(result.program, out)
     if args.report:
@@ -316,8 +362,9 @@ def _add_client_options(p: argparse.ArgumentParser) -> None:
 
 
 def _add_prune_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--ratio", type=float, required=True, help="fraction of each group's channels to remove")
-    p.add_argument("--importance", default="l2", choices=["l1", "l2", "bn", "random"])
+    p.add_argument("--ratio", type=float, help="fraction of each group's channels to remove (or give a target)")
+    p.add_argument("--importance", default="l2", choices=["l1", "l2", "bn", "random", "taylor", "fisher"],
+                   help="magnitude criteria, or from data (with --dataset): first-order Taylor, Fisher")
     p.add_argument("--global", dest="global_pruning", action="store_true",
                    help="one threshold across groups on the relative score")
     p.add_argument("--round-to", type=int, default=None, help="keep channel counts multiples of N")
@@ -329,6 +376,26 @@ def _add_prune_options(p: argparse.ArgumentParser) -> None:
                         "the same dims inside every head, or nothing")
     p.add_argument("--prune-hidden", action="store_true",
                    help="also prune the residual stream width (hidden size) of transformers; left whole by default")
+
+
+def _add_recipe_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("data, sparse training, targets and recovery")
+    g.add_argument("--dataset", metavar="FILE", help=".safetensors or .npz with 'inputs' (and optional 'targets')")
+    g.add_argument("--held-out", type=float, default=0.1, help="fraction kept aside for checkpoints and evaluation")
+    g.add_argument("--batch-size", type=int, default=64)
+    g.add_argument("--sparse-steps", type=int, default=0, help="steps of group-regularised sparse training first")
+    g.add_argument("--reg", type=float, default=1e-4, help="the regulariser's weight (lambda)")
+    g.add_argument("--alpha", type=float, default=4.0, help="regularisation up to 2**alpha for the weakest indices")
+    g.add_argument("--lr", type=float, default=1e-2, help="sparse training's learning rate")
+    g.add_argument("--finetune-steps", type=int, default=0, help="steps of recovery fine-tuning after pruning")
+    g.add_argument("--finetune-lr", type=float, default=1e-2)
+    g.add_argument("--distill", action="store_true", help="recover by distillation from the unpruned model "
+                   "(the default when the dataset has no targets)")
+    g.add_argument("--target-macs", type=float, help="prune to this many MACs (a fraction in (0, 1), or a count)")
+    g.add_argument("--target-params", type=float, help="prune to this many parameters (fraction or count)")
+    g.add_argument("--target-latency", type=float, metavar="MS", help="prune to this latency on --device")
+    g.add_argument("--target-steps", type=int, default=4, help="rounds toward a target, scores recomputed between")
+    g.add_argument("--device", help="cuda or cpu (default: cuda when available)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -346,6 +413,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True)
     p.add_argument("--report", help="write the JSON report here")
     _add_prune_options(p)
+    _add_recipe_options(p)
     p.set_defaults(func=cmd_prune)
 
     p = sub.add_parser("up", help="the embedded stack: API and one worker, SQLite, a folder store, no servers")

@@ -91,3 +91,11 @@ def test_a_graph_built_beforehand_gives_the_same_result_and_must_match(programs)
         prune(ep, PruneConfig(ratio=0.5), graph=graph)
     with pytest.raises(PruneError, match="another program"):
         prune(programs("vgg"), config, graph=graph)
+
+
+def test_a_batch_dim_exported_without_bounds_stays_dynamic_and_unbounded() -> None:
+    """torch's unbounded range (int_oo) is not `is_finite == False`: the re-export must not read it as a bound."""
+    model = zoo.build("mlp")[0]
+    ep = torch.export.export(model, (torch.randn(4, 64),), dynamic_shapes=({0: torch.export.Dim("batch")},))
+    result = prune(ep, PruneConfig(ratio=0.5))
+    assert result.program.module()(torch.randn(5000, 64)).shape == (5000, 10)
