@@ -264,11 +264,23 @@ def cmd_submit(args: argparse.Namespace) -> int:
     from prunery.client import spec_from_options
     from prunery.v1 import prunery_pb2 as pb
 
-    _config_from(args).validate()  # refuse a bad spec before uploading anything
+    config = _config_from(args)
+    config.validate()  # refuse a bad spec before uploading anything
+    if args.dataset:
+        from prunery.core.data import load_dataset
+
+        load_dataset(args.dataset)  # a file the workers would refuse is refused here, before its upload
     with _client(args) as client:
         artifact = client.upload(args.model, labels=dict(args.label or []))
-        spec = spec_from_options(artifact.name, args.ratio, args.importance, args.global_pruning, args.round_to,
-                                 args.max_ratio, args.ignore, args.seed, args.attention, args.prune_hidden)
+        dataset = client.upload(args.dataset, kind=pb.DATASET, labels=dict(args.label or [])).name \
+            if args.dataset else None
+        spec = spec_from_options(
+            artifact.name, args.ratio or 0.0, args.importance, args.global_pruning, args.round_to, args.max_ratio,
+            args.ignore, args.seed, args.attention, args.prune_hidden, dataset=dataset, held_out=args.held_out,
+            batch_size=args.batch_size, sparse_steps=args.sparse_steps, reg=args.reg, alpha=args.alpha, lr=args.lr,
+            finetune_steps=args.finetune_steps, finetune_lr=args.finetune_lr, distill=args.distill,
+            target_macs=args.target_macs, target_params=args.target_params, target_latency_ms=args.target_latency,
+            target_steps=args.target_steps)
         job = client.create_job(spec, labels=dict(args.label or []), queue=args.queue)
         print(job.name)
         if not args.wait:
@@ -378,7 +390,7 @@ def _add_prune_options(p: argparse.ArgumentParser) -> None:
                    help="also prune the residual stream width (hidden size) of transformers; left whole by default")
 
 
-def _add_recipe_options(p: argparse.ArgumentParser) -> None:
+def _add_recipe_options(p: argparse.ArgumentParser, device: bool = True) -> None:
     g = p.add_argument_group("data, sparse training, targets and recovery")
     g.add_argument("--dataset", metavar="FILE", help=".safetensors or .npz with 'inputs' (and optional 'targets')")
     g.add_argument("--held-out", type=float, default=0.1, help="fraction kept aside for checkpoints and evaluation")
@@ -395,7 +407,8 @@ def _add_recipe_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--target-params", type=float, help="prune to this many parameters (fraction or count)")
     g.add_argument("--target-latency", type=float, metavar="MS", help="prune to this latency on --device")
     g.add_argument("--target-steps", type=int, default=4, help="rounds toward a target, scores recomputed between")
-    g.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+    if device:  # a service job runs on its worker's device
+        g.add_argument("--device", help="cuda or cpu (default: cuda when available)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -436,6 +449,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--queue", default="", help="worker pool (GPU class) to run on, one of the server's queues "
                    "(default: the server's default queue)")
     _add_prune_options(p)
+    _add_recipe_options(p, device=False)
     _add_client_options(p)
     p.set_defaults(func=cmd_submit)
 

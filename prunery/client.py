@@ -23,7 +23,7 @@ from prunery.v1 import prunery_pb2 as pb
 from prunery.v1 import prunery_pb2_grpc as pb_grpc
 
 CHUNK = 1 << 20
-IMPORTANCE = {"l1": pb.L1, "l2": pb.L2, "bn": pb.BN, "random": pb.RANDOM}
+IMPORTANCE = {"l1": pb.L1, "l2": pb.L2, "bn": pb.BN, "random": pb.RANDOM, "taylor": pb.TAYLOR, "fisher": pb.FISHER}
 ATTENTION = {"heads": pb.ATTENTION_HEADS, "head-dim": pb.ATTENTION_HEAD_DIM, "none": pb.ATTENTION_NONE}
 TERMINAL = {pb.SUCCEEDED, pb.FAILED, pb.CANCELLED}
 
@@ -60,15 +60,18 @@ def job_name(job: str) -> str:
 
 def spec_from_options(model: str, ratio: float, importance: str = "l2", global_pruning: bool = False,
                       round_to: int | None = None, max_ratio: float = 1.0, ignore: list[str] | None = None,
-                      seed: int = 0, attention: str = "heads", prune_hidden: bool = False) -> pb.PruneSpec:
-    """The job spec for the same options `prunery prune` takes."""
+                      seed: int = 0, attention: str = "heads", prune_hidden: bool = False,
+                      **recipe: Any) -> pb.PruneSpec:
+    """The job spec for the same options `prunery prune` takes; `recipe`: the data-driven fields of
+    `PruneSpec` by name (dataset="artifacts/...", sparse_steps=..., target_macs=..., ...)."""
     if importance not in IMPORTANCE:
         raise ValueError(f"unknown importance {importance!r}; choose one of {', '.join(IMPORTANCE)}")
     if attention not in ATTENTION:
         raise ValueError(f"unknown attention mode {attention!r}; choose one of {', '.join(ATTENTION)}")
     return pb.PruneSpec(model=model, ratio=ratio, importance=IMPORTANCE[importance], global_pruning=global_pruning,
                         round_to=round_to or 0, max_ratio=max_ratio, ignore=list(ignore or []), seed=seed,
-                        attention=ATTENTION[attention], prune_hidden=prune_hidden)
+                        attention=ATTENTION[attention], prune_hidden=prune_hidden,
+                        **{k: v for k, v in recipe.items() if v is not None})
 
 
 class Client:

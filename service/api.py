@@ -256,14 +256,25 @@ def spec_to_dict(spec: pb.PruneSpec) -> dict[str, Any]:
         "seed": int(spec.seed),
         "attention": _ATTENTION_NAMES.get(spec.attention, "heads"),
         "prune_hidden": bool(spec.prune_hidden),
+        **{name: getattr(spec, name) or default for name, default in RECIPE_DEFAULTS.items()},
+        "dataset": artifact_name(parse_artifact_name(spec.dataset, "job.spec.dataset")) if spec.dataset else "",
     }
+
+
+# the data-driven fields of a spec and the engine's defaults for them (0 / empty in a request means the default)
+RECIPE_DEFAULTS: dict[str, Any] = {
+    "held_out": 0.1, "batch_size": 64, "sparse_steps": 0, "reg": 1e-4, "alpha": 4.0, "lr": 0.01,
+    "finetune_steps": 0, "finetune_lr": 0.01, "distill": False, "target_macs": 0.0, "target_params": 0.0,
+    "target_latency_ms": 0.0, "target_steps": 4}
+TARGET_FIELDS = ("target_macs", "target_params", "target_latency_ms")
 
 
 # AttentionPruning values as the engine names them (stored specs use the engine's names)
 _ATTENTION_NAMES = {pb.ATTENTION_PRUNING_UNSPECIFIED: "heads", pb.ATTENTION_HEADS: "heads",
                     pb.ATTENTION_HEAD_DIM: "head-dim", pb.ATTENTION_NONE: "none"}
 _ATTENTION_VALUES = {"heads": pb.ATTENTION_HEADS, "head-dim": pb.ATTENTION_HEAD_DIM, "none": pb.ATTENTION_NONE}
-SPEC_DEFAULTS = {"attention": "heads", "prune_hidden": False}  # fields added after jobs were first stored
+# fields added after jobs were first stored
+SPEC_DEFAULTS = {"attention": "heads", "prune_hidden": False, "dataset": "", **RECIPE_DEFAULTS}
 
 
 def spec_from_dict(d: Mapping[str, Any]) -> pb.PruneSpec:
@@ -274,7 +285,8 @@ def spec_from_dict(d: Mapping[str, Any]) -> pb.PruneSpec:
         global_pruning=bool(d.get("global_pruning", False)), round_to=int(d.get("round_to", 0)),
         max_ratio=float(d.get("max_ratio", 0.0)), ignore=[str(g) for g in d.get("ignore", [])],
         seed=int(d.get("seed", 0)), attention=_ATTENTION_VALUES.get(str(d.get("attention", "heads")), 0),
-        prune_hidden=bool(d.get("prune_hidden", False)))
+        prune_hidden=bool(d.get("prune_hidden", False)), dataset=str(d.get("dataset") or ""),
+        **{name: type(default)(d.get(name, default)) for name, default in RECIPE_DEFAULTS.items()})
 
 
 def _result_names(job: Job | Row[Any]) -> list[str]:
@@ -578,10 +590,11 @@ class ArtifactService(pb_grpc.ArtifactServiceServicer):
                 raise errors.not_found("artifact", request.name)
             active = s.execute(select(Job.id, Job.spec).where(
                 Job.tenant_id == tenant, Job.state.notin_([st.value for st in jobs.TERMINAL]))).all()
-            users = [job_name(job_id) for job_id, spec in active if (spec or {}).get("model") == name]
+            users = [job_name(job_id) for job_id, spec in active if name in ((spec or {}).get("model"),
+                                                                              (spec or {}).get("dataset"))]
             if users:
                 raise errors.failed_precondition(
-                    f"{name} is the model of {len(users)} unfinished job(s) ({', '.join(users[:3])}); "
+                    f"{name} is the model or dataset of {len(users)} unfinished job(s) ({', '.join(users[:3])}); "
                     "cancel them or wait for them to end", Reason.ARTIFACT_IN_USE, jobs=",".join(users[:10]))
             key = row.storage_key
             s.delete(row)
@@ -664,6 +677,48 @@ class JobService(pb_grpc.JobServiceServicer):
     def __init__(self, backend: ApiBackend) -> None:
         self.b = backend
 
+    def _recipe_violations(self, session: Session, tenant: str, spec: pb.PruneSpec,
+                           targets: list[str]) -> list[Violation]:
+        """The data-driven fields: ranges, at most one target, a DATASET artifact of this tenant where needed."""
+        v: list[Violation] = []
+        for name in ("held_out", "reg", "alpha", "lr", "finetune_lr", *TARGET_FIELDS):
+            value = getattr(spec, name)
+            if not (math.isfinite(value) and value >= 0):
+                v.append((f"job.spec.{name}", f"must be a finite number >= 0 (0: the default); got {value}"))
+        if spec.held_out >= 1:
+            v.append(("job.spec.held_out", f"must be a fraction below 1; got {spec.held_out}"))
+        for name, limit in (("batch_size", 1 << 16), ("sparse_steps", 1_000_000), ("finetune_steps", 1_000_000),
+                            ("target_steps", 100)):
+            value = getattr(spec, name)
+            if not 0 <= value <= limit:
+                v.append((f"job.spec.{name}", f"must be between 0 and {limit}; got {value}"))
+        if len(targets) > 1:
+            v.append((f"job.spec.{targets[1]}", f"one target at a time: {', '.join(targets)} are all set"))
+        for name in ("target_macs", "target_params"):
+            if getattr(spec, name) == 1:
+                v.append((f"job.spec.{name}", "a fraction in (0, 1) or a count above 1; 1 is neither"))
+        needs = [what for what, on in (("sparse_steps", spec.sparse_steps > 0),
+                                       ("finetune_steps", spec.finetune_steps > 0), ("distill", spec.distill),
+                                       ("importance", spec.importance in (pb.TAYLOR, pb.FISHER))) if on]
+        if not spec.dataset:
+            if needs:
+                v.append(("job.spec.dataset", f"required by {', '.join(needs)}: the name 'artifacts/{{id}}' of an "
+                                              "uploaded DATASET"))
+            return v
+        m = ARTIFACT_NAME_RE.match(spec.dataset)
+        if m is None:
+            v.append(("job.spec.dataset", f"must be an artifact name like 'artifacts/{{uuid}}', got {spec.dataset!r}"))
+            return v
+        artifact = session.scalars(select(Artifact).where(
+            Artifact.id == uuid.UUID(m.group(1)), Artifact.tenant_id == tenant,
+            Artifact.state == ArtifactState.READY.value).with_for_update(read=True)).one_or_none()
+        if artifact is None:
+            v.append(("job.spec.dataset", f"artifact {spec.dataset!r} not found"))
+        elif artifact.kind != ArtifactKind.DATASET.value:
+            v.append(("job.spec.dataset", f"artifact {spec.dataset!r} is a {artifact.kind}; upload the data as a "
+                                          "DATASET"))
+        return v
+
     def _spec_violations(self, session: Session, tenant: str, job: pb.Job) -> list[Violation]:
         spec = job.spec
         v: list[Violation] = []
@@ -676,8 +731,11 @@ class JobService(pb_grpc.JobServiceServicer):
                 v.append(("job.spec.model", f"must be an artifact name like 'artifacts/{{uuid}}', got {spec.model!r}"))
             else:
                 model_id = uuid.UUID(m.group(1))
-        if not (0.0 < spec.ratio < 1.0):
-            v.append(("job.spec.ratio", f"must be between 0 and 1, both excluded; got {spec.ratio}"))
+        targets = [name for name in TARGET_FIELDS if getattr(spec, name)]
+        if not (0.0 < spec.ratio < 1.0) and not (targets and spec.ratio == 0):
+            v.append(("job.spec.ratio", f"must be between 0 and 1, both excluded (or 0 with a target); "
+                                        f"got {spec.ratio}"))
+        v += self._recipe_violations(session, tenant, spec, targets)
         if spec.importance not in pb.Importance.values():
             v.append(("job.spec.importance", f"unknown importance {spec.importance}; use L1, L2, BN or RANDOM"))
         if spec.attention not in _ATTENTION_NAMES:

@@ -613,6 +613,12 @@ INVALID_SPECS = [
     ({"model": "dataset"}, "job.spec.model"),
     ({"ignore": [""]}, "job.spec.ignore[0]"),
     ({"attention": 42}, "job.spec.attention"),
+    ({"sparse_steps": 10}, "job.spec.dataset"),  # data-driven options need a dataset
+    ({"importance": pb.TAYLOR}, "job.spec.dataset"),
+    ({"dataset": "MODEL", "finetune_steps": 5}, "job.spec.dataset"),  # a model is not a dataset
+    ({"ratio": 0.0, "target_macs": 0.5, "target_params": 0.5}, "job.spec.target_params"),  # one target
+    ({"held_out": 1.5}, "job.spec.held_out"),
+    ({"finetune_steps": -1}, "job.spec.finetune_steps"),
 ]
 
 
@@ -624,6 +630,8 @@ def test_create_job_rejects_invalid_specs(folder_api: Api, tenant: Tenant, model
     if spec.get("model") == "dataset":
         spec["model"] = upload(api, tenant, b"inputs", kind=pb.DATASET).name
     spec.setdefault("model", model.name)
+    if spec.get("dataset") == "MODEL":
+        spec["dataset"] = model.name
     sent = len(api.enqueued.ids)
     d = expect(rpc_error(create_job, api, tenant, request_id=uuid.uuid4().hex, **spec),
                Code.INVALID_ARGUMENT, "INVALID_FIELD", field_)
@@ -654,7 +662,9 @@ def test_create_job_is_idempotent(folder_api: Api, tenant: Tenant, model: pb.Art
     assert api.enqueued.queues[job_id_of(first)] == first.queue == "prunery"
     # the stored spec has its defaults filled in
     assert first.spec == pb.PruneSpec(model=model.name, ratio=0.25, importance=pb.L2, round_to=8, max_ratio=1.0,
-                                      ignore=["fc.*"], attention=pb.ATTENTION_HEADS, prune_hidden=False)
+                                      ignore=["fc.*"], attention=pb.ATTENTION_HEADS, prune_hidden=False,
+                                      held_out=0.1, batch_size=64, reg=1e-4, alpha=4.0, lr=0.01, finetune_lr=0.01,
+                                      target_steps=4)
     assert dict(first.labels) == {"team": "vision"}
     # the same request_id for a different job is a client bug: refused, nothing created
     with pytest.raises(grpc.RpcError) as err:

@@ -115,6 +115,62 @@ def test_a_transformer_job_gives_the_model_a_local_run_of_the_same_spec_gives(cl
         torch.testing.assert_close(served.module()(*x), local.module()(*x))
 
 
+def _blobs_model(tmp_path: Path) -> tuple[Path, Path, Path]:
+    """A small classifier trained on ten Gaussian blobs, exported; its dataset, and a copy with a NaN."""
+    from torch import nn
+
+    from prunery.core.data import save_dataset
+
+    g = torch.Generator().manual_seed(0)
+    centers = torch.randn(10, 32, generator=g) * 2
+    y = torch.randint(0, 10, (400,), generator=g)
+    x = centers[y] + torch.randn(400, 32, generator=g)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+    opt = torch.optim.Adam(model.parameters(), 1e-2)
+    for step in range(200):
+        i = torch.randint(0, 400, (64,), generator=torch.Generator().manual_seed(step))
+        loss = nn.functional.cross_entropy(model(x[i]), y[i])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    ep = torch.export.export(model.eval(), (x[:4],), dynamic_shapes=({0: torch.export.Dim("batch", max=4096)},))
+    torch.export.save(ep, tmp_path / "blobs.pt2")
+    save_dataset(tmp_path / "blobs.safetensors", x, y)
+    bad = x.clone()
+    bad[7, 3] = float("inf")
+    save_dataset(tmp_path / "bad.npz", bad, y, format="npz")
+    return tmp_path / "blobs.pt2", tmp_path / "blobs.safetensors", tmp_path / "bad.npz"
+
+
+def test_a_data_driven_job_sparse_trains_meets_its_target_and_recovers(client: Client, tmp_path: Path) -> None:
+    model, data, bad = _blobs_model(tmp_path)
+    model_name = client.upload(model).name
+    dataset = client.upload(data, kind=pb.DATASET).name
+    spec = spec_from_options(model_name, 0.0, "taylor", dataset=dataset, sparse_steps=30, reg=1e-3,
+                             finetune_steps=30, target_macs=0.3)
+    job = client.create_job(spec)
+    events = list(client.watch_job(job.name))
+    assert events[-1].state == pb.SUCCEEDED, client.get_job(job.name).error.message
+    stages = [e.stage for e in events]
+    for stage in ("load", "sparse", "prune", "finetune", "evaluate", "export", "store"):
+        assert stage in stages, stages
+    assert stages.count("sparse") >= 5 and stages.count("finetune") >= 5  # progress events per step
+    assert [e.progress for e in events] == sorted(e.progress for e in events)
+    done = client.get_job(job.name)
+    report = done.report
+    assert report["target"]["met"] and abs(report["target"]["within"]) <= 0.02
+    assert report["evaluation"]["before"]["accuracy"] > 0.9 and "after" in report["evaluation"]
+    assert len(report["training"]["sparse"]["loss_curve"]) > 5 and report["training"]["finetune"]["curve"]
+    small = load_program(client.download(f"{job.name}/model", tmp_path / "small.pt2"))
+    assert count(small).macs == report["macs_after"]
+    # a dataset the engine refuses fails its job with the reason, and the worker goes on
+    failed = client.wait(client.create_job(spec_from_options(model_name, 0.5, dataset=client.upload(
+        bad, kind=pb.DATASET).name, finetune_steps=5)).name)
+    assert failed.state == pb.FAILED and "inf" in failed.error.message
+    assert failed.error.details and b"DATASET_INVALID" in failed.error.details[0].value
+
+
 def test_malicious_upload_fails_its_job_and_never_runs(client: Client, model_path: Path, tmp_path: Path) -> None:
     marker = tmp_path / "pwned"
     evil = tmp_path / "evil.pt2"

@@ -35,13 +35,16 @@ FIELD_NUMBERS = {
     "ListJobsRequest": {"page_size": 1, "page_token": 2, "filter": 3},
     "ListJobsResponse": {"jobs": 1, "next_page_token": 2},
     "PruneSpec": {"model": 1, "ratio": 2, "importance": 3, "global_pruning": 4, "round_to": 5, "max_ratio": 6,
-                  "ignore": 7, "seed": 8, "attention": 9, "prune_hidden": 10},
+                  "ignore": 7, "seed": 8, "attention": 9, "prune_hidden": 10, "dataset": 11, "held_out": 12,
+                  "batch_size": 13, "sparse_steps": 14, "reg": 15, "alpha": 16, "lr": 17, "finetune_steps": 18,
+                  "finetune_lr": 19, "distill": 20, "target_macs": 21, "target_params": 22, "target_latency_ms": 23,
+                  "target_steps": 24},
     "UploadArtifactRequest": {"metadata": 1, "chunk": 2},
     "WatchJobRequest": {"name": 1, "after_sequence": 2},
 }
 ENUMS = {
     "ArtifactKind": {"ARTIFACT_KIND_UNSPECIFIED": 0, "MODEL": 1, "DATASET": 2, "REPORT": 3},
-    "Importance": {"IMPORTANCE_UNSPECIFIED": 0, "L1": 1, "L2": 2, "BN": 3, "RANDOM": 4},
+    "Importance": {"IMPORTANCE_UNSPECIFIED": 0, "L1": 1, "L2": 2, "BN": 3, "RANDOM": 4, "TAYLOR": 5, "FISHER": 6},
     "AttentionPruning": {"ATTENTION_PRUNING_UNSPECIFIED": 0, "ATTENTION_HEADS": 1, "ATTENTION_HEAD_DIM": 2,
                          "ATTENTION_NONE": 3},
     "JobState": {"JOB_STATE_UNSPECIFIED": 0, "QUEUED": 1, "RUNNING": 2, "SUCCEEDED": 3, "FAILED": 4,

@@ -45,6 +45,7 @@ that many bytes at the start of the stage.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib
 import json
@@ -76,6 +77,9 @@ from prunery.core import (
     prune,
     vet_archive,
 )
+from prunery.core.data import Dataset, DatasetError, load_dataset
+from prunery.core.recipe import Recipe, run_recipe
+from prunery.core.targets import Target
 from prunery.service import jobs
 from prunery.service.db import Artifact, ArtifactKind, ArtifactState, Database, Job, JobState, utcnow
 from prunery.service.objectstore import ObjectNotFound, ObjectStore, TooLarge, open_store
@@ -86,8 +90,11 @@ __all__ = ["STAGES", "JobFailure", "config_from_spec", "preload_engine", "run_jo
 
 log = logging.getLogger("prunery.worker.pipeline")
 
-STAGES: dict[str, float] = {"load": 0.05, "graph": 0.15, "prune": 0.3, "export": 0.75, "store": 0.9}
-_IMPORTANCE_ENUM = {0: "l2", 1: "l1", 2: "l2", 3: "bn", 4: "random"}  # prunery.v1.Importance numbers
+# each stage's share of the progress bar starts here (the data-driven stages run only when the spec asks)
+STAGES: dict[str, float] = {"load": 0.05, "graph": 0.15, "sparse": 0.2, "prune": 0.4, "finetune": 0.5,
+                            "evaluate": 0.8, "export": 0.85, "store": 0.92}
+_IMPORTANCE_ENUM = {0: "l2", 1: "l1", 2: "l2", 3: "bn", 4: "random", 5: "taylor", 6: "fisher"}  # prunery.v1 numbers
+_TARGETS = {"target_macs": "macs", "target_params": "params", "target_latency_ms": "latency_ms"}
 _CHUNK = 1 << 20
 TERMINAL = {JobState.SUCCEEDED.value, JobState.FAILED.value, JobState.CANCELLED.value}
 
@@ -153,7 +160,8 @@ def config_from_spec(spec: Mapping[str, Any]) -> PruneConfig:
     """The engine config of a job spec, with the API's conventions: importance by name (any case) or
     `prunery.v1.Importance` number (0: l2), `round_to` 0 = none, `max_ratio` 0 = 1.0; `global_pruning`
     (or `global`). Raises JobFailure(INVALID_SPEC)."""
-    if "ratio" not in spec:
+    targeted = any(spec.get(name) for name in _TARGETS)
+    if "ratio" not in spec and not targeted:
         raise _spec_error("no ratio")
     try:
         importance = spec.get("importance") or "l2"
@@ -166,7 +174,7 @@ def config_from_spec(spec: Mapping[str, Any]) -> PruneConfig:
         if isinstance(ignore, str) or not all(isinstance(g, str) for g in ignore):
             raise _spec_error("ignore must be a list of glob strings")
         config = PruneConfig(
-            ratio=float(spec["ratio"]),
+            ratio=float(spec.get("ratio") or 0.5) if targeted else float(spec["ratio"]),
             importance=importance,
             global_pruning=bool(spec.get("global_pruning", spec.get("global", False))),
             round_to=int(spec["round_to"]) if spec.get("round_to") else None,
@@ -184,12 +192,33 @@ def config_from_spec(spec: Mapping[str, Any]) -> PruneConfig:
     return config
 
 
-def _model_ref(spec: Mapping[str, Any]) -> uuid.UUID:
-    ref = str(spec.get("model") or "")
+def recipe_from_spec(spec: Mapping[str, Any], dataset: Dataset | None) -> Recipe | None:
+    """The recipe around the pruning (`prunery.core.recipe`), None when the spec asks for none of it."""
+    targets = [Target(metric, float(spec[name])) for name, metric in _TARGETS.items() if spec.get(name)]
+    config_importance = str(spec.get("importance") or "").lower()
+    if not (dataset is not None or targets or spec.get("sparse_steps") or spec.get("finetune_steps")
+            or spec.get("distill") or config_importance in ("taylor", "fisher", "5", "6")):
+        return None
+    if len(targets) > 1:
+        raise _spec_error("one target at a time")
+
+    def number(name: str, default: float) -> float:
+        return float(spec.get(name) or default)
+
+    return Recipe(dataset=dataset, held_out=number("held_out", 0.1), batch_size=int(number("batch_size", 64)),
+                  sparse_steps=int(number("sparse_steps", 0)), reg=number("reg", 1e-4), alpha=number("alpha", 4.0),
+                  lr=number("lr", 0.01), finetune_steps=int(number("finetune_steps", 0)),
+                  finetune_lr=number("finetune_lr", 0.01), distill=bool(spec.get("distill")),
+                  target=targets[0] if targets else None, target_steps=int(number("target_steps", 4)),
+                  device=select_device(), seed=int(spec.get("seed") or 0))
+
+
+def _artifact_ref(spec: Mapping[str, Any], field: str) -> uuid.UUID:
+    ref = str(spec.get(field) or "")
     try:
         return uuid.UUID(ref.removeprefix("artifacts/"))
     except ValueError:
-        raise _spec_error(f"model must name an artifact as artifacts/{{id}}, got {ref!r}") from None
+        raise _spec_error(f"{field} must name an artifact as artifacts/{{id}}, got {ref!r}") from None
 
 
 # Modules torch imports lazily on a program's first load/export (~1 s): imported once in the worker's main
@@ -362,6 +391,7 @@ class _Run:
     finishing: threading.Lock = field(default_factory=threading.Lock)
     started: float = field(default_factory=time.perf_counter)
     accounted: bool = False
+    last_progress: float = 0.0
 
     def __post_init__(self) -> None:
         self.settings.tmp_dir.mkdir(parents=True, exist_ok=True)
@@ -400,7 +430,28 @@ class _Run:
         if self.keeper.cancel.is_set():
             raise _Cancelled
         with self.db.session() as s:
-            ok = jobs.set_progress(s, self.job.id, self.worker_id, STAGES[stage], stage=stage, message=message)
+            self.last_progress = max(self.last_progress, STAGES[stage])
+            ok = jobs.set_progress(s, self.job.id, self.worker_id, self.last_progress, stage=stage, message=message)
+        if not ok:
+            raise self._state_after_refusal()
+
+    def progress(self, stage: str, fraction: float, message: str) -> None:
+        """A step inside a stage of the recipe (sparse training, pruning rounds, fine-tuning): a progress event
+        within the stage's share, and the cancellation check a stage boundary makes."""
+        if self.keeper.lost.is_set():
+            raise _LeaseLost
+        if self.keeper.cancel.is_set():
+            raise _Cancelled
+        starts = sorted(STAGES.values())
+        start = STAGES[stage]
+        end = next((v for v in starts if v > start), 1.0)
+        if stage != self.stage:
+            self.stage = stage
+            self._test_hooks(stage)
+        # never backwards: a stage may report a step again (the scores of the next pruning round)
+        self.last_progress = max(self.last_progress, start + max(0.0, min(fraction, 1.0)) * (end - start))
+        with self.db.session() as s:
+            ok = jobs.set_progress(s, self.job.id, self.worker_id, self.last_progress, stage=stage, message=message)
         if not ok:
             raise self._state_after_refusal()
 
@@ -516,11 +567,18 @@ class _Run:
             source = self._input()
             path = self._fetch(source)
             program = self._load(path, source)
+            dataset = self._dataset() if self.job.spec.get("dataset") else None
         device = select_device()
-        with self.stage_("graph", "building the dependency graph"):
-            graph = self._engine(DependencyGraph, program, ignore=config.ignore, attention=config.attention)
-        with self.stage_("prune", f"pruning {config.ratio:.0%} of each group ({config.importance}) on {device}"):
-            result = self._engine(prune, program, config, graph=graph)
+        recipe = recipe_from_spec(self.job.spec, dataset)
+        if recipe is not None:  # data, sparse training, targets, recovery: stages reported as the recipe goes
+            with self.stage_("graph", "checking the dataset against the program and planning the recipe"):
+                recipe = dataclasses.replace(recipe, device=device)
+            result = self._engine(run_recipe, program, config, recipe, self.progress)
+        else:
+            with self.stage_("graph", "building the dependency graph"):
+                graph = self._engine(DependencyGraph, program, ignore=config.ignore, attention=config.attention)
+            with self.stage_("prune", f"pruning {config.ratio:.0%} of each group ({config.importance}) on {device}"):
+                result = self._engine(prune, program, config, graph=graph)
         for part, seconds in (result.report.get("timings_s") or {}).items():
             if part not in STAGES:  # the engine's parts of the prune stage
                 metrics.STAGE_DURATION.labels(part).observe(float(seconds))
@@ -540,20 +598,31 @@ class _Run:
 
     # -- stages ---------------------------------------------------------------------------------------------
 
-    def _input(self) -> _Input:
-        artifact_id = _model_ref(self.job.spec)
+    def _input(self, field: str = "model") -> _Input:
+        """The job's model (or dataset) artifact row: this tenant's, READY, of the right kind."""
+        artifact_id = _artifact_ref(self.job.spec, field)
+        kind, word = (ArtifactKind.MODEL, "MODEL") if field == "model" else (ArtifactKind.DATASET, "DATASET")
         with self.db.session() as s:
             a = s.get(Artifact, artifact_id)
             if a is None or a.tenant_id != self.job.tenant or a.state != ArtifactState.READY:
-                raise JobFailure(code_pb2.FAILED_PRECONDITION, "MODEL_NOT_FOUND",
-                                 f"model artifacts/{artifact_id} does not exist")
-            if a.kind != ArtifactKind.MODEL:
-                raise JobFailure(code_pb2.INVALID_ARGUMENT, "NOT_A_MODEL",
-                                 f"artifacts/{artifact_id} is a {a.kind} artifact, not a MODEL")
+                raise JobFailure(code_pb2.FAILED_PRECONDITION, f"{word}_NOT_FOUND",
+                                 f"{field} artifacts/{artifact_id} does not exist")
+            if a.kind != kind:
+                raise JobFailure(code_pb2.INVALID_ARGUMENT, f"NOT_A_{word}",
+                                 f"artifacts/{artifact_id} is a {a.kind} artifact, not a {word}")
             return _Input(a.id, a.display_name, a.storage_key, a.size_bytes, a.sha256)
 
-    def _fetch(self, source: _Input) -> Path:
-        path = self.tmpdir / "model.pt2"
+    def _dataset(self) -> Dataset:
+        source = self._input("dataset")
+        path = self._fetch(source, "dataset.bin", "DATASET")
+        try:
+            return load_dataset(path)
+        except DatasetError as e:
+            raise JobFailure(code_pb2.INVALID_ARGUMENT, "DATASET_INVALID",
+                             f"dataset artifacts/{source.id} refused: {_one_line(e)}") from None
+
+    def _fetch(self, source: _Input, name: str = "model.pt2", word: str = "MODEL") -> Path:
+        path = self.tmpdir / name
         digest, size = hashlib.sha256(), 0
         try:
             with open(path, "wb") as f:
@@ -562,7 +631,7 @@ class _Run:
                     digest.update(chunk)
                     size += len(chunk)
         except ObjectNotFound:
-            raise JobFailure(code_pb2.FAILED_PRECONDITION, "MODEL_NOT_FOUND",
+            raise JobFailure(code_pb2.FAILED_PRECONDITION, f"{word}_NOT_FOUND",
                              f"the bytes of artifacts/{source.id} are missing from the object store") from None
         except Exception as e:
             raise JobFailure(code_pb2.UNAVAILABLE, "STORE_UNAVAILABLE",
@@ -570,7 +639,7 @@ class _Run:
         finally:
             metrics.ARTIFACT_IN_BYTES.inc(size)
         if (source.sha256 and digest.hexdigest() != source.sha256) or size != source.size_bytes:
-            raise JobFailure(code_pb2.DATA_LOSS, "MODEL_CORRUPT",
+            raise JobFailure(code_pb2.DATA_LOSS, f"{word}_CORRUPT",
                              f"artifacts/{source.id} in the object store does not match its recorded size and "
                              "sha256")
         return path
@@ -593,12 +662,19 @@ class _Run:
             raise JobFailure(code_pb2.INTERNAL, "MODEL_LOAD_FAILED", msg(_exc_line(e))) from e
 
     def _engine(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        """An engine call, its refusals mapped to PRUNE_FAILED."""
+        """An engine call, its refusals mapped to PRUNE_FAILED (a refused dataset to DATASET_INVALID); a cancel or a
+        lost lease noticed by a progress callback, and running out of memory, pass through."""
         try:
             return fn(*args, **kwargs)
-        except ValueError as e:  # PruneError and the engine's other refusals
-            raise JobFailure(code_pb2.FAILED_PRECONDITION, "PRUNE_FAILED", _one_line(e)) from None
+        except (_Cancelled, _LeaseLost):
+            raise
+        except DatasetError as e:
+            raise JobFailure(code_pb2.INVALID_ARGUMENT, "DATASET_INVALID", f"dataset refused: {_one_line(e)}") from None
         except Exception as e:
+            if _out_of_memory(e):
+                raise
+            if isinstance(e, ValueError):  # PruneError and the engine's other refusals
+                raise JobFailure(code_pb2.FAILED_PRECONDITION, "PRUNE_FAILED", _one_line(e)) from None
             raise JobFailure(code_pb2.INTERNAL, "PRUNE_FAILED", _exc_line(e)) from e
 
     def _export(self, program: torch.export.ExportedProgram) -> Path:

@@ -26,6 +26,8 @@ class Importance(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     L2: _ClassVar[Importance]
     BN: _ClassVar[Importance]
     RANDOM: _ClassVar[Importance]
+    TAYLOR: _ClassVar[Importance]
+    FISHER: _ClassVar[Importance]
 
 class AttentionPruning(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -52,6 +54,8 @@ L1: Importance
 L2: Importance
 BN: Importance
 RANDOM: Importance
+TAYLOR: Importance
+FISHER: Importance
 ATTENTION_PRUNING_UNSPECIFIED: AttentionPruning
 ATTENTION_HEADS: AttentionPruning
 ATTENTION_HEAD_DIM: AttentionPruning
@@ -152,7 +156,7 @@ class DeleteArtifactResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class PruneSpec(_message.Message):
-    __slots__ = ("model", "ratio", "importance", "global_pruning", "round_to", "max_ratio", "ignore", "seed", "attention", "prune_hidden")
+    __slots__ = ("model", "ratio", "importance", "global_pruning", "round_to", "max_ratio", "ignore", "seed", "attention", "prune_hidden", "dataset", "held_out", "batch_size", "sparse_steps", "reg", "alpha", "lr", "finetune_steps", "finetune_lr", "distill", "target_macs", "target_params", "target_latency_ms", "target_steps")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     RATIO_FIELD_NUMBER: _ClassVar[int]
     IMPORTANCE_FIELD_NUMBER: _ClassVar[int]
@@ -163,6 +167,20 @@ class PruneSpec(_message.Message):
     SEED_FIELD_NUMBER: _ClassVar[int]
     ATTENTION_FIELD_NUMBER: _ClassVar[int]
     PRUNE_HIDDEN_FIELD_NUMBER: _ClassVar[int]
+    DATASET_FIELD_NUMBER: _ClassVar[int]
+    HELD_OUT_FIELD_NUMBER: _ClassVar[int]
+    BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    SPARSE_STEPS_FIELD_NUMBER: _ClassVar[int]
+    REG_FIELD_NUMBER: _ClassVar[int]
+    ALPHA_FIELD_NUMBER: _ClassVar[int]
+    LR_FIELD_NUMBER: _ClassVar[int]
+    FINETUNE_STEPS_FIELD_NUMBER: _ClassVar[int]
+    FINETUNE_LR_FIELD_NUMBER: _ClassVar[int]
+    DISTILL_FIELD_NUMBER: _ClassVar[int]
+    TARGET_MACS_FIELD_NUMBER: _ClassVar[int]
+    TARGET_PARAMS_FIELD_NUMBER: _ClassVar[int]
+    TARGET_LATENCY_MS_FIELD_NUMBER: _ClassVar[int]
+    TARGET_STEPS_FIELD_NUMBER: _ClassVar[int]
     model: str
     ratio: float
     importance: Importance
@@ -173,7 +191,21 @@ class PruneSpec(_message.Message):
     seed: int
     attention: AttentionPruning
     prune_hidden: bool
-    def __init__(self, model: _Optional[str] = ..., ratio: _Optional[float] = ..., importance: _Optional[_Union[Importance, str]] = ..., global_pruning: _Optional[bool] = ..., round_to: _Optional[int] = ..., max_ratio: _Optional[float] = ..., ignore: _Optional[_Iterable[str]] = ..., seed: _Optional[int] = ..., attention: _Optional[_Union[AttentionPruning, str]] = ..., prune_hidden: _Optional[bool] = ...) -> None: ...
+    dataset: str
+    held_out: float
+    batch_size: int
+    sparse_steps: int
+    reg: float
+    alpha: float
+    lr: float
+    finetune_steps: int
+    finetune_lr: float
+    distill: bool
+    target_macs: float
+    target_params: float
+    target_latency_ms: float
+    target_steps: int
+    def __init__(self, model: _Optional[str] = ..., ratio: _Optional[float] = ..., importance: _Optional[_Union[Importance, str]] = ..., global_pruning: _Optional[bool] = ..., round_to: _Optional[int] = ..., max_ratio: _Optional[float] = ..., ignore: _Optional[_Iterable[str]] = ..., seed: _Optional[int] = ..., attention: _Optional[_Union[AttentionPruning, str]] = ..., prune_hidden: _Optional[bool] = ..., dataset: _Optional[str] = ..., held_out: _Optional[float] = ..., batch_size: _Optional[int] = ..., sparse_steps: _Optional[int] = ..., reg: _Optional[float] = ..., alpha: _Optional[float] = ..., lr: _Optional[float] = ..., finetune_steps: _Optional[int] = ..., finetune_lr: _Optional[float] = ..., distill: _Optional[bool] = ..., target_macs: _Optional[float] = ..., target_params: _Optional[float] = ..., target_latency_ms: _Optional[float] = ..., target_steps: _Optional[int] = ...) -> None: ...
 
 class Job(_message.Message):
     __slots__ = ("name", "spec", "state", "progress", "create_time", "start_time", "end_time", "attempt_count", "error", "result_artifacts", "report", "labels", "stage", "queue")
