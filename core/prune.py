@@ -112,7 +112,10 @@ def select(graph: DependencyGraph, config: PruneConfig, tensors: dict[str, torch
     if config.global_pruning:
         rel = [relative(scores[g.id][part]) for g, part in parts]
         caps = [_cap(len(part), config.max_ratio) for _, part in parts]
-        target = sum(_n_to_prune(len(part), config.ratio) for _, part in parts)
+        # one count over all parts (as Torch-Pruning pools it): a small ratio may remove nothing, rather than
+        # at least one index of every part
+        total = sum(len(part) for _, part in parts)
+        target = _n_to_prune(total, config.ratio)
         owner = np.concatenate([np.full(len(part), i) for i, (_, part) in enumerate(parts)]) if parts else []
         order = np.argsort(np.concatenate(rel), kind="stable") if parts else []
         taken = [0] * len(parts)
