@@ -61,6 +61,7 @@ class Recipe:
     alpha: float = 4.0  # its strength for the least important index: up to 2 ** alpha
     lr: float = 1e-2  # sparse training's learning rate
     finetune_steps: int = 0
+    finetune_epochs: float = 0.0  # instead of steps: passes over the training part
     finetune_lr: float = 1e-2
     distill: bool = False
     target: Target | None = None
@@ -72,7 +73,8 @@ class Recipe:
 
     def validate(self, config: PruneConfig) -> None:
         needs_data = [name for name, on in (
-            ("sparse training", self.sparse_steps > 0), ("recovery fine-tuning", self.finetune_steps > 0),
+            ("sparse training", self.sparse_steps > 0),
+            ("recovery fine-tuning", self.finetune_steps > 0 or self.finetune_epochs > 0),
             ("distillation", self.distill), (f"{config.importance} importance", config.importance in DATA_IMPORTANCES),
         ) if on]
         if needs_data and self.dataset is None:
@@ -85,7 +87,9 @@ class Recipe:
         for name in ("sparse_steps", "finetune_steps"):
             if getattr(self, name) < 0:
                 raise PruneError(f"{name.replace('_', ' ')} must not be negative, got {getattr(self, name)}")
-        for name in ("reg", "lr", "finetune_lr"):
+        if self.finetune_steps and self.finetune_epochs:
+            raise PruneError("give fine-tuning steps or epochs, not both")
+        for name in ("reg", "lr", "finetune_lr", "finetune_epochs"):
             value = getattr(self, name)
             if not (value >= 0 and math.isfinite(value)):
                 raise PruneError(f"{name} must be a finite non-negative number, got {value}")
@@ -208,8 +212,9 @@ def run_recipe(ep: ExportedProgram, config: PruneConfig, recipe: Recipe,
 
     if dataset is not None:
         report_extra["evaluation"]["after_pruning"] = _rounded(evaluate(pruned, held, teacher=teacher, device=device))
-    if recipe.finetune_steps:
-        steps = recipe.finetune_steps
+    if recipe.finetune_steps or recipe.finetune_epochs:
+        steps = recipe.finetune_steps or max(1, math.ceil(recipe.finetune_epochs * len(train_set)
+                                                          / recipe.batch_size))
 
         def finetune_step(step: int, value: float) -> None:
             if step == 1 or step % max(1, steps // 20) == 0 or step == steps:
@@ -217,7 +222,9 @@ def run_recipe(ep: ExportedProgram, config: PruneConfig, recipe: Recipe,
 
         pruned, curve = finetune(pruned, train, held, steps=steps, lr=recipe.finetune_lr, loss=loss,
                                  teacher=teacher, on_step=finetune_step, device=device)
-        report_extra["training"]["finetune"] = {"steps": steps, "lr": recipe.finetune_lr, "schedule": "cosine",
+        report_extra["training"]["finetune"] = {"steps": steps, "epochs": round(steps * recipe.batch_size
+                                                                                / len(train_set), 3),
+                                                "lr": recipe.finetune_lr, "schedule": "cosine",
                                                 "curve": [_rounded(c) for c in curve]}
     if dataset is not None:
         report_extra["evaluation"]["after"] = _rounded(evaluate(pruned, held, teacher=teacher, device=device))

@@ -107,13 +107,15 @@ def _recipe_from(args: argparse.Namespace):
     if len(targets) > 1:
         raise ValueError("give one target: --target-macs, --target-params or --target-latency")
     data_driven = args.importance in ("taylor", "fisher")
-    if not (args.dataset or targets or data_driven or args.sparse_steps or args.finetune_steps or args.distill):
+    if not (args.dataset or targets or data_driven or args.sparse_steps or args.finetune_steps
+            or args.finetune_epochs or args.distill):
         return None
     return Recipe(
         dataset=load_dataset(args.dataset) if args.dataset else None, held_out=args.held_out,
         batch_size=args.batch_size, sparse_steps=args.sparse_steps, reg=args.reg, alpha=args.alpha, lr=args.lr,
-        finetune_steps=args.finetune_steps, finetune_lr=args.finetune_lr, distill=args.distill,
-        target=targets[0] if targets else None, target_steps=args.target_steps, device=args.device, seed=args.seed)
+        finetune_steps=args.finetune_steps, finetune_epochs=args.finetune_epochs, finetune_lr=args.finetune_lr,
+        distill=args.distill, target=targets[0] if targets else None, target_steps=args.target_steps,
+        device=args.device, seed=args.seed)
 
 
 def _print_progress(stage: str, fraction: float, message: str) -> None:
@@ -278,7 +280,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
             artifact.name, args.ratio or 0.0, args.importance, args.global_pruning, args.round_to, args.max_ratio,
             args.ignore, args.seed, args.attention, args.prune_hidden, dataset=dataset, held_out=args.held_out,
             batch_size=args.batch_size, sparse_steps=args.sparse_steps, reg=args.reg, alpha=args.alpha, lr=args.lr,
-            finetune_steps=args.finetune_steps, finetune_lr=args.finetune_lr, distill=args.distill,
+            finetune_steps=args.finetune_steps, finetune_epochs=args.finetune_epochs, finetune_lr=args.finetune_lr,
+            distill=args.distill,
             target_macs=args.target_macs, target_params=args.target_params, target_latency_ms=args.target_latency,
             target_steps=args.target_steps)
         job = client.create_job(spec, labels=dict(args.label or []), queue=args.queue)
@@ -400,6 +403,7 @@ def _add_recipe_options(p: argparse.ArgumentParser, device: bool = True) -> None
     g.add_argument("--alpha", type=float, default=4.0, help="regularisation up to 2**alpha for the weakest indices")
     g.add_argument("--lr", type=float, default=1e-2, help="sparse training's learning rate")
     g.add_argument("--finetune-steps", type=int, default=0, help="steps of recovery fine-tuning after pruning")
+    g.add_argument("--finetune-epochs", type=float, default=0.0, help="or recover for this many passes over the data")
     g.add_argument("--finetune-lr", type=float, default=1e-2)
     g.add_argument("--distill", action="store_true", help="recover by distillation from the unpruned model "
                    "(the default when the dataset has no targets)")

@@ -264,8 +264,8 @@ def spec_to_dict(spec: pb.PruneSpec) -> dict[str, Any]:
 # the data-driven fields of a spec and the engine's defaults for them (0 / empty in a request means the default)
 RECIPE_DEFAULTS: dict[str, Any] = {
     "held_out": 0.1, "batch_size": 64, "sparse_steps": 0, "reg": 1e-4, "alpha": 4.0, "lr": 0.01,
-    "finetune_steps": 0, "finetune_lr": 0.01, "distill": False, "target_macs": 0.0, "target_params": 0.0,
-    "target_latency_ms": 0.0, "target_steps": 4}
+    "finetune_steps": 0, "finetune_epochs": 0.0, "finetune_lr": 0.01, "distill": False, "target_macs": 0.0,
+    "target_params": 0.0, "target_latency_ms": 0.0, "target_steps": 4}
 TARGET_FIELDS = ("target_macs", "target_params", "target_latency_ms")
 
 
@@ -681,7 +681,7 @@ class JobService(pb_grpc.JobServiceServicer):
                            targets: list[str]) -> list[Violation]:
         """The data-driven fields: ranges, at most one target, a DATASET artifact of this tenant where needed."""
         v: list[Violation] = []
-        for name in ("held_out", "reg", "alpha", "lr", "finetune_lr", *TARGET_FIELDS):
+        for name in ("held_out", "reg", "alpha", "lr", "finetune_lr", "finetune_epochs", *TARGET_FIELDS):
             value = getattr(spec, name)
             if not (math.isfinite(value) and value >= 0):
                 v.append((f"job.spec.{name}", f"must be a finite number >= 0 (0: the default); got {value}"))
@@ -694,11 +694,14 @@ class JobService(pb_grpc.JobServiceServicer):
                 v.append((f"job.spec.{name}", f"must be between 0 and {limit}; got {value}"))
         if len(targets) > 1:
             v.append((f"job.spec.{targets[1]}", f"one target at a time: {', '.join(targets)} are all set"))
+        if spec.finetune_steps and spec.finetune_epochs:
+            v.append(("job.spec.finetune_epochs", "give finetune_steps or finetune_epochs, not both"))
         for name in ("target_macs", "target_params"):
             if getattr(spec, name) == 1:
                 v.append((f"job.spec.{name}", "a fraction in (0, 1) or a count above 1; 1 is neither"))
         needs = [what for what, on in (("sparse_steps", spec.sparse_steps > 0),
-                                       ("finetune_steps", spec.finetune_steps > 0), ("distill", spec.distill),
+                                       ("finetune_steps", spec.finetune_steps > 0),
+                                       ("finetune_epochs", spec.finetune_epochs > 0), ("distill", spec.distill),
                                        ("importance", spec.importance in (pb.TAYLOR, pb.FISHER))) if on]
         if not spec.dataset:
             if needs:

@@ -197,7 +197,8 @@ def recipe_from_spec(spec: Mapping[str, Any], dataset: Dataset | None) -> Recipe
     targets = [Target(metric, float(spec[name])) for name, metric in _TARGETS.items() if spec.get(name)]
     config_importance = str(spec.get("importance") or "").lower()
     if not (dataset is not None or targets or spec.get("sparse_steps") or spec.get("finetune_steps")
-            or spec.get("distill") or config_importance in ("taylor", "fisher", "5", "6")):
+            or spec.get("finetune_epochs") or spec.get("distill")
+            or config_importance in ("taylor", "fisher", "5", "6")):
         return None
     if len(targets) > 1:
         raise _spec_error("one target at a time")
@@ -208,6 +209,7 @@ def recipe_from_spec(spec: Mapping[str, Any], dataset: Dataset | None) -> Recipe
     return Recipe(dataset=dataset, held_out=number("held_out", 0.1), batch_size=int(number("batch_size", 64)),
                   sparse_steps=int(number("sparse_steps", 0)), reg=number("reg", 1e-4), alpha=number("alpha", 4.0),
                   lr=number("lr", 0.01), finetune_steps=int(number("finetune_steps", 0)),
+                  finetune_epochs=number("finetune_epochs", 0.0),
                   finetune_lr=number("finetune_lr", 0.01), distill=bool(spec.get("distill")),
                   target=targets[0] if targets else None, target_steps=int(number("target_steps", 4)),
                   device=select_device(), seed=int(spec.get("seed") or 0))
