@@ -473,6 +473,23 @@ def _check_finite(value: float, step: int) -> None:
         raise TrainError(f"the loss is not finite at step {step} ({value}); lower the learning rate or reg")
 
 
+def _optimise(module: nn.Module, opt: torch.optim.Optimizer, loss: Loss, inputs: Any, targets: Any,
+              teacher: nn.Module | None, device: torch.device, step: int,
+              penalty: Callable[[], torch.Tensor] | None = None) -> float:
+    """One optimiser step on a batch: the task loss (plus `penalty()`, the regulariser), refused when not finite.
+    Returns the loss."""
+    inputs = _to(inputs, device)
+    total = loss(_call(module, inputs), _target(loss, targets, teacher, inputs, device))
+    if penalty is not None:
+        total = total + penalty()
+    opt.zero_grad(set_to_none=True)
+    total.backward()
+    value = float(total.detach())
+    _check_finite(value, step)
+    opt.step()
+    return value
+
+
 def sparse_train(
     ep: ExportedProgram,
     graph: DependencyGraph,
@@ -510,14 +527,7 @@ def sparse_train(
     for step, (inputs, targets) in zip(range(steps), _cycle(dataset_batches), strict=False):
         if step and step % refresh == 0:
             regulariser.refresh()
-        inputs = _to(inputs, dev)
-        target = _target(loss_, targets, teacher_m, inputs, dev)
-        total = loss_(_call(module, inputs), target) + regulariser.penalty()
-        opt.zero_grad(set_to_none=True)
-        total.backward()
-        value = float(total.detach())
-        _check_finite(value, step + 1)
-        opt.step()
+        value = _optimise(module, opt, loss_, inputs, targets, teacher_m, dev, step + 1, regulariser.penalty)
         losses.append(value)
         if on_step is not None:
             on_step(step + 1, value)
@@ -608,14 +618,7 @@ def finetune(
     for step, (inputs, targets) in zip(range(steps), _cycle(train_batches), strict=False):
         for group in opt.param_groups:
             group["lr"] = lr * _lr_factor(schedule, step, steps, warmup)
-        inputs = _to(inputs, dev)
-        target = _target(loss_, targets, teacher_m, inputs, dev)
-        value_t = loss_(_call(module, inputs), target)
-        opt.zero_grad(set_to_none=True)
-        value_t.backward()
-        value = float(value_t.detach())
-        _check_finite(value, step + 1)
-        opt.step()
+        value = _optimise(module, opt, loss_, inputs, targets, teacher_m, dev, step + 1)
         since.append(value)
         if on_step is not None:
             on_step(step + 1, value)
