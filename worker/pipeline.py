@@ -9,12 +9,15 @@ announced as a progress event (stage names as in the API's `Job.stage`), a cance
                  it with `prunery.core.load_program`, the engine's safe intake: uploaded files are loaded
                  in no other way
     graph   15%  the program's dependency graph (`prunery.core.DependencyGraph`, with the spec's ignore globs)
-    prune   30%  `prunery.core.prune` with that graph and a `PruneConfig` from the job's spec (the `prunery
+    prune   40%  `prunery.core.prune` with that graph and a `PruneConfig` from the job's spec (the `prunery
                  prune` options): group selection, removal and re-export, whose parts (select_and_remove,
                  reexport) the report and the stage metrics break out
-    export  75%  `torch.export.save` of the pruned program, then `vet_archive` on the file: we publish only
+    (a spec with a dataset, a target, sparse training or recovery runs `prunery.core.recipe.run_recipe`
+     instead of graph and prune: stages sparse 20%, prune 40%, finetune 50%, evaluate 80%, each reporting
+     its steps as progress events and honouring a cancel between them)
+    export  85%  `torch.export.save` of the pruned program, then `vet_archive` on the file: we publish only
                  what our own intake accepts
-    store   90%  write `jobs/{id}/model.pt2` and `jobs/{id}/report.json` (fixed keys: a retry overwrites,
+    store   92%  write `jobs/{id}/model.pt2` and `jobs/{id}/report.json` (fixed keys: a retry overwrites,
                  never duplicates), then in ONE transaction register both as artifacts (kinds MODEL and
                  REPORT, the job's tenant, producer_job set) and mark the job SUCCEEDED with the report
 
@@ -45,7 +48,6 @@ that many bytes at the start of the stage.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import importlib
 import json
@@ -192,7 +194,7 @@ def config_from_spec(spec: Mapping[str, Any]) -> PruneConfig:
     return config
 
 
-def recipe_from_spec(spec: Mapping[str, Any], dataset: Dataset | None) -> Recipe | None:
+def recipe_from_spec(spec: Mapping[str, Any], dataset: Dataset | None, device: str) -> Recipe | None:
     """The recipe around the pruning (`prunery.core.recipe`), None when the spec asks for none of it."""
     targets = [Target(metric, float(spec[name])) for name, metric in _TARGETS.items() if spec.get(name)]
     config_importance = str(spec.get("importance") or "").lower()
@@ -212,7 +214,7 @@ def recipe_from_spec(spec: Mapping[str, Any], dataset: Dataset | None) -> Recipe
                   finetune_epochs=number("finetune_epochs", 0.0),
                   finetune_lr=number("finetune_lr", 0.01), distill=bool(spec.get("distill")),
                   target=targets[0] if targets else None, target_steps=int(number("target_steps", 4)),
-                  device=select_device(), seed=int(spec.get("seed") or 0))
+                  device=device, seed=int(spec.get("seed") or 0))
 
 
 def _artifact_ref(spec: Mapping[str, Any], field: str) -> uuid.UUID:
@@ -571,10 +573,8 @@ class _Run:
             program = self._load(path, source)
             dataset = self._dataset() if self.job.spec.get("dataset") else None
         device = select_device()
-        recipe = recipe_from_spec(self.job.spec, dataset)
+        recipe = recipe_from_spec(self.job.spec, dataset, device)
         if recipe is not None:  # data, sparse training, targets, recovery: stages reported as the recipe goes
-            with self.stage_("graph", "checking the dataset against the program and planning the recipe"):
-                recipe = dataclasses.replace(recipe, device=device)
             result = self._engine(run_recipe, program, config, recipe, self.progress)
         else:
             with self.stage_("graph", "building the dependency graph"):
