@@ -3,6 +3,7 @@ importance, a MACs target, recovery and evaluation in the report; refusals of wh
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -108,3 +109,17 @@ def test_prune_command_with_a_dataset_and_a_target(trained, tmp_path: Path) -> N
                 "5", cwd=tmp_path)
     assert proc.returncode != 0 and "NaN" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "bad.pt2").exists()
+
+
+@pytest.mark.parametrize(("recipe", "match"), [
+    (Recipe(held_out=1.5), "held-out fraction"),
+    (Recipe(batch_size=0), "batch size"),
+    (Recipe(sparse_steps=-1), "sparse steps"),
+    (Recipe(reg=float("nan")), "reg must be"),
+    (Recipe(finetune_steps=5, finetune_epochs=1.0), "steps or epochs"),
+    (Recipe(target=Target("macs", 1.0)), "target macs"),
+])
+def test_bad_recipe_values_are_refused_with_their_reason(recipe: Recipe, match: str) -> None:
+    dataset = Dataset(torch.randn(20, 32), None)
+    with pytest.raises(PruneError, match=match):
+        dataclasses.replace(recipe, dataset=dataset).validate(PruneConfig())
