@@ -87,13 +87,6 @@ class Api:
 
 
 @pytest.fixture(scope="module")
-def pg_url() -> Iterator[str]:
-    with testing.temporary_postgres_database() as url:
-        db.upgrade(url)
-        yield url
-
-
-@pytest.fixture(scope="module")
 def database(pg_url: str) -> Iterator[Database]:
     database = Database(pg_url)
     yield database

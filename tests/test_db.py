@@ -27,13 +27,6 @@ SPEC = {"model": "artifacts/0", "ratio": 0.5}
 S = JobState
 
 
-@pytest.fixture(scope="module")
-def pg_url() -> Iterator[str]:
-    with testing.temporary_postgres_database() as url:
-        db.upgrade(url)
-        yield url
-
-
 @pytest.fixture(scope="module", params=["postgres", "sqlite"])
 def database(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Database]:
     if request.param == "postgres":
@@ -44,14 +37,6 @@ def database(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFa
     database = Database(url)
     yield database
     database.dispose()
-
-
-@pytest.fixture
-def tenant(database: Database) -> str:
-    name = f"t-{uuid.uuid4().hex[:10]}"
-    with database.session() as s:
-        db.ensure_tenant(s, name)
-    return name
 
 
 def new_job(database: Database, tenant: str, **kw) -> uuid.UUID:

@@ -12,7 +12,7 @@ import grpc
 import pytest
 from sqlalchemy import text
 
-from prunery.service import db, jobs, testing, tokens
+from prunery.service import jobs, tokens
 from prunery.service.api import job_proto
 from prunery.service.db import Database, Job
 from prunery.service.jobcache import JobCache
@@ -25,25 +25,10 @@ SPEC = {"model": "artifacts/00000000-0000-0000-0000-000000000000", "ratio": 0.5}
 
 
 @pytest.fixture(scope="module")
-def pg_url() -> Iterator[str]:
-    with testing.temporary_postgres_database() as url:
-        db.upgrade(url)
-        yield url
-
-
-@pytest.fixture(scope="module")
 def database(pg_url: str) -> Iterator[Database]:
     database = Database(pg_url)
     yield database
     database.dispose()
-
-
-@pytest.fixture
-def tenant(database: Database) -> str:
-    name = f"t-{uuid.uuid4().hex[:10]}"
-    with database.session() as s:
-        db.ensure_tenant(s, name)
-    return name
 
 
 @pytest.fixture

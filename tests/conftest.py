@@ -1,0 +1,26 @@
+"""Fixtures shared by the service tests: a throwaway Postgres database per module, migrated to head, and a new
+tenant per test (in the module's `database`)."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+from prunery.service import db, testing
+
+
+@pytest.fixture(scope="module")
+def pg_url() -> Iterator[str]:
+    with testing.temporary_postgres_database() as url:
+        db.upgrade(url)
+        yield url
+
+
+@pytest.fixture
+def tenant(database: db.Database) -> str:
+    name = f"t-{uuid.uuid4().hex[:10]}"
+    with database.session() as s:
+        db.ensure_tenant(s, name)
+    return name
