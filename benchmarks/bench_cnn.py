@@ -119,14 +119,19 @@ def _runs(model: Callable, inputs: tuple, expected: Any) -> tuple[bool, str]:
     return got == expected, "" if got == expected else f"output shape {got} != {expected}"
 
 
-def _classifier(model: nn.Module, inputs: tuple) -> list[str]:
-    """The last Conv/Linear to run: the layer whose output is the model output (the class logits /
-    segmentation head). Torch-Pruning must be told not to prune its outputs."""
+def _is_conv_or_linear(m: nn.Module) -> bool:
+    return isinstance(m, nn.modules.conv._ConvNd | nn.Linear)
+
+
+def _classifier(model: nn.Module, inputs: tuple, is_layer: Callable[[nn.Module], bool] = _is_conv_or_linear
+                ) -> list[str]:
+    """The last layer (`is_layer`: Conv/Linear) to run: the layer whose output is the model output (the class
+    logits / segmentation head). Torch-Pruning must be told not to prune its outputs."""
     order: list[str] = []
     hooks = [
         m.register_forward_hook(lambda _m, _i, _o, n=name: order.append(n))
         for name, m in model.named_modules()
-        if isinstance(m, nn.modules.conv._ConvNd | nn.Linear)
+        if is_layer(m)
     ]
     try:
         with torch.no_grad():
