@@ -48,6 +48,7 @@ that many bytes at the start of the stage.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib
 import json
@@ -205,16 +206,15 @@ def recipe_from_spec(spec: Mapping[str, Any], dataset: Dataset | None, device: s
     if len(targets) > 1:
         raise _spec_error("one target at a time")
 
-    def number(name: str, default: float) -> float:
-        return float(spec.get(name) or default)
+    # the spec's numbers as the recipe's fields; 0 or absent leaves the engine's default (Recipe's own)
+    numbers = {f.name: type(f.default)(spec[f.name]) for f in dataclasses.fields(Recipe)
+               if f.name in _RECIPE_NUMBERS and spec.get(f.name)}
+    return Recipe(dataset=dataset, distill=bool(spec.get("distill")), target=targets[0] if targets else None,
+                  device=device, seed=int(spec.get("seed") or 0), **numbers)
 
-    return Recipe(dataset=dataset, held_out=number("held_out", 0.1), batch_size=int(number("batch_size", 64)),
-                  sparse_steps=int(number("sparse_steps", 0)), reg=number("reg", 1e-4), alpha=number("alpha", 4.0),
-                  lr=number("lr", 0.01), finetune_steps=int(number("finetune_steps", 0)),
-                  finetune_epochs=number("finetune_epochs", 0.0),
-                  finetune_lr=number("finetune_lr", 0.01), distill=bool(spec.get("distill")),
-                  target=targets[0] if targets else None, target_steps=int(number("target_steps", 4)),
-                  device=device, seed=int(spec.get("seed") or 0))
+
+_RECIPE_NUMBERS = ("held_out", "batch_size", "sparse_steps", "reg", "alpha", "lr", "finetune_steps",
+                   "finetune_epochs", "finetune_lr", "target_steps")
 
 
 def _artifact_ref(spec: Mapping[str, Any], field: str) -> uuid.UUID:
