@@ -55,11 +55,11 @@ def _tconv_ops() -> set:
 DimSize = Callable[[torch.fx.Node, int], int]  # (node, dim) -> the size of that dim of the node's value
 
 
-def _traced_size(node: torch.fx.Node, dim: int) -> int:
+def traced_size(node: torch.fx.Node, dim: int) -> int:
     return _int(node.meta["val"].shape[dim])
 
 
-def count_macs(ep: ExportedProgram, size: DimSize = _traced_size) -> int:
+def count_macs(ep: ExportedProgram, size: DimSize = traced_size) -> int:
     """Multiply-accumulates of the convolutions, linear layers and matrix products at the example inputs'
     shapes; `size` gives every dim's size (default: as traced; `plan_counts` passes the sizes a pruning
     plan would leave, so a candidate is counted without building it)."""

@@ -118,9 +118,6 @@ class Builder:
         off = self.slot_off[slot]
         return np.arange(off, off + self.slot_size[slot], dtype=np.int64)
 
-    def is_frozen_hint(self, slot: int) -> bool:
-        return self.slot_frozen_hint[slot]
-
     # --- couplings -------------------------------------------------------------------------
     def _pairs(self, a: np.ndarray, b: np.ndarray) -> None:
         self.edges_a.append(np.asarray(a, dtype=np.int64))

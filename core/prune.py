@@ -19,7 +19,7 @@ import torch.utils._pytree as pytree
 from torch.export import Dim, ExportedProgram
 from torch.export.graph_signature import InputKind
 
-from .counting import Counts, _traced_size, count, count_macs
+from .counting import Counts, count, count_macs, traced_size
 from .graph import ATTENTION_MODES, DependencyGraph
 from .importance import DATA_IMPORTANCES, IMPORTANCES, group_scores, relative
 from .program_module import NodeCall, ProgramModule, call_specs, supported
@@ -153,7 +153,7 @@ def plan_counts(ep: ExportedProgram, plan: PrunePlan) -> Counts:
             slot = slots[dim]
             if not graph.builder.slot_symbolic[slot]:
                 return len(plan.kept(slot))
-        return _traced_size(node, dim)
+        return traced_size(node, dim)
 
     tied = tied_names({name: t for name, t in program_tensors(ep).items() if name in graph.params})
     params = sum(math.prod(len(plan.kept(s)) for s in info.slots) for name, info in graph.params.items()
