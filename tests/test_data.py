@@ -219,17 +219,32 @@ def test_mismatched_lengths(tmp_path: Path, fmt: str) -> None:
 
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_names(tmp_path: Path, fmt: str) -> None:
-    path = _write(tmp_path / "a", _raw(fmt, x=torch.zeros(2), y=torch.zeros(2)))
-    _refused(path, "^unexpected tensor names: x, y ")
+    # any names are input tensors now (they are matched to the program's inputs by fit_to_program)
+    ds = load_dataset(_write(tmp_path / "a", _raw(fmt, x=torch.zeros(2, 1), y=torch.ones(2, 3))))
+    assert sorted(ds.features) == ["x", "y"] and ds.targets is None and len(ds) == 2
+    assert ds.features["y"].tolist() == [[1.0] * 3] * 2
     path = _write(tmp_path / "b", _raw(fmt, targets=torch.zeros(2)))
-    _refused(path, r"^no tensor named 'inputs' \(found: targets\)$")
+    _refused(path, r"^no input tensor \(found: targets\): expected 'inputs', 'inputs\.0', ")
     extra = _raw(fmt, inputs=torch.zeros(2, 1), targets=torch.zeros(2), labels=torch.zeros(2))
-    err = _refused(_write(tmp_path / "c", extra), "^unexpected tensor names: labels ")
-    assert "only 'inputs' and optionally 'targets'" in str(err)
+    ds = load_dataset(_write(tmp_path / "c", extra))
+    assert sorted(ds.features) == ["inputs", "labels"] and ds.targets is not None
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_name_limits(tmp_path: Path, fmt: str) -> None:
+    many = {f"x{i}": torch.zeros(2, 1) for i in range(65)}
+    _refused(_write(tmp_path / "a", _raw(fmt, **many)), "^dataset holds 65 input tensors, over the limit of 64")
+    del many["x64"]
+    assert len(load_dataset(_write(tmp_path / "b", _raw(fmt, **many))).features) == 64
+    long = {"n" * 201: torch.zeros(2, 1)}
+    _refused(_write(tmp_path / "c", _raw(fmt, **long)), "^input tensor name 'n+.*' is 201 characters, over the limit")
+    odd = {"mask\x1b[2J": torch.zeros(2, 1)}
+    err = _refused(_write(tmp_path / "d", _raw(fmt, **odd)), r"^input tensor name 'mask\\x1b\[2J' holds unprintable")
+    assert "\x1b" not in str(err)
 
 
 def test_empty_npz_and_non_npy_member(tmp_path: Path) -> None:
-    _refused(_write(tmp_path / "a", _npz_bytes()), r"^no tensor named 'inputs' \(found: nothing\)$")
+    _refused(_write(tmp_path / "a", _npz_bytes()), r"^no input tensor \(found: nothing\): expected 'inputs'")
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w") as zf:
         zf.writestr("inputs.npy", _npy(np.zeros((2, 2), np.float32)))
@@ -334,7 +349,11 @@ def test_bad_dtypes_and_shapes(tmp_path: Path, fmt: str) -> None:
     )
     refused(r"got int8 \(allowed: ", inputs=x, targets=torch.zeros(3, dtype=torch.int8))
     refused(r"^targets has 2 negative class ids: class ids must be >= 0$", inputs=x, targets=torch.tensor([0, -1, -5]))
-    refused(r"^inputs must be a float .* or integer \(token ids\) tensor; got bool$", inputs=torch.zeros(3).bool())
+    refused(
+        r"^inputs must be a float .*, integer \(token ids\) or bool \(mask\) tensor; got complex64$",
+        inputs=torch.zeros(3, dtype=torch.complex64),
+    )
+    refused(r"^mask must be a float .* got complex64$", x=x, mask=torch.zeros(3, 2, dtype=torch.complex64))
     refused(r"^inputs is a scalar", inputs=torch.tensor(1.0))
     refused(r"^inputs has 0 rows \(shape \(0, 4\)\): expected at least 1$", inputs=torch.zeros(0, 4))
     refused(r"^targets is a scalar", inputs=x, targets=torch.tensor(1))
