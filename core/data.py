@@ -885,7 +885,7 @@ def _who(tensor: str, pin: _ProgramInput) -> str:
     """The dataset tensor, and the program input it feeds when the names differ."""
     if tensor == pin.name:
         return _one_line(tensor)
-    return f"{_one_line(tensor)} (the program's input {_one_line(pin.name)})"
+    return f"dataset tensor {_one_line(tensor)!r} (for the program's input {_one_line(pin.name)!r})"
 
 
 def _dim_range(ep: torch.export.ExportedProgram, size: Any) -> tuple[int, int | None] | None:

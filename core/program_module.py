@@ -76,21 +76,59 @@ def call_specs(ep: ExportedProgram) -> tuple[pytree.TreeSpec | None, pytree.Tree
     return mcg[0].signature.in_spec, mcg[0].signature.out_spec
 
 
+_aten = torch.ops.aten
+# Inference-mode batch norm as programs traced in eval mode call it, and the index of its `training` flag.
+_BATCH_NORM_TRAINING_ARG = {_aten.batch_norm.default: 5, _aten.native_batch_norm.default: 5}
+
+
+def _batch_norm_in_training(target: Any, args: tuple, kwargs: dict, momentum: float | None) -> Any:
+    """The training-mode call of an inference batch norm node: batch statistics, running statistics updated in
+    place (the buffers passed are the module's own) with `momentum` (None: the node's own), same outputs."""
+    if target is _aten._native_batch_norm_legit_no_training.default:
+        x, weight, bias, mean, var, node_momentum, eps = args
+        return _aten._native_batch_norm_legit.default(x, weight, bias, mean, var, True,
+                                                      node_momentum if momentum is None else momentum, eps)
+    i = _BATCH_NORM_TRAINING_ARG[target]
+    args = list(args)
+    args[i] = True
+    if momentum is not None:
+        args[i + 1] = momentum
+    return target(*args, **kwargs)
+
+
+BATCH_NORM_OPS = (*_BATCH_NORM_TRAINING_ARG, _aten._native_batch_norm_legit_no_training.default)
+
+
 class _Runner(torch.fx.Interpreter):
     def __init__(self, owner: ProgramModule) -> None:
         super().__init__(owner._holder, graph=owner._graph, garbage_collect_values=True)
         self.owner = owner
+        self.bn_training = owner.training and owner.batchnorm_training
 
     def run_node(self, n: torch.fx.Node) -> Any:
         call = self.owner._overrides.get(n.name)
         if call is None:
+            if self.bn_training and n.op == "call_function" and n.target in BATCH_NORM_OPS:
+                args, kwargs = self.fetch_args_kwargs_from_env(n)
+                return _batch_norm_in_training(n.target, args, kwargs, self.owner.batchnorm_momentum)
             return super().run_node(n)
         args, kwargs = self.fetch_args_kwargs_from_env(call)  # type: ignore[arg-type]
+        if self.bn_training and call.target in BATCH_NORM_OPS:
+            return _batch_norm_in_training(call.target, args, kwargs, self.owner.batchnorm_momentum)
         return call.target(*args, **kwargs)
 
 
 class ProgramModule(torch.nn.Module):
-    """Runs `ep`'s graph with `tensors` (by fully qualified name) and node overrides."""
+    """Runs `ep`'s graph with `tensors` (by fully qualified name) and node overrides.
+
+    The graph fixes how batch norm behaves (a program traced in eval mode normalises with its running
+    statistics). With `batchnorm_training` set and the module in training mode (`train()`), its inference batch
+    norms run as in training instead: batch statistics, the module's running-statistics buffers updated in place.
+    Off by default, so a module made to run a program behaves as the program does. `batchnorm_momentum`
+    replaces the nodes' momentum then (recalibration averages batches with 1 / (i + 1))."""
+
+    batchnorm_training: bool = False
+    batchnorm_momentum: float | None = None
 
     def __init__(self, ep: ExportedProgram, tensors: Mapping[str, torch.Tensor],
                  overrides: Mapping[str, NodeCall] | None = None) -> None:

@@ -1,21 +1,29 @@
 """The whole recipe, as `prunery prune` and a service job run it: data, sparse training, importance, pruning
 to a ratio or a budget, recovery, evaluation.
 
-    1. check the dataset against the program (row shape, dtype) and split off a held-out part
+    1. fit the dataset to the program (one tensor per input, by name; shapes, dtypes, token id ranges: see
+       `core/data.py`) and split off a held-out part
     2. sparse training (`--sparse-steps`): the group regulariser of `core/train.py` for that many steps;
        selection then ranks every group's indices together on the relative score (global pruning)
     3. importance: the config's magnitude criterion, or from data ("taylor", "fisher": `core/train.py`),
        recomputed on the current program before each round when pruning to a target
     4. pruning: `core.prune` at the config's ratio, or `core.targets.prune_to_target` for a MACs, params or
-       latency budget
-    5. recovery (`--finetune-steps`): fine-tuning with a cosine schedule, the best checkpoint on the held-out
-       part kept; cross-entropy on the targets, or distillation from the unpruned program (`--distill`, or
-       when the dataset has no targets)
+       latency budget; then the batch norms' running statistics are recomputed on training batches (the
+       kept channels' inputs changed)
+    5. recovery (`--finetune-steps`): fine-tuning with warm-up then a cosine schedule, gradient clipping, batch
+       norms in training mode, the best checkpoint on the held-out part kept; cross-entropy on the targets, or
+       distillation from the unpruned program (`--distill`, or when the dataset has no targets) with a loss per
+       output that fits it (`core/distill.py`: KL on logits, cosine on embeddings, MSE on hidden states)
     6. evaluation on the held-out part before and after (accuracy with targets; top-1 agreement and output
-       cosine similarity with the original), and latency on the device at batch 1 and a larger batch
+       cosine similarity with the original), and latency of both programs measured interleaved
+       (`core/latency.py`)
+
+Training defaults follow the architecture (`training_defaults`): AdamW at 1e-4 for programs with attention
+(fine-tuning pretrained transformers), Adam at 1e-3 otherwise (CNNs, MLPs, RNNs), as the reference recipes do.
+A training run whose loss does not go down is reported in `warnings` (the CLI prints them).
 
 Progress goes to `on_progress(stage, fraction, message)`; the report gets `evaluation`, `latency_ms`,
-`training` (loss curves) and `device` sections beside what `core.prune` reports.
+`training` (loss curves), `warnings` and `device` sections beside what `core.prune` reports.
 """
 
 from __future__ import annotations
@@ -30,18 +38,22 @@ import numpy as np
 import torch
 from torch.export import ExportedProgram
 
-from .data import Dataset, DatasetError, check_against_program, dynamic_input_dims
+from .data import Dataset, fit_to_program
+from .distill import DISTILL_LOSSES, output_kinds
 from .graph import DependencyGraph
 from .importance import DATA_IMPORTANCES
+from .latency import compare_latency, measure_ms
 from .prune import PruneConfig, PruneError, PruneResult, example_inputs, prune
 from .targets import Target, prune_to_target
 from .train import (
+    OPTIMIZERS,
     default_device,
     evaluate,
     finetune,
     fisher_scores,
-    latency_ms,
+    loss_trend,
     make_loss,
+    recalibrate_batchnorm,
     sparse_train,
     taylor_scores,
 )
@@ -59,11 +71,16 @@ class Recipe:
     sparse_steps: int = 0
     reg: float = 1e-4  # the regulariser's weight (lambda)
     alpha: float = 4.0  # its strength for the least important index: up to 2 ** alpha
-    lr: float = 1e-2  # sparse training's learning rate
+    lr: float | None = None  # sparse training's learning rate (None: `training_defaults`)
     finetune_steps: int = 0
     finetune_epochs: float = 0.0  # instead of steps: passes over the training part
-    finetune_lr: float = 1e-2
+    finetune_lr: float | None = None  # (None: `training_defaults`)
+    optimizer: str | None = None  # "sgd" (momentum 0.9), "adam", "adamw" (None: `training_defaults`)
+    warmup: float = 0.05  # share of each training run's steps with a linearly rising learning rate
+    clip_grad: float = 1.0  # the gradient's global L2 norm is clipped to this (0: not clipped)
     distill: bool = False
+    distill_loss: str | None = None  # "kl", "mse", "cosine" for every output (None: per output, `core/distill.py`)
+    recalibrate_batches: int = 20  # batches the batch norms' statistics are recomputed on after pruning (0: not)
     target: Target | None = None
     target_steps: int = 4
     score_batches: int = 8  # batches Taylor / Fisher scores are accumulated over
@@ -89,24 +106,71 @@ class Recipe:
                 raise PruneError(f"{name.replace('_', ' ')} must not be negative, got {getattr(self, name)}")
         if self.finetune_steps and self.finetune_epochs:
             raise PruneError("give fine-tuning steps or epochs, not both")
-        for name in ("reg", "lr", "finetune_lr", "finetune_epochs"):
+        for name in ("reg", "lr", "finetune_lr", "finetune_epochs", "clip_grad"):
             value = getattr(self, name)
-            if not (value >= 0 and math.isfinite(value)):
+            if value is not None and not (value >= 0 and math.isfinite(value)):
                 raise PruneError(f"{name} must be a finite non-negative number, got {value}")
+        if not 0.0 <= self.warmup < 1.0:
+            raise PruneError(f"warmup is a share of the training steps in [0, 1), got {self.warmup}")
+        if self.recalibrate_batches < 0:
+            raise PruneError(f"recalibrate batches must not be negative, got {self.recalibrate_batches}")
+        if self.optimizer is not None and self.optimizer not in OPTIMIZERS:
+            raise PruneError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+        if self.distill_loss is not None and self.distill_loss not in DISTILL_LOSSES:
+            raise PruneError(f"distill loss must be one of {', '.join(DISTILL_LOSSES)}, got {self.distill_loss!r}")
         if self.target is not None:
             self.target.validate()
 
 
+# (optimizer, learning rate) by architecture: the reference recipes' choices
+ATTENTION_DEFAULTS = ("adamw", 1e-4)  # fine-tuning (pretrained) transformers
+OTHER_DEFAULTS = ("adam", 1e-3)  # CNNs, MLPs, RNNs (Torch-Pruning's recipes use Adam at 1e-3)
+_aten = torch.ops.aten
+_ATTENTION_OPS = {getattr(_aten, n) for n in ("scaled_dot_product_attention", "_scaled_dot_product_flash_attention",
+                                             "_scaled_dot_product_efficient_attention",
+                                             "_scaled_dot_product_flash_attention_for_cpu") if hasattr(_aten, n)}
+_SOFTMAX = {_aten.softmax, _aten._softmax, _aten._safe_softmax}
+_PRODUCTS = {_aten.matmul, _aten.bmm, _aten.einsum, _aten.mm, _aten.baddbmm}
+
+
+def has_attention(ep: ExportedProgram) -> bool:
+    """The program computes attention: an SDPA op, or a softmax whose result (through casts, dropout and
+    views) multiplies another tensor."""
+    for node in ep.graph.nodes:
+        packet = getattr(node.target, "overloadpacket", None)
+        if packet in _ATTENTION_OPS:
+            return True
+        if packet in _SOFTMAX:
+            frontier, seen = list(node.users), 0
+            while frontier and seen < 16:
+                user = frontier.pop()
+                seen += 1
+                up = getattr(user.target, "overloadpacket", None)
+                if up in _PRODUCTS:
+                    return True
+                if len(user.users) <= 2:
+                    frontier.extend(user.users)
+    return False
+
+
+def training_defaults(ep: ExportedProgram) -> tuple[str, float]:
+    """(optimizer, learning rate) for training `ep`: AdamW at 1e-4 with attention, else Adam at 1e-3."""
+    return ATTENTION_DEFAULTS if has_attention(ep) else OTHER_DEFAULTS
+
+
 class _Epochs:
-    """Re-iterable batches of a dataset: a new shuffle every pass."""
+    """Re-iterable batches of a dataset: a new shuffle every pass (a short last batch dropped when there are
+    full ones: batch statistics of one or two rows are noise)."""
 
     def __init__(self, dataset: Dataset, batch_size: int, seed: int, shuffle: bool = True) -> None:
-        self.dataset, self.batch_size, self.seed, self.shuffle = dataset, batch_size, seed, shuffle
+        self.dataset, self.seed, self.shuffle = dataset, seed, shuffle
+        self.batch_size = min(batch_size, len(dataset))
         self.epoch = 0
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
         self.epoch += 1
-        return self.dataset.batches(self.batch_size, shuffle=self.shuffle, seed=self.seed + self.epoch)
+        return self.dataset.batches(self.batch_size, shuffle=self.shuffle, seed=self.seed + self.epoch,
+                                    drop_last=True)
 
 
 def _first(batches: _Epochs, n: int) -> list:
@@ -118,22 +182,24 @@ def _first(batches: _Epochs, n: int) -> list:
     return out
 
 
-def _output_kind(ep: ExportedProgram, dataset: Dataset) -> str:
-    """"logits" when the targets are class ids (or there are none and the output has a class dim)."""
+def _loss(ep: ExportedProgram, dataset: Dataset, recipe: Recipe):
+    """Cross-entropy on class-id targets, MSE on float targets; else (or with `distill`) distillation with a
+    loss per output that fits it (`core/distill.py`), or `recipe.distill_loss` for all."""
     targets = dataset.targets
-    if targets is not None:
-        return "logits" if not targets.dtype.is_floating_point else "values"
-    with torch.no_grad():
-        out = ep.module()(dataset.inputs[:2])
-    return "logits" if isinstance(out, torch.Tensor) and out.dim() >= 2 else "values"
+    kind = "logits" if targets is not None and not targets.dtype.is_floating_point else "values"
+    return make_loss(targets is not None, recipe.distill, kind, kinds=output_kinds(ep),
+                     distill_loss=recipe.distill_loss)
 
 
-def _latencies(program: ExportedProgram, rows: torch.Tensor, batch: int, device: str) -> dict[str, float]:
-    out = {}
-    for b in sorted({1, batch}):
-        idx = torch.arange(b) % len(rows)
-        out[str(b)] = round(latency_ms(program, rows[idx], device=device, repeats=10, warmup=2), 4)
-    return out
+def _warn_flat(report: dict, stage: str, losses: list[float], progress: Progress) -> dict:
+    """The loss curve's trend; a curve that did not go down becomes a warning."""
+    trend = loss_trend(losses)
+    if losses and not trend["improved"]:
+        message = (f"the {stage} loss did not go down ({trend['first']:.4g} over the first steps, "
+                   f"{trend['last']:.4g} over the last): try another --lr or --optimizer, or more steps")
+        report.setdefault("warnings", []).append(message)
+        progress(stage, 1.0, "warning: " + message)
+    return trend
 
 
 def _rounded(metrics: dict) -> dict:
@@ -148,17 +214,16 @@ def run_recipe(ep: ExportedProgram, config: PruneConfig, recipe: Recipe,
     progress = on_progress or (lambda stage, fraction, message: None)
     t0 = time.perf_counter()
     device = recipe.device or default_device()
+    optimizer, default_lr = training_defaults(ep)
+    optimizer = recipe.optimizer or optimizer
     dataset = recipe.dataset
     report_extra: dict = {"device": device, "training": {}}
     if dataset is not None:
-        args, _ = example_inputs(ep)
-        if len(args) != 1:
-            raise DatasetError(f"the program takes {len(args)} positional inputs; datasets feed programs of one input")
-        check_against_program(dataset, args, dynamic_input_dims(ep))
+        dataset = fit_to_program(dataset, ep)
         train_set, held_set = dataset.split(recipe.held_out, seed=recipe.seed)
         train = _Epochs(train_set, recipe.batch_size, recipe.seed)
         held = list(held_set.batches(recipe.batch_size))
-        loss = make_loss(dataset.targets is not None, recipe.distill, _output_kind(ep, dataset))
+        loss = _loss(ep, dataset, recipe)
         teacher = ep
         report_extra["dataset"] = {"rows": len(dataset), "train_rows": len(train_set), "held_out_rows": len(held_set),
                                    "targets": dataset.targets is not None, "loss": loss.kind}
@@ -166,20 +231,28 @@ def run_recipe(ep: ExportedProgram, config: PruneConfig, recipe: Recipe,
     else:
         train = held = loss = teacher = None
 
+    def training_settings(steps: int, lr: float | None) -> dict:
+        return {"optimizer": optimizer, "lr": default_lr if lr is None else lr,
+                "warmup_steps": int(recipe.warmup * steps), "clip_grad": recipe.clip_grad}
+
     program = ep
     if recipe.sparse_steps:
         graph = DependencyGraph(program, ignore=config.ignore, attention=config.attention)
         steps = recipe.sparse_steps
+        settings = training_settings(steps, recipe.lr)
 
         def sparse_step(step: int, value: float) -> None:
             if step == 1 or step % max(1, steps // 20) == 0 or step == steps:
                 progress("sparse", step / steps, f"sparse training step {step}/{steps}: loss {value:.4f}")
 
-        program, losses = sparse_train(program, graph, train, steps=steps, lr=recipe.lr, reg=recipe.reg,
-                                       alpha=recipe.alpha, loss=loss, teacher=teacher if recipe.distill else None,
-                                       on_step=sparse_step, include_hidden=config.prune_hidden, device=device)
-        report_extra["training"]["sparse"] = {"steps": steps, "reg": recipe.reg, "alpha": recipe.alpha,
-                                              "lr": recipe.lr, "loss_curve": _curve(losses)}
+        program, losses = sparse_train(program, graph, train, steps=steps, lr=settings["lr"], reg=recipe.reg,
+                                       alpha=recipe.alpha, loss=loss, teacher=teacher if loss.distill else None,
+                                       on_step=sparse_step, include_hidden=config.prune_hidden, device=device,
+                                       optimizer=optimizer, warmup=settings["warmup_steps"],
+                                       clip_grad=recipe.clip_grad)
+        report_extra["training"]["sparse"] = {"steps": steps, "reg": recipe.reg, "alpha": recipe.alpha, **settings,
+                                              "loss_curve": _curve(losses),
+                                              "trend": _warn_flat(report_extra, "sparse", losses, progress)}
         config = dataclasses.replace(config, global_pruning=True)  # the paper: then prune by the relative score
 
     scores = None
@@ -189,16 +262,16 @@ def run_recipe(ep: ExportedProgram, config: PruneConfig, recipe: Recipe,
         def scores(graph: DependencyGraph, current: ExportedProgram) -> dict[int, np.ndarray]:
             progress("prune", 0.0, f"{config.importance} importance on {recipe.score_batches} batches")
             return score_fn(graph, current, _first(train, recipe.score_batches), loss,
-                            teacher=teacher if recipe.distill else None, device=device)
+                            teacher=teacher if loss.distill else None, device=device)
 
     progress("prune", 0.0, "pruning")
     if recipe.target is not None:
         measure = None
         if recipe.target.metric == "latency_ms":
-            rows = dataset.inputs if dataset is not None else example_inputs(ep)[0][0]
+            batch = _latency_inputs(ep, dataset, recipe.latency_batch)
 
             def measure(p: ExportedProgram) -> float:
-                return latency_ms(p, rows[torch.arange(recipe.latency_batch) % len(rows)], device=device)
+                return measure_ms(p, batch, device=device)
 
         result = prune_to_target(program, config, recipe.target, steps=recipe.target_steps, latency=measure,
                                  scores=scores, on_step=lambda i, r: progress(
@@ -211,32 +284,63 @@ def run_recipe(ep: ExportedProgram, config: PruneConfig, recipe: Recipe,
     pruned = result.program
 
     if dataset is not None:
-        report_extra["evaluation"]["after_pruning"] = _rounded(evaluate(pruned, held, teacher=teacher, device=device))
+        evaluation = report_extra["evaluation"]
+        evaluation["after_pruning"] = _rounded(evaluate(pruned, held, teacher=teacher, device=device))
+        if recipe.recalibrate_batches:
+            recalibrated = recalibrate_batchnorm(pruned, train, max_batches=recipe.recalibrate_batches, device=device)
+            if recalibrated is not pruned:
+                pruned = recalibrated
+                evaluation["after_recalibration"] = _rounded(evaluate(pruned, held, teacher=teacher, device=device))
     if recipe.finetune_steps or recipe.finetune_epochs:
         steps = recipe.finetune_steps or max(1, math.ceil(recipe.finetune_epochs * len(train_set)
-                                                          / recipe.batch_size))
+                                                          / train.batch_size))
+        settings = training_settings(steps, recipe.finetune_lr)
 
         def finetune_step(step: int, value: float) -> None:
             if step == 1 or step % max(1, steps // 20) == 0 or step == steps:
                 progress("finetune", step / steps, f"fine-tuning step {step}/{steps}: loss {value:.4f}")
 
-        pruned, curve = finetune(pruned, train, held, steps=steps, lr=recipe.finetune_lr, loss=loss,
-                                 teacher=teacher, on_step=finetune_step, device=device)
-        report_extra["training"]["finetune"] = {"steps": steps, "epochs": round(steps * recipe.batch_size
-                                                                                / len(train_set), 3),
-                                                "lr": recipe.finetune_lr, "schedule": "cosine",
-                                                "curve": [_rounded(c) for c in curve]}
+        losses: list[float] = []
+        pruned, curve = finetune(pruned, train, held, steps=steps, lr=settings["lr"], loss=loss, teacher=teacher,
+                                 on_step=lambda step, value: (losses.append(value), finetune_step(step, value)),
+                                 device=device, optimizer=optimizer, warmup=settings["warmup_steps"],
+                                 clip_grad=recipe.clip_grad)
+        report_extra["training"]["finetune"] = {
+            "steps": steps, "epochs": round(steps * train.batch_size / len(train_set), 3), **settings,
+            "schedule": "cosine", "loss": loss.kind, "curve": [_rounded(c) for c in curve],
+            "trend": _warn_flat(report_extra, "finetune", losses, progress)}
     if dataset is not None:
         report_extra["evaluation"]["after"] = _rounded(evaluate(pruned, held, teacher=teacher, device=device))
     progress("evaluate", 0.0, "measuring latency")
-    rows = dataset.inputs if dataset is not None else example_inputs(ep)[0][0]
-    if isinstance(rows, torch.Tensor):
-        report_extra["latency_ms"] = {"before": _latencies(ep, rows, recipe.latency_batch, device),
-                                      "after": _latencies(pruned, rows, recipe.latency_batch, device)}
+    report_extra["latency_ms"] = _compare_latency(ep, pruned, dataset, recipe, device)
+    for b in report_extra["latency_ms"].get("slower", []):
+        report_extra.setdefault("warnings", []).append(
+            f"the pruned program is slower than the original at batch {b} "
+            f"({report_extra['latency_ms']['before'][str(b)]['median_ms']} -> "
+            f"{report_extra['latency_ms']['after'][str(b)]['median_ms']} ms median)")
     report = dict(result.report)
     report.update(report_extra)
     report["duration_s"] = round(time.perf_counter() - t0, 4)
     return PruneResult(pruned, report, result.plan)
+
+
+def _latency_inputs(ep: ExportedProgram, dataset: Dataset | None, batch: int):
+    """A batch of `batch` rows of the dataset (cycled), else of the program's example inputs."""
+    if dataset is not None:
+        return dataset.rows(torch.arange(batch) % len(dataset))
+    args, kwargs = example_inputs(ep)
+    if kwargs or len(args) != 1 or not isinstance(args[0], torch.Tensor):
+        return None
+    rows = args[0]
+    return rows[torch.arange(batch) % len(rows)]
+
+
+def _compare_latency(ep: ExportedProgram, pruned: ExportedProgram, dataset: Dataset | None, recipe: Recipe,
+                     device: str) -> dict:
+    batches = {b: _latency_inputs(ep, dataset, b) for b in sorted({1, recipe.latency_batch})}
+    if any(v is None for v in batches.values()):
+        return {}
+    return compare_latency({"before": ep, "after": pruned}, batches, device=device)
 
 
 def _curve(losses: list[float], points: int = 100) -> list[dict]:

@@ -58,6 +58,7 @@ import torch.utils._pytree as pytree
 from torch import nn
 from torch.export import ExportedProgram
 
+from .distill import OUTPUT_KINDS, distill_loss_for, metric_for, single_loss, tree_distill
 from .graph import DependencyGraph, Group
 from .program_module import ProgramModule, supported
 from .tensors import program_tensors, tied_names
@@ -68,9 +69,10 @@ __all__ = [
     "updated_program",
 ]
 
-LOSS_KINDS = ("ce", "kl", "mse")
+LOSS_KINDS = ("ce", "kl", "mse", "cosine")
 SCHEDULES = ("cosine", "linear", "constant")
-OPTIMIZERS = ("sgd", "adam")
+OPTIMIZERS = ("sgd", "adam", "adamw")
+BATCHNORM_MODES = ("train", "frozen")
 METRICS = ("accuracy", "agreement", "cosine", "neg_loss")
 LOGIT_KINDS = ("logits", "classes")  # output kinds with a class dim (the last one)
 IGNORE_INDEX = -100  # targets F.cross_entropy ignores; accuracy ignores them too
@@ -130,9 +132,15 @@ def _set(module: nn.Module, fqn: str, value: torch.Tensor) -> None:
         setattr(mod, name, value)
 
 
-def trainable_module(ep: ExportedProgram, device: str | torch.device | None = None) -> nn.Module:
+def trainable_module(ep: ExportedProgram, device: str | torch.device | None = None,
+                     batchnorm: str = "train") -> nn.Module:
     """A module running `ep`'s graph on copies of its tensors; floating parameters require grad and are
-    registered under the program's names (tied names share one parameter). The program is not modified."""
+    registered under the program's names (tied names share one parameter). The program is not modified.
+    `batchnorm="train"`: in training mode (`train()`, as returned) the program's batch norms use batch
+    statistics and update the copies' running statistics, as a module in training mode does; in `eval()` mode
+    and with "frozen" they normalise with the running statistics, as the program traced in eval mode does."""
+    if batchnorm not in BATCHNORM_MODES:
+        raise TrainError(f"unknown batch norm mode {batchnorm!r}; choose one of {', '.join(BATCHNORM_MODES)}")
     dev = _device(device)
     ep_dev = _on_device(ep, dev)
     source = program_tensors(ep_dev)
@@ -150,7 +158,8 @@ def trainable_module(ep: ExportedProgram, device: str | torch.device | None = No
         copies[name] = copies[canonical]
     if supported(ep_dev):
         module = ProgramModule(ep_dev, copies)
-        module.train()  # safe: the graph fixes BatchNorm/dropout behaviour as traced; the flag changes nothing
+        module.batchnorm_training = batchnorm == "train"
+        module.train()  # batch norm as `batchnorm` says; dropout stays as traced
         return module
     gm = ep_dev.module()  # mutates buffers as traced; its train()/eval() raise, so its mode is left alone
     for name, c in copies.items():
@@ -202,6 +211,8 @@ def _to(x: Any, device: torch.device) -> Any:
 
 
 def _call(module: nn.Module | Callable, inputs: Any) -> Any:
+    if hasattr(inputs, "args") and hasattr(inputs, "kwargs"):  # data.CallInputs: positional and keyword inputs
+        return module(*inputs.args, **inputs.kwargs)
     if isinstance(inputs, (tuple, list)):
         return module(*inputs)
     if isinstance(inputs, dict):
@@ -244,13 +255,19 @@ def _is_class_ids(t: torch.Tensor | None) -> bool:
 
 @dataclass(frozen=True)
 class Loss:
-    """loss(output, target): `target` is the batch's targets, or the teacher's outputs when `distill`."""
+    """loss(output, target): `target` is the batch's targets, or the teacher's outputs when `distill`.
+    `fn` reads the primary outputs (the first tensor of each), or the whole output trees with `tree`.
+    `metric`: the held-out metric that fits it (None: chosen from the held-out targets)."""
 
     kind: str
-    fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    fn: Callable[[Any, Any], torch.Tensor]
     distill: bool = False
+    tree: bool = False
+    metric: str | None = None
 
     def __call__(self, output: Any, target: Any) -> torch.Tensor:
+        if self.tree:
+            return self.fn(output, target)
         return self.fn(_primary(output), _primary(target))
 
 
@@ -263,24 +280,10 @@ def _ce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float(), target)
 
 
-def _kl(temperature: float) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    def kl(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-        """KL(softmax(teacher/T) || softmax(student/T)) * T^2 over the last (class) dim, mean over positions."""
-        c = student.shape[-1]
-        s = F.log_softmax(student.reshape(-1, c).float() / temperature, dim=-1)
-        t = F.log_softmax(teacher.reshape(-1, c).float() / temperature, dim=-1)
-        return F.kl_div(s, t, reduction="batchmean", log_target=True) * temperature**2
-
-    return kl
-
-
-def _mse(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    return F.mse_loss(output.float(), target.float())
-
-
 def loss_fn(kind: str, *, temperature: float = 2.0, distill: bool | None = None) -> Loss:
-    """"ce" (integer targets), "kl" (distillation at `temperature`) or "mse" (float targets, or the teacher's
-    raw outputs with `distill=True`). `distill` defaults to True for "kl", False otherwise."""
+    """"ce" (integer targets), "kl" (distillation at `temperature`), "mse" (float targets, or the teacher's raw
+    outputs with `distill=True`) or "cosine" (1 - cosine similarity over the last dim). `distill` defaults to
+    True for "kl", False otherwise. Each reads the primary output (`make_loss` distils every output)."""
     if kind not in LOSS_KINDS:
         raise TrainError(f"unknown loss {kind!r}; choose one of {', '.join(LOSS_KINDS)}")
     if kind == "ce":
@@ -292,19 +295,33 @@ def loss_fn(kind: str, *, temperature: float = 2.0, distill: bool | None = None)
             raise TrainError("KL divergence is a distillation loss: it needs a teacher")
         if temperature <= 0:
             raise TrainError(f"temperature must be positive, got {temperature}")
-        return Loss("kl", _kl(temperature), True)
-    return Loss("mse", _mse, bool(distill))
+        return Loss("kl", single_loss("kl", temperature), True)
+    return Loss(kind, single_loss(kind), bool(distill))
 
 
 def make_loss(dataset_has_targets: bool, distill: bool, output_kind: str = "logits", *,
-              temperature: float = 2.0) -> Loss:
+              temperature: float = 2.0, kinds: Sequence[str | None] | None = None,
+              distill_loss: str | None = None) -> Loss:
     """The loss for a task: with targets and no distillation, cross-entropy ("logits" / "classes" outputs,
-    class dim last) or MSE (any other output kind: regression); else distillation from the teacher: KL on
-    logits, MSE on raw outputs."""
+    class dim last) or MSE (any other output kind: regression); else distillation from the teacher over every
+    float output, each with the loss that fits its kind (`kinds`, from `distill.output_kinds`; default
+    [`output_kind`]): KL on logits, 1 - cosine on embeddings, MSE on hidden states and values, or
+    `distill_loss` for all of them."""
     logits = output_kind in LOGIT_KINDS
     if dataset_has_targets and not distill:
         return loss_fn("ce") if logits else loss_fn("mse")
-    return loss_fn("kl", temperature=temperature) if logits else loss_fn("mse", distill=True)
+    kinds = list(kinds) if kinds is not None else ["logits" if logits else output_kind]
+    kinds = [k if k in OUTPUT_KINDS or k is None else "hidden" for k in kinds]
+    try:
+        losses = distill_loss_for(kinds, distill_loss)
+    except ValueError as e:
+        raise TrainError(str(e)) from None
+    primary = next((i for i, k in enumerate(kinds) if k is not None), None)
+    if primary is None:
+        raise TrainError("the program has no floating-point output to distil from")
+    name = losses[primary] if len({x for x in losses if x}) == 1 else "+".join(dict.fromkeys(x for x in losses if x))
+    return Loss(name, tree_distill(losses, temperature), True, tree=True,
+                metric=metric_for(kinds[primary], losses[primary]))
 
 
 def _as_loss(loss: str | Loss | Callable) -> Loss:
@@ -338,6 +355,8 @@ def _optimizer(kind: str, params: list[nn.Parameter], lr: float, momentum: float
         return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
     if kind == "adam":
         return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    if kind == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     raise TrainError(f"unknown optimizer {kind!r}; choose one of {', '.join(OPTIMIZERS)}")
 
 
@@ -475,9 +494,9 @@ def _check_finite(value: float, step: int) -> None:
 
 def _optimise(module: nn.Module, opt: torch.optim.Optimizer, loss: Loss, inputs: Any, targets: Any,
               teacher: nn.Module | None, device: torch.device, step: int,
-              penalty: Callable[[], torch.Tensor] | None = None) -> float:
-    """One optimiser step on a batch: the task loss (plus `penalty()`, the regulariser), refused when not finite.
-    Returns the loss."""
+              penalty: Callable[[], torch.Tensor] | None = None, clip_grad: float = 0.0) -> float:
+    """One optimiser step on a batch: the task loss (plus `penalty()`, the regulariser), refused when not finite,
+    the gradient's global L2 norm clipped to `clip_grad` (0: not clipped). Returns the loss."""
     inputs = _to(inputs, device)
     total = loss(_call(module, inputs), _target(loss, targets, teacher, inputs, device))
     if penalty is not None:
@@ -486,6 +505,8 @@ def _optimise(module: nn.Module, opt: torch.optim.Optimizer, loss: Loss, inputs:
     total.backward()
     value = float(total.detach())
     _check_finite(value, step)
+    if clip_grad > 0:
+        torch.nn.utils.clip_grad_norm_([p for group in opt.param_groups for p in group["params"]], clip_grad)
     opt.step()
     return value
 
@@ -509,17 +530,22 @@ def sparse_train(
     groups: Iterable[Group] | None = None,
     include_hidden: bool = False,
     device: str | torch.device | None = None,
+    warmup: int = 0,
+    clip_grad: float = 0.0,
+    batchnorm: str = "train",
 ) -> tuple[ExportedProgram, list[float]]:
-    """DepGraph's sparse training: `steps` steps of SGD (momentum 0.9; `optimizer="adam"` for Adam) on the
-    task loss + the group regulariser, cycling over the batches; gamma is refreshed every `refresh` steps.
-    `graph` is the program's dependency graph. `on_step(step, loss)` follows each step (step counts from 1;
-    loss is the step's objective, task + penalty). Returns the trained program and the per-step objectives;
-    prune it afterwards (the weak indices' norms are near zero, so the L2 importance ranks them last)."""
-    if steps < 0 or refresh < 1:
-        raise TrainError(f"steps must be >= 0 and refresh >= 1, got {steps} and {refresh}")
+    """DepGraph's sparse training: `steps` steps of SGD (momentum 0.9; `optimizer="adam"`/`"adamw"` for Adam)
+    on the task loss + the group regulariser, cycling over the batches, at a constant `lr` after `warmup` steps
+    of linear warm-up, the gradient clipped to `clip_grad` (0: not); gamma is refreshed every `refresh` steps.
+    Batch norms train as in a module in training mode (`batchnorm="train"`) or stay on their running statistics
+    ("frozen"). `graph` is the program's dependency graph. `on_step(step, loss)` follows each step (step counts
+    from 1; loss is the step's objective, task + penalty). Returns the trained program and the per-step
+    objectives; prune it afterwards (the weak indices' norms are near zero, so the L2 importance ranks them last)."""
+    if steps < 0 or refresh < 1 or warmup < 0:
+        raise TrainError(f"steps and warmup must be >= 0 and refresh >= 1, got {steps}, {warmup} and {refresh}")
     dev = _device(device)
     loss_ = _as_loss(loss)
-    module = trainable_module(ep, dev)
+    module = trainable_module(ep, dev, batchnorm)
     teacher_m = _teacher_module(teacher, dev) if loss_.distill else None
     regulariser = GroupRegulariser(graph, module, reg, alpha, groups=groups, include_hidden=include_hidden)
     opt = _optimizer(optimizer, _trainable(module), lr, momentum, weight_decay)
@@ -527,7 +553,10 @@ def sparse_train(
     for step, (inputs, targets) in zip(range(steps), _cycle(dataset_batches), strict=False):
         if step and step % refresh == 0:
             regulariser.refresh()
-        value = _optimise(module, opt, loss_, inputs, targets, teacher_m, dev, step + 1, regulariser.penalty)
+        for group in opt.param_groups:
+            group["lr"] = lr * _lr_factor("constant", step, steps, warmup)
+        value = _optimise(module, opt, loss_, inputs, targets, teacher_m, dev, step + 1, regulariser.penalty,
+                          clip_grad)
         losses.append(value)
         if on_step is not None:
             on_step(step + 1, value)
@@ -555,6 +584,8 @@ def _choose_metric(metric: str | None, loss: Loss, held_out: Iterable, has_teach
         raise TrainError("the held-out split is empty")
     if _is_class_ids(first[1]) and loss.kind != "mse":
         return "accuracy"
+    if has_teacher and loss.metric is not None:
+        return loss.metric
     if has_teacher and loss.kind in ("kl", "ce"):
         return "agreement"
     return "neg_loss"
@@ -578,12 +609,17 @@ def finetune(
     weight_decay: float = 0.0,
     metric: str | None = None,
     device: str | torch.device | None = None,
+    clip_grad: float = 0.0,
+    batchnorm: str = "train",
 ) -> tuple[ExportedProgram, list[dict]]:
-    """Recovery training (after pruning): SGD with momentum (or Adam) under a `schedule` ("cosine", "linear"
-    or "constant", after `warmup` steps of linear warm-up), evaluated on `held_out` before training and every
-    `eval_every` steps (default steps // 10) and at the end. The held-out metric: `metric`, else "accuracy"
-    when the held-out targets are class ids, else "agreement" (top-1 with the teacher) for logits, else
-    "neg_loss". Returns the checkpoint with the best held-out metric (the first one on ties; possibly the
+    """Recovery training (after pruning): SGD with momentum (or Adam, AdamW) under a `schedule` ("cosine",
+    "linear" or "constant", after `warmup` steps of linear warm-up), the gradient clipped to `clip_grad` (0: not),
+    batch norms in training mode (`batchnorm="train"`: batch statistics, running statistics updated; "frozen":
+    running statistics), evaluated (batch norms on their running statistics) on `held_out` before training and
+    every `eval_every` steps (default steps // 10) and at the end. The held-out metric: `metric`, else "accuracy"
+    when the held-out targets are class ids, else the loss's own (`Loss.metric`: "agreement" for logits,
+    "cosine" for embeddings), else "agreement" (top-1 with the teacher) for logits, else "neg_loss".
+    Returns the checkpoint with the best held-out metric (the first one on ties; possibly the
     program as given) and the curve: one dict per evaluation with step, loss (mean training loss since the
     previous evaluation, None at step 0), held_out (the metric), metric (its name) and lr."""
     if schedule not in SCHEDULES:
@@ -594,7 +630,7 @@ def finetune(
     dev = _device(device)
     loss_ = _as_loss(loss)
     held = _reiterable(held_out)
-    module = trainable_module(ep, dev)
+    module = trainable_module(ep, dev, batchnorm)
     teacher_m = _teacher_module(teacher, dev)
     name = _choose_metric(metric, loss_, held, teacher_m is not None)
     teacher_outs = _teacher_outputs(teacher_m, held, dev)
@@ -602,7 +638,11 @@ def finetune(
     names = _state_names(ep)
 
     def measure() -> float:
-        res = _evaluate(module, held, teacher_outs, loss_, dev)
+        module.eval()
+        try:
+            res = _evaluate(module, held, teacher_outs, loss_, dev)
+        finally:
+            module.train()
         if name == "neg_loss":
             return -res["loss"] if "loss" in res else -math.inf
         if name not in res:
@@ -618,7 +658,7 @@ def finetune(
     for step, (inputs, targets) in zip(range(steps), _cycle(train_batches), strict=False):
         for group in opt.param_groups:
             group["lr"] = lr * _lr_factor(schedule, step, steps, warmup)
-        value = _optimise(module, opt, loss_, inputs, targets, teacher_m, dev, step + 1)
+        value = _optimise(module, opt, loss_, inputs, targets, teacher_m, dev, step + 1, clip_grad=clip_grad)
         since.append(value)
         if on_step is not None:
             on_step(step + 1, value)
@@ -635,6 +675,51 @@ def finetune(
         for n in names:
             _get(module, n).copy_(best_state[n])
     return updated_program(ep, module), curve
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(ep: ExportedProgram, batches: Batches, *, max_batches: int = 20,
+                          device: str | torch.device | None = None) -> ExportedProgram:
+    """`ep` with the running statistics of its batch norms recomputed on `batches` (at most `max_batches`):
+    the exact average of the batches' means and variances, as after pruning, where the kept channels' inputs
+    have changed and the old statistics no longer fit. `ep` itself when it has no batch norm (or runs through
+    `ep.module()`, whose batch norms already track their batches)."""
+    from .program_module import BATCH_NORM_OPS
+
+    if not any(n.op == "call_function" and n.target in BATCH_NORM_OPS for n in ep.graph.nodes):
+        return ep
+    dev = _device(device)
+    module = trainable_module(ep, dev, "train")
+    if not isinstance(module, ProgramModule):
+        return ep
+    for n in ep.graph.nodes:
+        if n.op == "call_function" and n.target in BATCH_NORM_OPS:
+            mean, var = n.args[3], n.args[4]
+            names = ep.graph_signature.inputs_to_buffers
+            if isinstance(mean, torch.fx.Node) and isinstance(var, torch.fx.Node) \
+                    and mean.name in names and var.name in names:
+                _get(module, names[mean.name]).zero_()
+                _get(module, names[var.name]).fill_(1.0)
+    seen = 0
+    for inputs, _ in batches:
+        if seen >= max_batches:
+            break
+        module.batchnorm_momentum = 1.0 / (seen + 1)  # running = mean of the batches seen so far
+        _call(module, _to(inputs, dev))
+        seen += 1
+    if seen == 0:
+        raise TrainError("no batches to recalibrate batch norm on")
+    return updated_program(ep, module)
+
+
+def loss_trend(losses: Sequence[float]) -> dict:
+    """Whether a loss curve went down: the mean of its first tenth (at least 1, at most 20 steps) against the
+    mean of its last tenth; `improved` when the last is at least 1% lower."""
+    if not losses:
+        return {"first": None, "last": None, "improved": False}
+    k = min(20, max(1, len(losses) // 10))
+    first, last = float(np.mean(losses[:k])), float(np.mean(losses[-k:]))
+    return {"first": round(first, 6), "last": round(last, 6), "improved": last < first - 0.01 * abs(first)}
 
 
 # --- evaluation and latency ------------------------------------------------------------------------------------

@@ -90,9 +90,13 @@ def _print_summary(report: dict, out: Path) -> None:
         print(f"held-out {name.replace('_', ' ')}: " + ", ".join(
             f"{k} {v:.4f}" for k, v in metrics.items() if k in ("accuracy", "agreement", "cosine", "loss")))
     latency = report.get("latency_ms")
-    if latency:
-        print("latency ms (batch: before -> after): " + ", ".join(
-            f"{b}: {latency['before'][b]:.3f} -> {latency['after'][b]:.3f}" for b in latency["before"]))
+    if latency and "before" in latency:
+        print(f"latency ms, median of {latency.get('rounds', '?')} interleaved rounds on {latency.get('threads', '?')} "
+              "threads (batch: before -> after, speedup): " + ", ".join(
+                  f"{b}: {latency['before'][b]['median_ms']:.3f} -> {latency['after'][b]['median_ms']:.3f} "
+                  f"({latency['speedup'][b]:.2f}x)" for b in latency["before"]))
+    for warning in report.get("warnings") or ():
+        print(f"warning: {warning}")
 
 
 def _recipe_from(args: argparse.Namespace):
@@ -114,7 +118,8 @@ def _recipe_from(args: argparse.Namespace):
         dataset=load_dataset(args.dataset) if args.dataset else None, held_out=args.held_out,
         batch_size=args.batch_size, sparse_steps=args.sparse_steps, reg=args.reg, alpha=args.alpha, lr=args.lr,
         finetune_steps=args.finetune_steps, finetune_epochs=args.finetune_epochs, finetune_lr=args.finetune_lr,
-        distill=args.distill, target=targets[0] if targets else None, target_steps=args.target_steps,
+        optimizer=args.optimizer, warmup=args.warmup, clip_grad=args.clip_grad, distill=args.distill,
+        distill_loss=args.distill_loss, target=targets[0] if targets else None, target_steps=args.target_steps,
         device=args.device, seed=args.seed)
 
 
@@ -281,8 +286,9 @@ def cmd_submit(args: argparse.Namespace) -> int:
             args.ignore, args.seed, args.attention, args.prune_hidden, dataset=dataset, held_out=args.held_out,
             batch_size=args.batch_size, sparse_steps=args.sparse_steps, reg=args.reg, alpha=args.alpha, lr=args.lr,
             finetune_steps=args.finetune_steps, finetune_epochs=args.finetune_epochs, finetune_lr=args.finetune_lr,
-            distill=args.distill,
-            target_macs=args.target_macs, target_params=args.target_params, target_latency_ms=args.target_latency,
+            optimizer=args.optimizer, warmup=args.warmup, clip_grad=args.clip_grad, distill=args.distill,
+            distill_loss=args.distill_loss, target_macs=args.target_macs, target_params=args.target_params,
+            target_latency_ms=args.target_latency,
             target_steps=args.target_steps)
         job = client.create_job(spec, labels=dict(args.label or []), queue=args.queue)
         print(job.name)
@@ -401,12 +407,20 @@ def _add_recipe_options(p: argparse.ArgumentParser, device: bool = True) -> None
     g.add_argument("--sparse-steps", type=int, default=0, help="steps of group-regularised sparse training first")
     g.add_argument("--reg", type=float, default=1e-4, help="the regulariser's weight (lambda)")
     g.add_argument("--alpha", type=float, default=4.0, help="regularisation up to 2**alpha for the weakest indices")
-    g.add_argument("--lr", type=float, default=1e-2, help="sparse training's learning rate")
+    g.add_argument("--lr", type=float, default=None, help="sparse training's learning rate (default: 1e-4 for "
+                   "models with attention, 1e-3 otherwise)")
     g.add_argument("--finetune-steps", type=int, default=0, help="steps of recovery fine-tuning after pruning")
     g.add_argument("--finetune-epochs", type=float, default=0.0, help="or recover for this many passes over the data")
-    g.add_argument("--finetune-lr", type=float, default=1e-2)
+    g.add_argument("--finetune-lr", type=float, default=None, help="recovery's peak learning rate (default as --lr)")
+    g.add_argument("--optimizer", choices=["sgd", "adam", "adamw"], default=None,
+                   help="for sparse training and recovery (default: adamw for models with attention, adam otherwise)")
+    g.add_argument("--warmup", type=float, default=0.05, help="share of training steps with a rising learning rate")
+    g.add_argument("--clip-grad", type=float, default=1.0, help="clip the gradient's L2 norm to this (0: off)")
     g.add_argument("--distill", action="store_true", help="recover by distillation from the unpruned model "
                    "(the default when the dataset has no targets)")
+    g.add_argument("--distill-loss", choices=["kl", "mse", "cosine"], default=None,
+                   help="distillation loss for every output (default: per output: KL on logits, cosine on "
+                        "embeddings, MSE on hidden states)")
     g.add_argument("--target-macs", type=float, help="prune to this many MACs (a fraction in (0, 1), or a count)")
     g.add_argument("--target-params", type=float, help="prune to this many parameters (fraction or count)")
     g.add_argument("--target-latency", type=float, metavar="MS", help="prune to this latency on --device")

@@ -25,6 +25,8 @@ from prunery.v1 import prunery_pb2_grpc as pb_grpc
 CHUNK = 1 << 20
 IMPORTANCE = {"l1": pb.L1, "l2": pb.L2, "bn": pb.BN, "random": pb.RANDOM, "taylor": pb.TAYLOR, "fisher": pb.FISHER}
 ATTENTION = {"heads": pb.ATTENTION_HEADS, "head-dim": pb.ATTENTION_HEAD_DIM, "none": pb.ATTENTION_NONE}
+OPTIMIZER = {"sgd": pb.OPTIMIZER_SGD, "adam": pb.OPTIMIZER_ADAM, "adamw": pb.OPTIMIZER_ADAMW}
+DISTILL_LOSS = {"kl": pb.DISTILL_LOSS_KL, "mse": pb.DISTILL_LOSS_MSE, "cosine": pb.DISTILL_LOSS_COSINE}
 TERMINAL = {pb.SUCCEEDED, pb.FAILED, pb.CANCELLED}
 
 _RETRY_CONFIG = json.dumps({
@@ -63,7 +65,13 @@ def spec_from_options(model: str, ratio: float, importance: str = "l2", global_p
                       seed: int = 0, attention: str = "heads", prune_hidden: bool = False,
                       **recipe: Any) -> pb.PruneSpec:
     """The job spec for the same options `prunery prune` takes; `recipe`: the data-driven fields of
-    `PruneSpec` by name (dataset="artifacts/...", sparse_steps=..., target_macs=..., ...)."""
+    `PruneSpec` by name (dataset="artifacts/...", sparse_steps=..., target_macs=..., ...; optimizer and
+    distill_loss by the engine's names, "adamw", "cosine", ...). None leaves a field unset."""
+    for field, names in (("optimizer", OPTIMIZER), ("distill_loss", DISTILL_LOSS)):
+        if recipe.get(field) is not None:
+            if recipe[field] not in names:
+                raise ValueError(f"unknown {field} {recipe[field]!r}; choose one of {', '.join(names)}")
+            recipe[field] = names[recipe[field]]
     if importance not in IMPORTANCE:
         raise ValueError(f"unknown importance {importance!r}; choose one of {', '.join(IMPORTANCE)}")
     if attention not in ATTENTION:

@@ -258,15 +258,27 @@ def spec_to_dict(spec: pb.PruneSpec) -> dict[str, Any]:
         "prune_hidden": bool(spec.prune_hidden),
         **{name: getattr(spec, name) or default for name, default in RECIPE_DEFAULTS.items()},
         "dataset": artifact_name(parse_artifact_name(spec.dataset, "job.spec.dataset")) if spec.dataset else "",
+        "optimizer": _OPTIMIZER_NAMES.get(spec.optimizer, ""),
+        "distill_loss": _DISTILL_LOSS_NAMES.get(spec.distill_loss, ""),
+        **{name: getattr(spec, name) if spec.HasField(name) else default
+           for name, default in PRESENCE_DEFAULTS.items()},
     }
 
 
 # the data-driven fields of a spec and the engine's defaults for them (0 / empty in a request means the default)
+# (learning rates of 0: chosen by the engine from the architecture)
 RECIPE_DEFAULTS: dict[str, Any] = {
-    "held_out": 0.1, "batch_size": 64, "sparse_steps": 0, "reg": 1e-4, "alpha": 4.0, "lr": 0.01,
-    "finetune_steps": 0, "finetune_epochs": 0.0, "finetune_lr": 0.01, "distill": False, "target_macs": 0.0,
+    "held_out": 0.1, "batch_size": 64, "sparse_steps": 0, "reg": 1e-4, "alpha": 4.0, "lr": 0.0,
+    "finetune_steps": 0, "finetune_epochs": 0.0, "finetune_lr": 0.0, "distill": False, "target_macs": 0.0,
     "target_params": 0.0, "target_latency_ms": 0.0, "target_steps": 4}
 TARGET_FIELDS = ("target_macs", "target_params", "target_latency_ms")
+# fields with presence (`optional`: 0 is a value) and the engine's defaults when unset
+PRESENCE_DEFAULTS: dict[str, float] = {"warmup": 0.05, "clip_grad": 1.0}
+# Optimizer and DistillLoss values as the engine names them ("": chosen by the engine)
+_OPTIMIZER_NAMES = {pb.OPTIMIZER_UNSPECIFIED: "", pb.OPTIMIZER_SGD: "sgd", pb.OPTIMIZER_ADAM: "adam",
+                    pb.OPTIMIZER_ADAMW: "adamw"}
+_DISTILL_LOSS_NAMES = {pb.DISTILL_LOSS_UNSPECIFIED: "", pb.DISTILL_LOSS_KL: "kl", pb.DISTILL_LOSS_MSE: "mse",
+                       pb.DISTILL_LOSS_COSINE: "cosine"}
 
 
 # AttentionPruning values as the engine names them (stored specs use the engine's names)
@@ -274,7 +286,8 @@ _ATTENTION_NAMES = {pb.ATTENTION_PRUNING_UNSPECIFIED: "heads", pb.ATTENTION_HEAD
                     pb.ATTENTION_HEAD_DIM: "head-dim", pb.ATTENTION_NONE: "none"}
 _ATTENTION_VALUES = {"heads": pb.ATTENTION_HEADS, "head-dim": pb.ATTENTION_HEAD_DIM, "none": pb.ATTENTION_NONE}
 # fields added after jobs were first stored
-SPEC_DEFAULTS = {"attention": "heads", "prune_hidden": False, "dataset": "", **RECIPE_DEFAULTS}
+SPEC_DEFAULTS = {"attention": "heads", "prune_hidden": False, "dataset": "", "optimizer": "", "distill_loss": "",
+                 **RECIPE_DEFAULTS, **PRESENCE_DEFAULTS}
 
 
 def spec_from_dict(d: Mapping[str, Any]) -> pb.PruneSpec:
@@ -286,6 +299,9 @@ def spec_from_dict(d: Mapping[str, Any]) -> pb.PruneSpec:
         max_ratio=float(d.get("max_ratio", 0.0)), ignore=[str(g) for g in d.get("ignore", [])],
         seed=int(d.get("seed", 0)), attention=_ATTENTION_VALUES.get(str(d.get("attention", "heads")), 0),
         prune_hidden=bool(d.get("prune_hidden", False)), dataset=str(d.get("dataset") or ""),
+        optimizer={v: k for k, v in _OPTIMIZER_NAMES.items()}.get(str(d.get("optimizer") or ""), 0),
+        distill_loss={v: k for k, v in _DISTILL_LOSS_NAMES.items()}.get(str(d.get("distill_loss") or ""), 0),
+        **{name: float(d.get(name, default)) for name, default in PRESENCE_DEFAULTS.items()},
         **{name: type(default)(d.get(name, default)) for name, default in RECIPE_DEFAULTS.items()})
 
 
@@ -687,6 +703,16 @@ class JobService(pb_grpc.JobServiceServicer):
                 v.append((f"job.spec.{name}", f"must be a finite number >= 0 (0: the default); got {value}"))
         if spec.held_out >= 1:
             v.append(("job.spec.held_out", f"must be a fraction below 1; got {spec.held_out}"))
+        if spec.HasField("warmup") and not 0 <= spec.warmup < 1:
+            v.append(("job.spec.warmup", f"must be a share of the training steps in [0, 1); got {spec.warmup}"))
+        if spec.HasField("clip_grad") and not (math.isfinite(spec.clip_grad) and spec.clip_grad >= 0):
+            v.append(("job.spec.clip_grad", f"must be a finite number >= 0 (0: off); got {spec.clip_grad}"))
+        if spec.optimizer not in _OPTIMIZER_NAMES:
+            v.append(("job.spec.optimizer", f"unknown optimizer {spec.optimizer}; use OPTIMIZER_SGD, OPTIMIZER_ADAM "
+                                            "or OPTIMIZER_ADAMW"))
+        if spec.distill_loss not in _DISTILL_LOSS_NAMES:
+            v.append(("job.spec.distill_loss", f"unknown distillation loss {spec.distill_loss}; use "
+                                               "DISTILL_LOSS_KL, DISTILL_LOSS_MSE or DISTILL_LOSS_COSINE"))
         for name, limit in (("batch_size", 1 << 16), ("sparse_steps", 1_000_000), ("finetune_steps", 1_000_000),
                             ("target_steps", 100)):
             value = getattr(spec, name)

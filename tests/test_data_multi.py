@@ -314,7 +314,8 @@ def test_fit_static_batch_sets_fixed_batch() -> None:
     assert fitted.fixed_batch == 2
     assert [len(x) for x, _ in fitted.batches(2, drop_last=True)] == [2, 2]
     assert fitted.split(0.4, seed=0)[1].fixed_batch == 2
-    _refused(r"^the program takes batches of exactly 2 rows \(inputs \(the program's input input\) has a static "
+    _refused(r"^the program takes batches of exactly 2 rows \(dataset tensor 'inputs' \(for the program's input "
+             r"'input'\) has a static "
              r"dim 0\) but the dataset has 1$", fit_to_program, Dataset(torch.randn(1, 4)), ep)
 
 
@@ -347,7 +348,8 @@ def test_fit_refuses_float_token_ids(ids_mask) -> None:
     ids, mask = _ids_mask_data()
     _refused("^input_ids is float32 but the program takes int64 token ids$",
              fit_to_program, Dataset({"input_ids": ids.float(), "attention_mask": mask}), ep)
-    _refused(r"^inputs\.0 \(the program's input input_ids\) is float64 but the program takes int64 token ids$",
+    _refused(r"^dataset tensor 'inputs\.0' \(for the program's input 'input_ids'\) is float64 but the program "
+             r"takes int64 token ids$",
              fit_to_program, Dataset({"inputs.0": ids.double(), "attention_mask": mask}), ep)
     _refused("^attention_mask is float32 but the program takes bool masks$",
              fit_to_program, Dataset({"input_ids": ids, "attention_mask": mask.float()}), ep)
@@ -425,13 +427,15 @@ def test_fit_integer_width_conversion_checks_range() -> None:
     ep = export(Add(), (torch.zeros(2, 3, dtype=torch.int32),))
     fitted = fit_to_program(Dataset(torch.full((2, 3), 7, dtype=torch.int64)), ep)
     assert fitted.inputs.dtype == torch.int32 and fitted.inputs.tolist() == [[7] * 3] * 2
-    _refused(r"^inputs \(the program's input ids\) has 1 values outside int32's range ", fit_to_program,
+    _refused(r"^dataset tensor 'inputs' \(for the program's input 'ids'\) has 1 values outside int32's range ",
+             fit_to_program,
              Dataset(torch.tensor([[0, 0, 2**40], [0, 0, 0]])), ep)
 
 
 def test_fit_float_overflow_refused() -> None:
     ep = export(nn.Identity(), (torch.zeros(2, 3, dtype=torch.float16),))
-    _refused(r"^inputs \(the program's input input\) has 1 values too large for float16", fit_to_program,
+    _refused(r"^dataset tensor 'inputs' \(for the program's input 'input'\) has 1 values too large for float16",
+             fit_to_program,
              Dataset(torch.tensor([[1e6, 0.0, 0.0], [0.0, 0.0, 0.0]])), ep)
     assert fit_to_program(Dataset(torch.ones(2, 3)), ep).inputs.dtype == torch.float16
 

@@ -80,7 +80,7 @@ def test_what_needs_data_without_data_is_refused(trained) -> None:
                            (Recipe(), PruneConfig(importance="fisher"))]:
         with pytest.raises(PruneError, match="need a dataset"):
             run_recipe(ep, config, recipe)
-    with pytest.raises(ValueError, match="dataset rows are"):
+    with pytest.raises(ValueError, match="rows are .* but the program takes"):
         run_recipe(ep, PruneConfig(), Recipe(dataset=Dataset(torch.randn(50, 31), None), finetune_steps=1))
 
 

@@ -206,11 +206,14 @@ def recipe_from_spec(spec: Mapping[str, Any], dataset: Dataset | None, device: s
     if len(targets) > 1:
         raise _spec_error("one target at a time")
 
-    # the spec's numbers as the recipe's fields; 0 or absent leaves the engine's default (Recipe's own)
-    numbers = {f.name: type(f.default)(spec[f.name]) for f in dataclasses.fields(Recipe)
-               if f.name in _RECIPE_NUMBERS and spec.get(f.name)}
+    # the spec's numbers as the recipe's fields; 0 or absent leaves the engine's default (Recipe's own);
+    # warmup and clip_grad have presence (0 is a value), optimizer and distill_loss are names ("": the default)
+    kinds = {f.name: int if f.type in (int, "int") else float for f in dataclasses.fields(Recipe)}
+    numbers = {name: kinds[name](spec[name]) for name in _RECIPE_NUMBERS if spec.get(name)}
+    numbers.update({name: float(spec[name]) for name in ("warmup", "clip_grad") if spec.get(name) is not None})
+    names = {name: str(spec[name]) for name in ("optimizer", "distill_loss") if spec.get(name)}
     return Recipe(dataset=dataset, distill=bool(spec.get("distill")), target=targets[0] if targets else None,
-                  device=device, seed=int(spec.get("seed") or 0), **numbers)
+                  device=device, seed=int(spec.get("seed") or 0), **numbers, **names)
 
 
 _RECIPE_NUMBERS = ("held_out", "batch_size", "sparse_steps", "reg", "alpha", "lr", "finetune_steps",

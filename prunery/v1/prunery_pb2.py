@@ -27,7 +27,7 @@ from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.rpc import status_pb2 as google_dot_rpc_dot_status__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18prunery/v1/prunery.proto\x12\nprunery.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x17google/rpc/status.proto\"\xa2\x02\n\x08\x41rtifact\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\x12&\n\x04kind\x18\x03 \x01(\x0e\x32\x18.prunery.v1.ArtifactKind\x12\x12\n\nsize_bytes\x18\x04 \x01(\x03\x12\x0e\n\x06sha256\x18\x05 \x01(\t\x12/\n\x0b\x63reate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\x06labels\x18\x07 \x03(\x0b\x32 .prunery.v1.Artifact.LabelsEntry\x12\x14\n\x0cproducer_job\x18\x08 \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"]\n\x15UploadArtifactRequest\x12(\n\x08metadata\x18\x01 \x01(\x0b\x32\x14.prunery.v1.ArtifactH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\t\n\x07payload\"\"\n\x12GetArtifactRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"M\n\x14ListArtifactsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x0e\n\x06\x66ilter\x18\x03 \x01(\t\"Y\n\x15ListArtifactsResponse\x12\'\n\tartifacts\x18\x01 \x03(\x0b\x32\x14.prunery.v1.Artifact\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"%\n\x15\x44\x65leteArtifactRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"7\n\x17\x44ownloadArtifactRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x03\"U\n\rArtifactChunk\x12\x0e\n\x06offset\x18\x01 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12&\n\x08\x61rtifact\x18\x03 \x01(\x0b\x32\x14.prunery.v1.Artifact\"\x18\n\x16\x44\x65leteArtifactResponse\"\xa0\x04\n\tPruneSpec\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05ratio\x18\x02 \x01(\x01\x12*\n\nimportance\x18\x03 \x01(\x0e\x32\x16.prunery.v1.Importance\x12\x16\n\x0eglobal_pruning\x18\x04 \x01(\x08\x12\x10\n\x08round_to\x18\x05 \x01(\x05\x12\x11\n\tmax_ratio\x18\x06 \x01(\x01\x12\x0e\n\x06ignore\x18\x07 \x03(\t\x12\x0c\n\x04seed\x18\x08 \x01(\x03\x12/\n\tattention\x18\t \x01(\x0e\x32\x1c.prunery.v1.AttentionPruning\x12\x14\n\x0cprune_hidden\x18\n \x01(\x08\x12\x0f\n\x07\x64\x61taset\x18\x0b \x01(\t\x12\x10\n\x08held_out\x18\x0c \x01(\x01\x12\x12\n\nbatch_size\x18\r \x01(\x05\x12\x14\n\x0csparse_steps\x18\x0e \x01(\x05\x12\x0b\n\x03reg\x18\x0f \x01(\x01\x12\r\n\x05\x61lpha\x18\x10 \x01(\x01\x12\n\n\x02lr\x18\x11 \x01(\x01\x12\x16\n\x0e\x66inetune_steps\x18\x12 \x01(\x05\x12\x13\n\x0b\x66inetune_lr\x18\x13 \x01(\x01\x12\x0f\n\x07\x64istill\x18\x14 \x01(\x08\x12\x13\n\x0btarget_macs\x18\x15 \x01(\x01\x12\x15\n\rtarget_params\x18\x16 \x01(\x01\x12\x19\n\x11target_latency_ms\x18\x17 \x01(\x01\x12\x14\n\x0ctarget_steps\x18\x18 \x01(\x05\x12\x17\n\x0f\x66inetune_epochs\x18\x19 \x01(\x01\"\xf5\x03\n\x03Job\x12\x0c\n\x04name\x18\x01 \x01(\t\x12#\n\x04spec\x18\x02 \x01(\x0b\x32\x15.prunery.v1.PruneSpec\x12#\n\x05state\x18\x03 \x01(\x0e\x32\x14.prunery.v1.JobState\x12\x10\n\x08progress\x18\x04 \x01(\x01\x12/\n\x0b\x63reate_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstart_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\rattempt_count\x18\x08 \x01(\x05\x12!\n\x05\x65rror\x18\t \x01(\x0b\x32\x12.google.rpc.Status\x12\x18\n\x10result_artifacts\x18\n \x03(\t\x12\'\n\x06report\x18\x0b \x01(\x0b\x32\x17.google.protobuf.Struct\x12+\n\x06labels\x18\x0c \x03(\x0b\x32\x1b.prunery.v1.Job.LabelsEntry\x12\r\n\x05stage\x18\r \x01(\t\x12\r\n\x05queue\x18\x0e \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"D\n\x10\x43reateJobRequest\x12\x1c\n\x03job\x18\x01 \x01(\x0b\x32\x0f.prunery.v1.Job\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"\x1d\n\rGetJobRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"H\n\x0fListJobsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x0e\n\x06\x66ilter\x18\x03 \x01(\t\"J\n\x10ListJobsResponse\x12\x1d\n\x04jobs\x18\x01 \x03(\x0b\x32\x0f.prunery.v1.Job\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\" \n\x10\x43\x61ncelJobRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\" \n\x10\x44\x65leteJobRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x13\n\x11\x44\x65leteJobResponse\"7\n\x0fWatchJobRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x16\n\x0e\x61\x66ter_sequence\x18\x02 \x01(\x03\"\xbb\x01\n\x08JobEvent\x12\x10\n\x08sequence\x18\x01 \x01(\x03\x12(\n\x04time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12#\n\x05state\x18\x03 \x01(\x0e\x32\x14.prunery.v1.JobState\x12\x10\n\x08progress\x18\x04 \x01(\x01\x12\r\n\x05stage\x18\x05 \x01(\t\x12\x0f\n\x07message\x18\x06 \x01(\t\x12\x1c\n\x03job\x18\x07 \x01(\x0b\x32\x0f.prunery.v1.Job*Q\n\x0c\x41rtifactKind\x12\x1d\n\x19\x41RTIFACT_KIND_UNSPECIFIED\x10\x00\x12\t\n\x05MODEL\x10\x01\x12\x0b\n\x07\x44\x41TASET\x10\x02\x12\n\n\x06REPORT\x10\x03*d\n\nImportance\x12\x1a\n\x16IMPORTANCE_UNSPECIFIED\x10\x00\x12\x06\n\x02L1\x10\x01\x12\x06\n\x02L2\x10\x02\x12\x06\n\x02\x42N\x10\x03\x12\n\n\x06RANDOM\x10\x04\x12\n\n\x06TAYLOR\x10\x05\x12\n\n\x06\x46ISHER\x10\x06*v\n\x10\x41ttentionPruning\x12!\n\x1d\x41TTENTION_PRUNING_UNSPECIFIED\x10\x00\x12\x13\n\x0f\x41TTENTION_HEADS\x10\x01\x12\x16\n\x12\x41TTENTION_HEAD_DIM\x10\x02\x12\x12\n\x0e\x41TTENTION_NONE\x10\x03*x\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\n\n\x06QUEUED\x10\x01\x12\x0b\n\x07RUNNING\x10\x02\x12\r\n\tSUCCEEDED\x10\x03\x12\n\n\x06\x46\x41ILED\x10\x04\x12\x0e\n\nCANCELLING\x10\x05\x12\r\n\tCANCELLED\x10\x06\x32\xa8\x03\n\x0f\x41rtifactService\x12K\n\x0eUploadArtifact\x12!.prunery.v1.UploadArtifactRequest\x1a\x14.prunery.v1.Artifact(\x01\x12\x43\n\x0bGetArtifact\x12\x1e.prunery.v1.GetArtifactRequest\x1a\x14.prunery.v1.Artifact\x12T\n\rListArtifacts\x12 .prunery.v1.ListArtifactsRequest\x1a!.prunery.v1.ListArtifactsResponse\x12W\n\x0e\x44\x65leteArtifact\x12!.prunery.v1.DeleteArtifactRequest\x1a\".prunery.v1.DeleteArtifactResponse\x12T\n\x10\x44ownloadArtifact\x12#.prunery.v1.DownloadArtifactRequest\x1a\x19.prunery.v1.ArtifactChunk0\x01\x32\x8c\x03\n\nJobService\x12:\n\tCreateJob\x12\x1c.prunery.v1.CreateJobRequest\x1a\x0f.prunery.v1.Job\x12\x34\n\x06GetJob\x12\x19.prunery.v1.GetJobRequest\x1a\x0f.prunery.v1.Job\x12\x45\n\x08ListJobs\x12\x1b.prunery.v1.ListJobsRequest\x1a\x1c.prunery.v1.ListJobsResponse\x12:\n\tCancelJob\x12\x1c.prunery.v1.CancelJobRequest\x1a\x0f.prunery.v1.Job\x12H\n\tDeleteJob\x12\x1c.prunery.v1.DeleteJobRequest\x1a\x1d.prunery.v1.DeleteJobResponse\x12?\n\x08WatchJob\x12\x1b.prunery.v1.WatchJobRequest\x1a\x14.prunery.v1.JobEvent0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18prunery/v1/prunery.proto\x12\nprunery.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x17google/rpc/status.proto\"\xa2\x02\n\x08\x41rtifact\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\x12&\n\x04kind\x18\x03 \x01(\x0e\x32\x18.prunery.v1.ArtifactKind\x12\x12\n\nsize_bytes\x18\x04 \x01(\x03\x12\x0e\n\x06sha256\x18\x05 \x01(\t\x12/\n\x0b\x63reate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\x06labels\x18\x07 \x03(\x0b\x32 .prunery.v1.Artifact.LabelsEntry\x12\x14\n\x0cproducer_job\x18\x08 \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"]\n\x15UploadArtifactRequest\x12(\n\x08metadata\x18\x01 \x01(\x0b\x32\x14.prunery.v1.ArtifactH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\t\n\x07payload\"\"\n\x12GetArtifactRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"M\n\x14ListArtifactsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x0e\n\x06\x66ilter\x18\x03 \x01(\t\"Y\n\x15ListArtifactsResponse\x12\'\n\tartifacts\x18\x01 \x03(\x0b\x32\x14.prunery.v1.Artifact\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"%\n\x15\x44\x65leteArtifactRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"7\n\x17\x44ownloadArtifactRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x03\"U\n\rArtifactChunk\x12\x0e\n\x06offset\x18\x01 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12&\n\x08\x61rtifact\x18\x03 \x01(\x0b\x32\x14.prunery.v1.Artifact\"\x18\n\x16\x44\x65leteArtifactResponse\"\xbf\x05\n\tPruneSpec\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05ratio\x18\x02 \x01(\x01\x12*\n\nimportance\x18\x03 \x01(\x0e\x32\x16.prunery.v1.Importance\x12\x16\n\x0eglobal_pruning\x18\x04 \x01(\x08\x12\x10\n\x08round_to\x18\x05 \x01(\x05\x12\x11\n\tmax_ratio\x18\x06 \x01(\x01\x12\x0e\n\x06ignore\x18\x07 \x03(\t\x12\x0c\n\x04seed\x18\x08 \x01(\x03\x12/\n\tattention\x18\t \x01(\x0e\x32\x1c.prunery.v1.AttentionPruning\x12\x14\n\x0cprune_hidden\x18\n \x01(\x08\x12\x0f\n\x07\x64\x61taset\x18\x0b \x01(\t\x12\x10\n\x08held_out\x18\x0c \x01(\x01\x12\x12\n\nbatch_size\x18\r \x01(\x05\x12\x14\n\x0csparse_steps\x18\x0e \x01(\x05\x12\x0b\n\x03reg\x18\x0f \x01(\x01\x12\r\n\x05\x61lpha\x18\x10 \x01(\x01\x12\n\n\x02lr\x18\x11 \x01(\x01\x12\x16\n\x0e\x66inetune_steps\x18\x12 \x01(\x05\x12\x13\n\x0b\x66inetune_lr\x18\x13 \x01(\x01\x12\x0f\n\x07\x64istill\x18\x14 \x01(\x08\x12\x13\n\x0btarget_macs\x18\x15 \x01(\x01\x12\x15\n\rtarget_params\x18\x16 \x01(\x01\x12\x19\n\x11target_latency_ms\x18\x17 \x01(\x01\x12\x14\n\x0ctarget_steps\x18\x18 \x01(\x05\x12\x17\n\x0f\x66inetune_epochs\x18\x19 \x01(\x01\x12(\n\toptimizer\x18\x1a \x01(\x0e\x32\x15.prunery.v1.Optimizer\x12\x13\n\x06warmup\x18\x1b \x01(\x01H\x00\x88\x01\x01\x12\x16\n\tclip_grad\x18\x1c \x01(\x01H\x01\x88\x01\x01\x12-\n\x0c\x64istill_loss\x18\x1d \x01(\x0e\x32\x17.prunery.v1.DistillLossB\t\n\x07_warmupB\x0c\n\n_clip_grad\"\xf5\x03\n\x03Job\x12\x0c\n\x04name\x18\x01 \x01(\t\x12#\n\x04spec\x18\x02 \x01(\x0b\x32\x15.prunery.v1.PruneSpec\x12#\n\x05state\x18\x03 \x01(\x0e\x32\x14.prunery.v1.JobState\x12\x10\n\x08progress\x18\x04 \x01(\x01\x12/\n\x0b\x63reate_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstart_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\rattempt_count\x18\x08 \x01(\x05\x12!\n\x05\x65rror\x18\t \x01(\x0b\x32\x12.google.rpc.Status\x12\x18\n\x10result_artifacts\x18\n \x03(\t\x12\'\n\x06report\x18\x0b \x01(\x0b\x32\x17.google.protobuf.Struct\x12+\n\x06labels\x18\x0c \x03(\x0b\x32\x1b.prunery.v1.Job.LabelsEntry\x12\r\n\x05stage\x18\r \x01(\t\x12\r\n\x05queue\x18\x0e \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"D\n\x10\x43reateJobRequest\x12\x1c\n\x03job\x18\x01 \x01(\x0b\x32\x0f.prunery.v1.Job\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"\x1d\n\rGetJobRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"H\n\x0fListJobsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x0e\n\x06\x66ilter\x18\x03 \x01(\t\"J\n\x10ListJobsResponse\x12\x1d\n\x04jobs\x18\x01 \x03(\x0b\x32\x0f.prunery.v1.Job\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\" \n\x10\x43\x61ncelJobRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\" \n\x10\x44\x65leteJobRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x13\n\x11\x44\x65leteJobResponse\"7\n\x0fWatchJobRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x16\n\x0e\x61\x66ter_sequence\x18\x02 \x01(\x03\"\xbb\x01\n\x08JobEvent\x12\x10\n\x08sequence\x18\x01 \x01(\x03\x12(\n\x04time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12#\n\x05state\x18\x03 \x01(\x0e\x32\x14.prunery.v1.JobState\x12\x10\n\x08progress\x18\x04 \x01(\x01\x12\r\n\x05stage\x18\x05 \x01(\t\x12\x0f\n\x07message\x18\x06 \x01(\t\x12\x1c\n\x03job\x18\x07 \x01(\x0b\x32\x0f.prunery.v1.Job*Q\n\x0c\x41rtifactKind\x12\x1d\n\x19\x41RTIFACT_KIND_UNSPECIFIED\x10\x00\x12\t\n\x05MODEL\x10\x01\x12\x0b\n\x07\x44\x41TASET\x10\x02\x12\n\n\x06REPORT\x10\x03*d\n\nImportance\x12\x1a\n\x16IMPORTANCE_UNSPECIFIED\x10\x00\x12\x06\n\x02L1\x10\x01\x12\x06\n\x02L2\x10\x02\x12\x06\n\x02\x42N\x10\x03\x12\n\n\x06RANDOM\x10\x04\x12\n\n\x06TAYLOR\x10\x05\x12\n\n\x06\x46ISHER\x10\x06*v\n\x10\x41ttentionPruning\x12!\n\x1d\x41TTENTION_PRUNING_UNSPECIFIED\x10\x00\x12\x13\n\x0f\x41TTENTION_HEADS\x10\x01\x12\x16\n\x12\x41TTENTION_HEAD_DIM\x10\x02\x12\x12\n\x0e\x41TTENTION_NONE\x10\x03*b\n\tOptimizer\x12\x19\n\x15OPTIMIZER_UNSPECIFIED\x10\x00\x12\x11\n\rOPTIMIZER_SGD\x10\x01\x12\x12\n\x0eOPTIMIZER_ADAM\x10\x02\x12\x13\n\x0fOPTIMIZER_ADAMW\x10\x03*o\n\x0b\x44istillLoss\x12\x1c\n\x18\x44ISTILL_LOSS_UNSPECIFIED\x10\x00\x12\x13\n\x0f\x44ISTILL_LOSS_KL\x10\x01\x12\x14\n\x10\x44ISTILL_LOSS_MSE\x10\x02\x12\x17\n\x13\x44ISTILL_LOSS_COSINE\x10\x03*x\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\n\n\x06QUEUED\x10\x01\x12\x0b\n\x07RUNNING\x10\x02\x12\r\n\tSUCCEEDED\x10\x03\x12\n\n\x06\x46\x41ILED\x10\x04\x12\x0e\n\nCANCELLING\x10\x05\x12\r\n\tCANCELLED\x10\x06\x32\xa8\x03\n\x0f\x41rtifactService\x12K\n\x0eUploadArtifact\x12!.prunery.v1.UploadArtifactRequest\x1a\x14.prunery.v1.Artifact(\x01\x12\x43\n\x0bGetArtifact\x12\x1e.prunery.v1.GetArtifactRequest\x1a\x14.prunery.v1.Artifact\x12T\n\rListArtifacts\x12 .prunery.v1.ListArtifactsRequest\x1a!.prunery.v1.ListArtifactsResponse\x12W\n\x0e\x44\x65leteArtifact\x12!.prunery.v1.DeleteArtifactRequest\x1a\".prunery.v1.DeleteArtifactResponse\x12T\n\x10\x44ownloadArtifact\x12#.prunery.v1.DownloadArtifactRequest\x1a\x19.prunery.v1.ArtifactChunk0\x01\x32\x8c\x03\n\nJobService\x12:\n\tCreateJob\x12\x1c.prunery.v1.CreateJobRequest\x1a\x0f.prunery.v1.Job\x12\x34\n\x06GetJob\x12\x19.prunery.v1.GetJobRequest\x1a\x0f.prunery.v1.Job\x12\x45\n\x08ListJobs\x12\x1b.prunery.v1.ListJobsRequest\x1a\x1c.prunery.v1.ListJobsResponse\x12:\n\tCancelJob\x12\x1c.prunery.v1.CancelJobRequest\x1a\x0f.prunery.v1.Job\x12H\n\tDeleteJob\x12\x1c.prunery.v1.DeleteJobRequest\x1a\x1d.prunery.v1.DeleteJobResponse\x12?\n\x08WatchJob\x12\x1b.prunery.v1.WatchJobRequest\x1a\x14.prunery.v1.JobEvent0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,14 +38,18 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ARTIFACT_LABELSENTRY']._serialized_options = b'8\001'
   _globals['_JOB_LABELSENTRY']._loaded_options = None
   _globals['_JOB_LABELSENTRY']._serialized_options = b'8\001'
-  _globals['_ARTIFACTKIND']._serialized_start=2569
-  _globals['_ARTIFACTKIND']._serialized_end=2650
-  _globals['_IMPORTANCE']._serialized_start=2652
-  _globals['_IMPORTANCE']._serialized_end=2752
-  _globals['_ATTENTIONPRUNING']._serialized_start=2754
-  _globals['_ATTENTIONPRUNING']._serialized_end=2872
-  _globals['_JOBSTATE']._serialized_start=2874
-  _globals['_JOBSTATE']._serialized_end=2994
+  _globals['_ARTIFACTKIND']._serialized_start=2728
+  _globals['_ARTIFACTKIND']._serialized_end=2809
+  _globals['_IMPORTANCE']._serialized_start=2811
+  _globals['_IMPORTANCE']._serialized_end=2911
+  _globals['_ATTENTIONPRUNING']._serialized_start=2913
+  _globals['_ATTENTIONPRUNING']._serialized_end=3031
+  _globals['_OPTIMIZER']._serialized_start=3033
+  _globals['_OPTIMIZER']._serialized_end=3131
+  _globals['_DISTILLLOSS']._serialized_start=3133
+  _globals['_DISTILLLOSS']._serialized_end=3244
+  _globals['_JOBSTATE']._serialized_start=3246
+  _globals['_JOBSTATE']._serialized_end=3366
   _globals['_ARTIFACT']._serialized_start=129
   _globals['_ARTIFACT']._serialized_end=419
   _globals['_ARTIFACT_LABELSENTRY']._serialized_start=374
@@ -67,31 +71,31 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DELETEARTIFACTRESPONSE']._serialized_start=905
   _globals['_DELETEARTIFACTRESPONSE']._serialized_end=929
   _globals['_PRUNESPEC']._serialized_start=932
-  _globals['_PRUNESPEC']._serialized_end=1476
-  _globals['_JOB']._serialized_start=1479
-  _globals['_JOB']._serialized_end=1980
+  _globals['_PRUNESPEC']._serialized_end=1635
+  _globals['_JOB']._serialized_start=1638
+  _globals['_JOB']._serialized_end=2139
   _globals['_JOB_LABELSENTRY']._serialized_start=374
   _globals['_JOB_LABELSENTRY']._serialized_end=419
-  _globals['_CREATEJOBREQUEST']._serialized_start=1982
-  _globals['_CREATEJOBREQUEST']._serialized_end=2050
-  _globals['_GETJOBREQUEST']._serialized_start=2052
-  _globals['_GETJOBREQUEST']._serialized_end=2081
-  _globals['_LISTJOBSREQUEST']._serialized_start=2083
-  _globals['_LISTJOBSREQUEST']._serialized_end=2155
-  _globals['_LISTJOBSRESPONSE']._serialized_start=2157
-  _globals['_LISTJOBSRESPONSE']._serialized_end=2231
-  _globals['_CANCELJOBREQUEST']._serialized_start=2233
-  _globals['_CANCELJOBREQUEST']._serialized_end=2265
-  _globals['_DELETEJOBREQUEST']._serialized_start=2267
-  _globals['_DELETEJOBREQUEST']._serialized_end=2299
-  _globals['_DELETEJOBRESPONSE']._serialized_start=2301
-  _globals['_DELETEJOBRESPONSE']._serialized_end=2320
-  _globals['_WATCHJOBREQUEST']._serialized_start=2322
-  _globals['_WATCHJOBREQUEST']._serialized_end=2377
-  _globals['_JOBEVENT']._serialized_start=2380
-  _globals['_JOBEVENT']._serialized_end=2567
-  _globals['_ARTIFACTSERVICE']._serialized_start=2997
-  _globals['_ARTIFACTSERVICE']._serialized_end=3421
-  _globals['_JOBSERVICE']._serialized_start=3424
-  _globals['_JOBSERVICE']._serialized_end=3820
+  _globals['_CREATEJOBREQUEST']._serialized_start=2141
+  _globals['_CREATEJOBREQUEST']._serialized_end=2209
+  _globals['_GETJOBREQUEST']._serialized_start=2211
+  _globals['_GETJOBREQUEST']._serialized_end=2240
+  _globals['_LISTJOBSREQUEST']._serialized_start=2242
+  _globals['_LISTJOBSREQUEST']._serialized_end=2314
+  _globals['_LISTJOBSRESPONSE']._serialized_start=2316
+  _globals['_LISTJOBSRESPONSE']._serialized_end=2390
+  _globals['_CANCELJOBREQUEST']._serialized_start=2392
+  _globals['_CANCELJOBREQUEST']._serialized_end=2424
+  _globals['_DELETEJOBREQUEST']._serialized_start=2426
+  _globals['_DELETEJOBREQUEST']._serialized_end=2458
+  _globals['_DELETEJOBRESPONSE']._serialized_start=2460
+  _globals['_DELETEJOBRESPONSE']._serialized_end=2479
+  _globals['_WATCHJOBREQUEST']._serialized_start=2481
+  _globals['_WATCHJOBREQUEST']._serialized_end=2536
+  _globals['_JOBEVENT']._serialized_start=2539
+  _globals['_JOBEVENT']._serialized_end=2726
+  _globals['_ARTIFACTSERVICE']._serialized_start=3369
+  _globals['_ARTIFACTSERVICE']._serialized_end=3793
+  _globals['_JOBSERVICE']._serialized_start=3796
+  _globals['_JOBSERVICE']._serialized_end=4192
 # @@protoc_insertion_point(module_scope)

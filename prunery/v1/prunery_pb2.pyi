@@ -36,6 +36,20 @@ class AttentionPruning(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ATTENTION_HEAD_DIM: _ClassVar[AttentionPruning]
     ATTENTION_NONE: _ClassVar[AttentionPruning]
 
+class Optimizer(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    OPTIMIZER_UNSPECIFIED: _ClassVar[Optimizer]
+    OPTIMIZER_SGD: _ClassVar[Optimizer]
+    OPTIMIZER_ADAM: _ClassVar[Optimizer]
+    OPTIMIZER_ADAMW: _ClassVar[Optimizer]
+
+class DistillLoss(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    DISTILL_LOSS_UNSPECIFIED: _ClassVar[DistillLoss]
+    DISTILL_LOSS_KL: _ClassVar[DistillLoss]
+    DISTILL_LOSS_MSE: _ClassVar[DistillLoss]
+    DISTILL_LOSS_COSINE: _ClassVar[DistillLoss]
+
 class JobState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     JOB_STATE_UNSPECIFIED: _ClassVar[JobState]
@@ -60,6 +74,14 @@ ATTENTION_PRUNING_UNSPECIFIED: AttentionPruning
 ATTENTION_HEADS: AttentionPruning
 ATTENTION_HEAD_DIM: AttentionPruning
 ATTENTION_NONE: AttentionPruning
+OPTIMIZER_UNSPECIFIED: Optimizer
+OPTIMIZER_SGD: Optimizer
+OPTIMIZER_ADAM: Optimizer
+OPTIMIZER_ADAMW: Optimizer
+DISTILL_LOSS_UNSPECIFIED: DistillLoss
+DISTILL_LOSS_KL: DistillLoss
+DISTILL_LOSS_MSE: DistillLoss
+DISTILL_LOSS_COSINE: DistillLoss
 JOB_STATE_UNSPECIFIED: JobState
 QUEUED: JobState
 RUNNING: JobState
@@ -156,7 +178,7 @@ class DeleteArtifactResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class PruneSpec(_message.Message):
-    __slots__ = ("model", "ratio", "importance", "global_pruning", "round_to", "max_ratio", "ignore", "seed", "attention", "prune_hidden", "dataset", "held_out", "batch_size", "sparse_steps", "reg", "alpha", "lr", "finetune_steps", "finetune_lr", "distill", "target_macs", "target_params", "target_latency_ms", "target_steps", "finetune_epochs")
+    __slots__ = ("model", "ratio", "importance", "global_pruning", "round_to", "max_ratio", "ignore", "seed", "attention", "prune_hidden", "dataset", "held_out", "batch_size", "sparse_steps", "reg", "alpha", "lr", "finetune_steps", "finetune_lr", "distill", "target_macs", "target_params", "target_latency_ms", "target_steps", "finetune_epochs", "optimizer", "warmup", "clip_grad", "distill_loss")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     RATIO_FIELD_NUMBER: _ClassVar[int]
     IMPORTANCE_FIELD_NUMBER: _ClassVar[int]
@@ -182,6 +204,10 @@ class PruneSpec(_message.Message):
     TARGET_LATENCY_MS_FIELD_NUMBER: _ClassVar[int]
     TARGET_STEPS_FIELD_NUMBER: _ClassVar[int]
     FINETUNE_EPOCHS_FIELD_NUMBER: _ClassVar[int]
+    OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
+    WARMUP_FIELD_NUMBER: _ClassVar[int]
+    CLIP_GRAD_FIELD_NUMBER: _ClassVar[int]
+    DISTILL_LOSS_FIELD_NUMBER: _ClassVar[int]
     model: str
     ratio: float
     importance: Importance
@@ -207,7 +233,11 @@ class PruneSpec(_message.Message):
     target_latency_ms: float
     target_steps: int
     finetune_epochs: float
-    def __init__(self, model: _Optional[str] = ..., ratio: _Optional[float] = ..., importance: _Optional[_Union[Importance, str]] = ..., global_pruning: _Optional[bool] = ..., round_to: _Optional[int] = ..., max_ratio: _Optional[float] = ..., ignore: _Optional[_Iterable[str]] = ..., seed: _Optional[int] = ..., attention: _Optional[_Union[AttentionPruning, str]] = ..., prune_hidden: _Optional[bool] = ..., dataset: _Optional[str] = ..., held_out: _Optional[float] = ..., batch_size: _Optional[int] = ..., sparse_steps: _Optional[int] = ..., reg: _Optional[float] = ..., alpha: _Optional[float] = ..., lr: _Optional[float] = ..., finetune_steps: _Optional[int] = ..., finetune_lr: _Optional[float] = ..., distill: _Optional[bool] = ..., target_macs: _Optional[float] = ..., target_params: _Optional[float] = ..., target_latency_ms: _Optional[float] = ..., target_steps: _Optional[int] = ..., finetune_epochs: _Optional[float] = ...) -> None: ...
+    optimizer: Optimizer
+    warmup: float
+    clip_grad: float
+    distill_loss: DistillLoss
+    def __init__(self, model: _Optional[str] = ..., ratio: _Optional[float] = ..., importance: _Optional[_Union[Importance, str]] = ..., global_pruning: _Optional[bool] = ..., round_to: _Optional[int] = ..., max_ratio: _Optional[float] = ..., ignore: _Optional[_Iterable[str]] = ..., seed: _Optional[int] = ..., attention: _Optional[_Union[AttentionPruning, str]] = ..., prune_hidden: _Optional[bool] = ..., dataset: _Optional[str] = ..., held_out: _Optional[float] = ..., batch_size: _Optional[int] = ..., sparse_steps: _Optional[int] = ..., reg: _Optional[float] = ..., alpha: _Optional[float] = ..., lr: _Optional[float] = ..., finetune_steps: _Optional[int] = ..., finetune_lr: _Optional[float] = ..., distill: _Optional[bool] = ..., target_macs: _Optional[float] = ..., target_params: _Optional[float] = ..., target_latency_ms: _Optional[float] = ..., target_steps: _Optional[int] = ..., finetune_epochs: _Optional[float] = ..., optimizer: _Optional[_Union[Optimizer, str]] = ..., warmup: _Optional[float] = ..., clip_grad: _Optional[float] = ..., distill_loss: _Optional[_Union[DistillLoss, str]] = ...) -> None: ...
 
 class Job(_message.Message):
     __slots__ = ("name", "spec", "state", "progress", "create_time", "start_time", "end_time", "attempt_count", "error", "result_artifacts", "report", "labels", "stage", "queue")
