@@ -1,6 +1,6 @@
 """Latency you can compare: several programs timed on the same inputs, interleaved, on a fixed thread count.
 
-Timing "before" fully and then "after" (train.latency_ms) lets whatever the machine does meanwhile (another
+Timing "before" fully and then "after" lets whatever the machine does meanwhile (another
 job, a frequency change, a thermal throttle) land on one side only: a loaded machine then reports a pruned
 program as slower. `compare_latency` instead
 

@@ -271,7 +271,7 @@ def run_recipe(ep: ExportedProgram, config: PruneConfig, recipe: Recipe,
             batch = _latency_inputs(ep, dataset, recipe.latency_batch)
 
             def measure(p: ExportedProgram) -> float:
-                return measure_ms(p, batch, device=device)
+                return measure_ms(p, batch, device=device, threads=_latency_threads(device))
 
         result = prune_to_target(program, config, recipe.target, steps=recipe.target_steps, latency=measure,
                                  scores=scores, on_step=lambda i, r: progress(
@@ -340,7 +340,13 @@ def _compare_latency(ep: ExportedProgram, pruned: ExportedProgram, dataset: Data
     batches = {b: _latency_inputs(ep, dataset, b) for b in sorted({1, recipe.latency_batch})}
     if any(v is None for v in batches.values()):
         return {}
-    return compare_latency({"before": ep, "after": pruned}, batches, device=device)
+    return compare_latency({"before": ep, "after": pruned}, batches, device=device, threads=_latency_threads(device))
+
+
+def _latency_threads(device: str) -> int | None:
+    """One thread on CPU: a multi-threaded timing on a shared machine measures the neighbours (calls of 0.4 ms
+    took 100 ms with 2 threads under load); speedups at one thread hold. A GPU keeps torch's count."""
+    return 1 if torch.device(device).type == "cpu" else None
 
 
 def _curve(losses: list[float], points: int = 100) -> list[dict]:

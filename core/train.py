@@ -1,17 +1,19 @@
 """Training on an exported program: DepGraph's group-sparse training, recovery fine-tuning after pruning,
-evaluation, latency, and data-driven (Taylor / Fisher) group importance.
+batch norm recalibration, evaluation, and data-driven (Taylor / Fisher) group importance.
 
 Everything runs on a *program module*: a `ProgramModule` over the program's own graph whose parameters are
 fresh copies of the program's (so the program passed in, often the teacher, is never modified), registered
-under the program's fully qualified names. The traced graph fixes how BatchNorm and dropout behave (an
-exported program traced in eval mode calls batch norm with its running statistics and dropout with
-`train=False`), so training only optimises weights: the module's `train()` flag changes nothing in the graph.
-A program traced in training mode keeps its traced behaviour too (batch statistics; running statistics updated
-on the copies); one whose signature lists buffer or input mutations runs through `ep.module()` instead.
+under the program's fully qualified names. An exported program traced in eval mode calls batch norm with its
+running statistics and dropout with `train=False`. Training runs its batch norms as a module in training mode
+does (batch statistics, the copies' running statistics updated; `batchnorm="frozen"` keeps the traced
+behaviour), so that a pruned network whose channel statistics changed can adapt; evaluation (`eval()`) uses the
+running statistics again, as the exported result will. Dropout stays as traced (off). A program traced in
+training mode keeps its traced behaviour (batch statistics; running statistics updated on the copies); one
+whose signature lists buffer or input mutations runs through `ep.module()` instead.
 `updated_program` writes the trained weights back into a copy of the program (same graph, new state dict).
 
 Data: any iterable of `(inputs, targets_or_None)` batches; `inputs` is a tensor, a tuple of positional
-tensors or a dict of keyword tensors; `targets` is a tensor or None. Iterables that can be iterated again
+tensors, a dict of keyword tensors or a `data.CallInputs` (positional and keyword); `targets` is a tensor or None. Iterables that can be iterated again
 (lists, data loaders) are re-iterated when exhausted; one-shot iterators are cached on their first pass.
 
 Group regulariser (DepGraph, "group-level sparsity"). For every group g selected (by default every group
@@ -44,8 +46,6 @@ from __future__ import annotations
 
 import copy
 import math
-import statistics
-import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -65,7 +65,7 @@ from .tensors import program_tensors, tied_names
 
 __all__ = [
     "GroupRegulariser", "LOSS_KINDS", "Loss", "TrainError", "default_device", "evaluate", "finetune",
-    "fisher_scores", "latency_ms", "loss_fn", "make_loss", "sparse_train", "taylor_scores", "trainable_module",
+    "fisher_scores", "loss_fn", "make_loss", "sparse_train", "taylor_scores", "trainable_module",
     "updated_program",
 ]
 
@@ -722,7 +722,7 @@ def loss_trend(losses: Sequence[float]) -> dict:
     return {"first": round(first, 6), "last": round(last, 6), "improved": last < first - 0.01 * abs(first)}
 
 
-# --- evaluation and latency ------------------------------------------------------------------------------------
+# --- evaluation ------------------------------------------------------------------------------------
 
 
 @torch.no_grad()
@@ -814,34 +814,6 @@ def evaluate(program: ExportedProgram | nn.Module, batches: Batches, *,
     module = _as_module(program, dev)
     teacher_outs = _teacher_outputs(_teacher_module(teacher, dev), batches, dev)
     return _evaluate(module, batches, teacher_outs, None if loss is None else _as_loss(loss), dev)
-
-
-def latency_ms(program: ExportedProgram | nn.Module, example_batch: Any, *, device: str | torch.device | None = None,
-               repeats: int = 20, warmup: int = 3) -> float:
-    """Median wall time (ms) of one forward on `example_batch` (the program's inputs: a tensor, a tuple of
-    positional tensors or a dict; not an (inputs, targets) pair) after `warmup` runs, under inference_mode,
-    on `device` ("cuda" when available, else "cpu"). A program runs as `ep.module()`, as it is deployed."""
-    if repeats < 1:
-        raise TrainError(f"repeats must be >= 1, got {repeats}")
-    dev = _device(device)
-    module = _on_device(program, dev).module() if isinstance(program, ExportedProgram) else program
-    inputs = _to(example_batch, dev)
-
-    def sync() -> None:
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
-
-    times = []
-    with torch.inference_mode():
-        for _ in range(warmup):
-            _call(module, inputs)
-        sync()
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            _call(module, inputs)
-            sync()
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
 
 
 # --- data-driven importance ---------------------------------------------------------------------------------

@@ -38,7 +38,8 @@ FIELD_NUMBERS = {
                   "ignore": 7, "seed": 8, "attention": 9, "prune_hidden": 10, "dataset": 11, "held_out": 12,
                   "batch_size": 13, "sparse_steps": 14, "reg": 15, "alpha": 16, "lr": 17, "finetune_steps": 18,
                   "finetune_lr": 19, "distill": 20, "target_macs": 21, "target_params": 22, "target_latency_ms": 23,
-                  "target_steps": 24, "finetune_epochs": 25},
+                  "target_steps": 24, "finetune_epochs": 25, "optimizer": 26, "warmup": 27, "clip_grad": 28,
+                  "distill_loss": 29},
     "UploadArtifactRequest": {"metadata": 1, "chunk": 2},
     "WatchJobRequest": {"name": 1, "after_sequence": 2},
 }
@@ -47,6 +48,9 @@ ENUMS = {
     "Importance": {"IMPORTANCE_UNSPECIFIED": 0, "L1": 1, "L2": 2, "BN": 3, "RANDOM": 4, "TAYLOR": 5, "FISHER": 6},
     "AttentionPruning": {"ATTENTION_PRUNING_UNSPECIFIED": 0, "ATTENTION_HEADS": 1, "ATTENTION_HEAD_DIM": 2,
                          "ATTENTION_NONE": 3},
+    "Optimizer": {"OPTIMIZER_UNSPECIFIED": 0, "OPTIMIZER_SGD": 1, "OPTIMIZER_ADAM": 2, "OPTIMIZER_ADAMW": 3},
+    "DistillLoss": {"DISTILL_LOSS_UNSPECIFIED": 0, "DISTILL_LOSS_KL": 1, "DISTILL_LOSS_MSE": 2,
+                    "DISTILL_LOSS_COSINE": 3},
     "JobState": {"JOB_STATE_UNSPECIFIED": 0, "QUEUED": 1, "RUNNING": 2, "SUCCEEDED": 3, "FAILED": 4,
                  "CANCELLING": 5, "CANCELLED": 6},
 }
