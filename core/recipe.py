@@ -80,6 +80,7 @@ class Recipe:
     clip_grad: float = 1.0  # the gradient's global L2 norm is clipped to this (0: not clipped)
     distill: bool = False
     distill_loss: str | None = None  # "kl", "mse", "cosine" for every output (None: per output, `core/distill.py`)
+    teacher_weight: float = 0.5  # with class-id targets: the share of KL from the unpruned program in the loss
     recalibrate_batches: int = 20  # batches the batch norms' statistics are recomputed on after pruning (0: not)
     target: Target | None = None
     target_steps: int = 4
@@ -110,6 +111,8 @@ class Recipe:
             value = getattr(self, name)
             if value is not None and not (value >= 0 and math.isfinite(value)):
                 raise PruneError(f"{name} must be a finite non-negative number, got {value}")
+        if not 0.0 <= self.teacher_weight <= 1.0:
+            raise PruneError(f"teacher weight must be in [0, 1], got {self.teacher_weight}")
         if not 0.0 <= self.warmup < 1.0:
             raise PruneError(f"warmup is a share of the training steps in [0, 1), got {self.warmup}")
         if self.recalibrate_batches < 0:
@@ -188,7 +191,7 @@ def _loss(ep: ExportedProgram, dataset: Dataset, recipe: Recipe):
     targets = dataset.targets
     kind = "logits" if targets is not None and not targets.dtype.is_floating_point else "values"
     return make_loss(targets is not None, recipe.distill, kind, kinds=output_kinds(ep),
-                     distill_loss=recipe.distill_loss)
+                     distill_loss=recipe.distill_loss, teacher_weight=recipe.teacher_weight)
 
 
 def _warn_flat(report: dict, stage: str, losses: list[float], progress: Progress) -> dict:

@@ -13,8 +13,8 @@ whose signature lists buffer or input mutations runs through `ep.module()` inste
 `updated_program` writes the trained weights back into a copy of the program (same graph, new state dict).
 
 Data: any iterable of `(inputs, targets_or_None)` batches; `inputs` is a tensor, a tuple of positional
-tensors, a dict of keyword tensors or a `data.CallInputs` (positional and keyword); `targets` is a tensor or None. Iterables that can be iterated again
-(lists, data loaders) are re-iterated when exhausted; one-shot iterators are cached on their first pass.
+tensors, a dict of keyword tensors or a `data.CallInputs` (positional and keyword); `targets` is a tensor or
+None. Iterables that can be iterated again (lists, data loaders) are re-iterated when exhausted; one-shot iterators are cached on their first pass.
 
 Group regulariser (DepGraph, "group-level sparsity"). For every group g selected (by default every group
 not `hidden`, the residual stream being pruned only when asked) and every prunable index k of g (a
@@ -264,8 +264,12 @@ class Loss:
     distill: bool = False
     tree: bool = False
     metric: str | None = None
+    with_labels: bool = False  # with `distill`: the target is (targets, teacher outputs)
 
     def __call__(self, output: Any, target: Any) -> torch.Tensor:
+        if self.with_labels:
+            labels, teacher = target
+            return self.fn(_primary(output), (labels, _primary(teacher)))
         if self.tree:
             return self.fn(output, target)
         return self.fn(_primary(output), _primary(target))
@@ -301,14 +305,17 @@ def loss_fn(kind: str, *, temperature: float = 2.0, distill: bool | None = None)
 
 def make_loss(dataset_has_targets: bool, distill: bool, output_kind: str = "logits", *,
               temperature: float = 2.0, kinds: Sequence[str | None] | None = None,
-              distill_loss: str | None = None) -> Loss:
+              distill_loss: str | None = None, teacher_weight: float = 0.0) -> Loss:
     """The loss for a task: with targets and no distillation, cross-entropy ("logits" / "classes" outputs,
-    class dim last) or MSE (any other output kind: regression); else distillation from the teacher over every
-    float output, each with the loss that fits its kind (`kinds`, from `distill.output_kinds`; default
-    [`output_kind`]): KL on logits, 1 - cosine on embeddings, MSE on hidden states and values, or
-    `distill_loss` for all of them."""
+    class dim last) or MSE (any other output kind: regression) — for class ids with `teacher_weight` > 0, mixed
+    with KL from the teacher's logits (Hinton's knowledge distillation: (1 - w) CE + w KL at `temperature`);
+    else distillation from the teacher over every float output, each with the loss that fits its kind (`kinds`,
+    from `distill.output_kinds`; default [`output_kind`]): KL on logits, 1 - cosine on embeddings, MSE on
+    hidden states and values, or `distill_loss` for all of them."""
     logits = output_kind in LOGIT_KINDS
     if dataset_has_targets and not distill:
+        if logits and teacher_weight > 0:
+            return _ce_with_teacher(teacher_weight, temperature)
         return loss_fn("ce") if logits else loss_fn("mse")
     kinds = list(kinds) if kinds is not None else ["logits" if logits else output_kind]
     kinds = [k if k in OUTPUT_KINDS or k is None else "hidden" for k in kinds]
@@ -322,6 +329,18 @@ def make_loss(dataset_has_targets: bool, distill: bool, output_kind: str = "logi
     name = losses[primary] if len({x for x in losses if x}) == 1 else "+".join(dict.fromkeys(x for x in losses if x))
     return Loss(name, tree_distill(losses, temperature), True, tree=True,
                 metric=metric_for(kinds[primary], losses[primary]))
+
+
+def _ce_with_teacher(weight: float, temperature: float) -> Loss:
+    if not 0 < weight <= 1:
+        raise TrainError(f"the teacher's weight must be in (0, 1], got {weight}")
+    kl = single_loss("kl", temperature)
+
+    def fn(logits: torch.Tensor, target: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        labels, teacher = target
+        return (1 - weight) * _ce(logits, labels) + weight * kl(logits, teacher)
+
+    return Loss("ce+kl", fn, distill=True, with_labels=True)
 
 
 def _as_loss(loss: str | Loss | Callable) -> Loss:
@@ -343,7 +362,12 @@ def _target(loss: Loss, targets: Any, teacher: nn.Module | None, inputs: Any, de
         if teacher is None:
             raise TrainError(f"the {loss.kind} loss distils from a teacher, and none was given")
         with torch.no_grad():
-            return _call(teacher, inputs)
+            out = _call(teacher, inputs)
+        if loss.with_labels:
+            if targets is None:
+                raise TrainError(f"the {loss.kind} loss needs targets, and a batch has none")
+            return _to(targets, device), out
+        return out
     if targets is None:
         raise TrainError(f"the {loss.kind} loss needs targets, and a batch has none (distil from a teacher?)")
     return _to(targets, device)
@@ -796,6 +820,8 @@ def _eval_loss(loss: Loss | None, out: torch.Tensor, targets: torch.Tensor | Non
         else:
             return None
     target = t_out if loss.distill else targets
+    if loss.with_labels:
+        target = None if targets is None or t_out is None else (targets, t_out)
     if target is None:
         return None
     return float(loss(out, target))

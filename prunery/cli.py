@@ -119,7 +119,8 @@ def _recipe_from(args: argparse.Namespace):
         batch_size=args.batch_size, sparse_steps=args.sparse_steps, reg=args.reg, alpha=args.alpha, lr=args.lr,
         finetune_steps=args.finetune_steps, finetune_epochs=args.finetune_epochs, finetune_lr=args.finetune_lr,
         optimizer=args.optimizer, warmup=args.warmup, clip_grad=args.clip_grad, distill=args.distill,
-        distill_loss=args.distill_loss, target=targets[0] if targets else None, target_steps=args.target_steps,
+        distill_loss=args.distill_loss, teacher_weight=args.teacher_weight, target=targets[0] if targets else None,
+        target_steps=args.target_steps,
         device=args.device, seed=args.seed)
 
 
@@ -287,8 +288,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
             batch_size=args.batch_size, sparse_steps=args.sparse_steps, reg=args.reg, alpha=args.alpha, lr=args.lr,
             finetune_steps=args.finetune_steps, finetune_epochs=args.finetune_epochs, finetune_lr=args.finetune_lr,
             optimizer=args.optimizer, warmup=args.warmup, clip_grad=args.clip_grad, distill=args.distill,
-            distill_loss=args.distill_loss, target_macs=args.target_macs, target_params=args.target_params,
-            target_latency_ms=args.target_latency,
+            distill_loss=args.distill_loss, teacher_weight=args.teacher_weight, target_macs=args.target_macs,
+            target_params=args.target_params, target_latency_ms=args.target_latency,
             target_steps=args.target_steps)
         job = client.create_job(spec, labels=dict(args.label or []), queue=args.queue)
         print(job.name)
@@ -421,6 +422,9 @@ def _add_recipe_options(p: argparse.ArgumentParser, device: bool = True) -> None
     g.add_argument("--distill-loss", choices=["kl", "mse", "cosine"], default=None,
                    help="distillation loss for every output (default: per output: KL on logits, cosine on "
                         "embeddings, MSE on hidden states)")
+    g.add_argument("--teacher-weight", type=float, default=0.5,
+                   help="with class-id targets: the share of distillation from the unpruned model in the loss "
+                        "beside cross-entropy (0: the targets alone)")
     g.add_argument("--target-macs", type=float, help="prune to this many MACs (a fraction in (0, 1), or a count)")
     g.add_argument("--target-params", type=float, help="prune to this many parameters (fraction or count)")
     g.add_argument("--target-latency", type=float, metavar="MS", help="prune to this latency on --device")
