@@ -14,7 +14,8 @@ whose signature lists buffer or input mutations runs through `ep.module()` inste
 
 Data: any iterable of `(inputs, targets_or_None)` batches; `inputs` is a tensor, a tuple of positional
 tensors, a dict of keyword tensors or a `data.CallInputs` (positional and keyword); `targets` is a tensor or
-None. Iterables that can be iterated again (lists, data loaders) are re-iterated when exhausted; one-shot iterators are cached on their first pass.
+None. Iterables that can be iterated again (lists, data loaders) are re-iterated when exhausted; one-shot
+iterators are cached on their first pass.
 
 Group regulariser (DepGraph, "group-level sparsity"). For every group g selected (by default every group
 not `hidden`, the residual stream being pruned only when asked) and every prunable index k of g (a
