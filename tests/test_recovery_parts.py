@@ -12,13 +12,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from prunery.core import PruneConfig, prune
+from prunery.core import PruneConfig
 from prunery.core.data import Dataset
 from prunery.core.distill import output_kinds
 from prunery.core.recipe import Recipe, has_attention, run_recipe, training_defaults
 from prunery.core.train import (
-    evaluate,
-    finetune,
     loss_trend,
     make_loss,
     recalibrate_batchnorm,
