@@ -171,6 +171,54 @@ def test_a_data_driven_job_sparse_trains_meets_its_target_and_recovers(client: C
     assert failed.error.details and b"DATASET_INVALID" in failed.error.details[0].value
 
 
+def _local_and_served_runs_agree(client: Client, tmp_path: Path, ep: torch.export.ExportedProgram,
+                                 data: dict[str, torch.Tensor], ratio: float, **recipe) -> dict:
+    """Upload `ep` and `data`, run the job, run the same spec locally; the weights must be equal."""
+    from prunery.core import PruneConfig
+    from prunery.core.data import Dataset, save_dataset
+    from prunery.core.recipe import Recipe, run_recipe
+
+    torch.export.save(ep, tmp_path / "model.pt2")
+    targets = data.pop("targets", None)
+    save_dataset(tmp_path / "data.safetensors", data, targets)
+    spec = spec_from_options(client.upload(tmp_path / "model.pt2").name, ratio,
+                             dataset=client.upload(tmp_path / "data.safetensors", kind=pb.DATASET).name, **recipe)
+    job = client.wait(client.create_job(spec).name)
+    assert job.state == pb.SUCCEEDED, job.error.message
+    served = load_program(client.download(f"{job.name}/model", tmp_path / "served.pt2"))
+    local = run_recipe(load_program(tmp_path / "model.pt2"), PruneConfig(ratio=ratio),
+                       Recipe(dataset=Dataset(data, targets), device="cpu", **recipe))
+    assert served.state_dict.keys() == local.program.state_dict.keys()
+    for name, value in local.program.state_dict.items():
+        assert torch.equal(served.state_dict[name], value), name
+    return dict(job.report)
+
+
+def test_a_recovery_job_gives_the_model_a_local_run_of_the_same_spec_gives(client: Client, tmp_path: Path) -> None:
+    """Batch norm trained, recalibrated, KD beside the labels (a CNN); cosine distillation of a two-input
+    encoder: the service runs exactly what `prunery prune` runs."""
+    from torch import nn
+
+    from tests.test_recovery_parts import Encoder
+
+    torch.manual_seed(0)
+    cnn = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 16, 3),
+                        nn.BatchNorm2d(16), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 4))
+    x = torch.randn(160, 3, 8, 8)
+    ep = torch.export.export(cnn.eval(), (x[:2],), dynamic_shapes=({0: torch.export.Dim("batch", max=4096)},))
+    report = _local_and_served_runs_agree(client, tmp_path, ep, {"inputs": x, "targets": torch.randint(0, 4, (160,))},
+                                          0.5, sparse_steps=10, reg=1e-3, finetune_steps=12, batch_size=32)
+    assert report["dataset"]["loss"] == "ce+kl" and "after_recalibration" in report["evaluation"]
+
+    ids = torch.randint(0, 50, (160, 9))
+    mask = (torch.arange(9) < torch.randint(3, 10, (160, 1))).long()
+    b, s = torch.export.Dim("batch", max=4096), torch.export.Dim("seq", min=2, max=64)
+    enc = torch.export.export(Encoder().eval(), (ids[:2], mask[:2]), dynamic_shapes=({0: b, 1: s}, {0: b, 1: s}))
+    report = _local_and_served_runs_agree(client, tmp_path, enc, {"input_ids": ids, "attention_mask": mask}, 0.5,
+                                          finetune_steps=12, distill=True, batch_size=32)
+    assert report["dataset"]["loss"] == "cosine"
+
+
 def test_malicious_upload_fails_its_job_and_never_runs(client: Client, model_path: Path, tmp_path: Path) -> None:
     marker = tmp_path / "pwned"
     evil = tmp_path / "evil.pt2"
