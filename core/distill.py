@@ -13,10 +13,15 @@ A program's outputs are read off its graph, walking back from each output throug
 - "values": a last dim of 1 or none (regression values, scores). Distilled with MSE; measured by the loss.
 
 `--distill-loss kl|mse|cosine` overrides the choice for every output.
+
+Intermediate layers (`HiddenDistillation`): where the pruned and the original programs share a layer's output
+(the node ending a repeated layer, `encoder.layer.3`, under the same name and shape: transformer blocks on a
+residual stream left whole), its hidden state is distilled too, with a normalised MSE.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 
 import torch
@@ -25,7 +30,8 @@ import torch.utils._pytree as pytree
 from torch.export import ExportedProgram
 from torch.fx import Node
 
-__all__ = ["DISTILL_LOSSES", "OUTPUT_KINDS", "distill_loss_for", "metric_for", "output_kinds", "tree_distill"]
+__all__ = ["DISTILL_LOSSES", "OUTPUT_KINDS", "HiddenDistillation", "distill_loss_for", "layer_outputs", "metric_for",
+           "output_kinds", "shared_layer_outputs", "tree_distill"]
 
 OUTPUT_KINDS = ("logits", "embedding", "hidden", "values")
 DISTILL_LOSSES = ("kl", "mse", "cosine")
@@ -181,3 +187,58 @@ def tree_distill(losses: Sequence[str | None], temperature: float = 2.0) -> Call
         return terms[0] if len(terms) == 1 else torch.stack(terms).mean()
 
     return loss
+
+
+# --- intermediate layers -----------------------------------------------------------------------------------------
+
+_LAYER_PATH = re.compile(r".*\.\d+")  # a child of a ModuleList / Sequential: a repeated layer (blocks, stages)
+
+
+def layer_outputs(ep: ExportedProgram) -> list[str]:
+    """Names of the nodes that end each repeated layer of `ep` (a transformer block, a ResNet stage's block):
+    for every module path ending in an index (`encoder.layer.3`), the last node recorded under it."""
+    last: dict[str, str] = {}
+    for node in ep.graph.nodes:
+        stack = node.meta.get("nn_module_stack") or {}
+        for path, _ in stack.values():
+            if isinstance(path, str) and _LAYER_PATH.fullmatch(path):
+                last[path] = node.name
+    return list(dict.fromkeys(last.values()))
+
+
+def shared_layer_outputs(teacher: ExportedProgram, student: ExportedProgram) -> list[str]:
+    """The teacher's layer outputs the student has under the same node name with the same rank (a pruned
+    program keeps its original's node names; shapes that changed are skipped when the values are compared)."""
+    def ranks(ep: ExportedProgram) -> dict[str, int]:
+        return {n.name: n.meta["val"].dim() for n in ep.graph.nodes
+                if isinstance(n.meta.get("val"), torch.Tensor) and n.meta["val"].is_floating_point()}
+
+    t, s = ranks(teacher), ranks(student)
+    return [name for name in layer_outputs(teacher) if name in s and t.get(name) == s[name]]
+
+
+class HiddenDistillation:
+    """weight * mean over shared layer outputs of MSE(student, teacher) / mean(teacher^2): hidden-state
+    distillation at the ends of the layers the pruned and original programs share (both `ProgramModule`s,
+    their values tapped by node name during the forward passes of a step). A layer whose shape changed
+    (its width was pruned) is left out. `penalty()` reads the values of the last forward passes."""
+
+    def __init__(self, student: torch.nn.Module, teacher: torch.nn.Module, names: Sequence[str],
+                 weight: float) -> None:
+        self.student, self.teacher, self.weight = student, teacher, float(weight)
+        self.names = frozenset(names)
+        student.taps = self.names
+        teacher.taps = self.names
+
+    def penalty(self) -> torch.Tensor:
+        terms = []
+        for name in self.names:
+            s, t = self.student.tapped.get(name), self.teacher.tapped.get(name)
+            if isinstance(s, torch.Tensor) and isinstance(t, torch.Tensor) and s.shape == t.shape:
+                t = t.detach().float()
+                terms.append(F.mse_loss(s.float(), t) / t.pow(2).mean().clamp_min(1e-12))
+        self.student.tapped.clear()
+        self.teacher.tapped.clear()
+        if not terms:
+            return torch.zeros(())
+        return self.weight * torch.stack(terms).mean()

@@ -106,6 +106,12 @@ class _Runner(torch.fx.Interpreter):
         self.bn_training = owner.training and owner.batchnorm_training
 
     def run_node(self, n: torch.fx.Node) -> Any:
+        out = self._run_node(n)
+        if n.name in self.owner.taps:
+            self.owner.tapped[n.name] = out
+        return out
+
+    def _run_node(self, n: torch.fx.Node) -> Any:
         call = self.owner._overrides.get(n.name)
         if call is None:
             if self.bn_training and n.op == "call_function" and n.target in BATCH_NORM_OPS:
@@ -129,6 +135,7 @@ class ProgramModule(torch.nn.Module):
 
     batchnorm_training: bool = False
     batchnorm_momentum: float | None = None
+    taps: frozenset[str] = frozenset()  # nodes whose values each forward keeps in `tapped` (hidden distillation)
 
     def __init__(self, ep: ExportedProgram, tensors: Mapping[str, torch.Tensor],
                  overrides: Mapping[str, NodeCall] | None = None) -> None:
@@ -141,6 +148,7 @@ class ProgramModule(torch.nn.Module):
         self._overrides = dict(overrides or {})
         self._lifted: list[str] = []
         self._holder = torch.nn.Module()  # empty: get_attr never happens on the lifted graph
+        self.tapped: dict[str, Any] = {}
         self.arg_names = _positional_names(ep, self._in_spec)
         if self.arg_names is not None:
             # the program's own argument names, so that export names its inputs as the original did

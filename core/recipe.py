@@ -39,7 +39,7 @@ import torch
 from torch.export import ExportedProgram
 
 from .data import Dataset, fit_to_program
-from .distill import DISTILL_LOSSES, output_kinds
+from .distill import DISTILL_LOSSES, output_kinds, shared_layer_outputs
 from .graph import DependencyGraph
 from .importance import DATA_IMPORTANCES
 from .latency import compare_latency, measure_ms
@@ -81,6 +81,7 @@ class Recipe:
     distill: bool = False
     distill_loss: str | None = None  # "kl", "mse", "cosine" for every output (None: per output, `core/distill.py`)
     teacher_weight: float = 0.5  # with class-id targets: the share of KL from the unpruned program in the loss
+    hidden_weight: float = 1.0  # weight of hidden-state distillation at the layer outputs both programs share
     recalibrate_batches: int = 20  # batches the batch norms' statistics are recomputed on after pruning (0: not)
     target: Target | None = None
     target_steps: int = 4
@@ -111,6 +112,8 @@ class Recipe:
             value = getattr(self, name)
             if value is not None and not (value >= 0 and math.isfinite(value)):
                 raise PruneError(f"{name} must be a finite non-negative number, got {value}")
+        if not (self.hidden_weight >= 0 and math.isfinite(self.hidden_weight)):
+            raise PruneError(f"hidden weight must be a finite non-negative number, got {self.hidden_weight}")
         if not 0.0 <= self.teacher_weight <= 1.0:
             raise PruneError(f"teacher weight must be in [0, 1], got {self.teacher_weight}")
         if not 0.0 <= self.warmup < 1.0:
@@ -304,10 +307,12 @@ def run_recipe(ep: ExportedProgram, config: PruneConfig, recipe: Recipe,
                 progress("finetune", step / steps, f"fine-tuning step {step}/{steps}: loss {value:.4f}")
 
         losses: list[float] = []
+        layers = shared_layer_outputs(ep, pruned) if recipe.hidden_weight > 0 and loss.distill else []
         pruned, curve = finetune(pruned, train, held, steps=steps, lr=settings["lr"], loss=loss, teacher=teacher,
                                  on_step=lambda step, value: (losses.append(value), finetune_step(step, value)),
                                  device=device, optimizer=optimizer, warmup=settings["warmup_steps"],
-                                 clip_grad=recipe.clip_grad)
+                                 clip_grad=recipe.clip_grad, hidden_layers=layers, hidden_weight=recipe.hidden_weight)
+        settings["hidden_layers"] = len(layers)
         report_extra["training"]["finetune"] = {
             "steps": steps, "epochs": round(steps * train.batch_size / len(train_set), 3), **settings,
             "schedule": "cosine", "loss": loss.kind, "curve": [_rounded(c) for c in curve],

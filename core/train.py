@@ -59,7 +59,7 @@ import torch.utils._pytree as pytree
 from torch import nn
 from torch.export import ExportedProgram
 
-from .distill import OUTPUT_KINDS, distill_loss_for, metric_for, single_loss, tree_distill
+from .distill import OUTPUT_KINDS, HiddenDistillation, distill_loss_for, metric_for, single_loss, tree_distill
 from .graph import DependencyGraph, Group
 from .program_module import ProgramModule, supported
 from .tensors import program_tensors, tied_names
@@ -636,6 +636,8 @@ def finetune(
     device: str | torch.device | None = None,
     clip_grad: float = 0.0,
     batchnorm: str = "train",
+    hidden_layers: Sequence[str] = (),
+    hidden_weight: float = 0.0,
 ) -> tuple[ExportedProgram, list[dict]]:
     """Recovery training (after pruning): SGD with momentum (or Adam, AdamW) under a `schedule` ("cosine",
     "linear" or "constant", after `warmup` steps of linear warm-up), the gradient clipped to `clip_grad` (0: not),
@@ -644,6 +646,8 @@ def finetune(
     every `eval_every` steps (default steps // 10) and at the end. The held-out metric: `metric`, else "accuracy"
     when the held-out targets are class ids, else the loss's own (`Loss.metric`: "agreement" for logits,
     "cosine" for embeddings), else "agreement" (top-1 with the teacher) for logits, else "neg_loss".
+    With a distillation loss, `hidden_weight` > 0 adds hidden-state distillation at `hidden_layers` (node names
+    both programs share: `distill.shared_layer_outputs`), `distill.HiddenDistillation`.
     Returns the checkpoint with the best held-out metric (the first one on ties; possibly the
     program as given) and the curve: one dict per evaluation with step, loss (mean training loss since the
     previous evaluation, None at step 0), held_out (the metric), metric (its name) and lr."""
@@ -661,6 +665,10 @@ def finetune(
     teacher_outs = _teacher_outputs(teacher_m, held, dev)
     opt = _optimizer(optimizer, _trainable(module), lr, momentum, weight_decay)
     names = _state_names(ep)
+    penalty = None
+    if hidden_weight > 0 and hidden_layers and loss_.distill and isinstance(module, ProgramModule) \
+            and isinstance(teacher_m, ProgramModule):
+        penalty = HiddenDistillation(module, teacher_m, hidden_layers, hidden_weight).penalty
 
     def measure() -> float:
         module.eval()
@@ -683,7 +691,7 @@ def finetune(
     for step, (inputs, targets) in zip(range(steps), _cycle(train_batches), strict=False):
         for group in opt.param_groups:
             group["lr"] = lr * _lr_factor(schedule, step, steps, warmup)
-        value = _optimise(module, opt, loss_, inputs, targets, teacher_m, dev, step + 1, clip_grad=clip_grad)
+        value = _optimise(module, opt, loss_, inputs, targets, teacher_m, dev, step + 1, penalty, clip_grad)
         since.append(value)
         if on_step is not None:
             on_step(step + 1, value)

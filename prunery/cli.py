@@ -402,7 +402,8 @@ def _add_prune_options(p: argparse.ArgumentParser) -> None:
 
 def _add_recipe_options(p: argparse.ArgumentParser, device: bool = True) -> None:
     g = p.add_argument_group("data, sparse training, targets and recovery")
-    g.add_argument("--dataset", metavar="FILE", help=".safetensors or .npz with 'inputs' (and optional 'targets')")
+    g.add_argument("--dataset", metavar="FILE", help=".safetensors or .npz: a tensor per program input, named after "
+                   "it (or 'inputs', 'inputs.0', ...), and optional 'targets'")
     g.add_argument("--held-out", type=float, default=0.1, help="fraction kept aside for checkpoints and evaluation")
     g.add_argument("--batch-size", type=int, default=64)
     g.add_argument("--sparse-steps", type=int, default=0, help="steps of group-regularised sparse training first")
