@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from prunery.core import PruneConfig
+from prunery.core import PruneConfig, prune
 from prunery.core.data import Dataset
 from prunery.core.distill import output_kinds
 from prunery.core.recipe import Recipe, has_attention, run_recipe, training_defaults
@@ -265,3 +265,40 @@ def test_recipe_recovers_a_two_input_encoder_by_cosine_and_warns_on_a_flat_loss(
                                                           batch_size=32, device="cpu"))
     assert flat.report["training"]["finetune"]["trend"]["improved"] is False
     assert any("finetune loss did not go down" in w for w in flat.report["warnings"])
+
+
+def test_hidden_states_distilled_at_the_layer_outputs_both_programs_share() -> None:
+    from prunery.core.distill import HiddenDistillation, layer_outputs, shared_layer_outputs
+
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(16, 2, 32, batch_first=True, dropout=0.0)
+    enc = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+    x = torch.randn(2, 5, 16)
+    ep = _export(enc, x)
+    pruned = prune(ep, PruneConfig(ratio=0.5)).program  # MLP widths and heads; the residual stream stays
+    names = shared_layer_outputs(ep, pruned)
+    assert names == layer_outputs(ep) and len(names) == 2  # the end of each of the two blocks
+    student, teacher = trainable_module(pruned, "cpu"), trainable_module(ep, "cpu")
+    hidden = HiddenDistillation(student, teacher, names, weight=1.0)
+    with torch.no_grad():
+        t_out = teacher(x)
+    s_out = student(x)
+    penalty = hidden.penalty()
+    assert penalty.requires_grad and float(penalty) > 0
+    assert not student.tapped and not teacher.tapped  # read once, then released
+    teacher(x)
+    student_same = trainable_module(ep, "cpu")
+    same = HiddenDistillation(student_same, teacher, names, weight=1.0)
+    student_same(x)
+    teacher(x)
+    assert float(same.penalty()) == pytest.approx(0.0, abs=1e-10)
+    assert s_out.shape == t_out.shape
+    # a CNN whose every width is pruned shares no layer output of the same shape: nothing to distil
+    _, cnn = _bn_program()
+    small = prune(cnn, PruneConfig(ratio=0.5)).program
+    s_mod, t_mod = trainable_module(small, "cpu"), trainable_module(cnn, "cpu")
+    h = HiddenDistillation(s_mod, t_mod, shared_layer_outputs(cnn, small), weight=1.0)
+    images = torch.randn(4, 3, 8, 8)
+    s_mod(images)
+    t_mod(images)
+    assert float(h.penalty()) == 0.0
