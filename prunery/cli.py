@@ -119,7 +119,8 @@ def _recipe_from(args: argparse.Namespace):
         batch_size=args.batch_size, sparse_steps=args.sparse_steps, reg=args.reg, alpha=args.alpha, lr=args.lr,
         finetune_steps=args.finetune_steps, finetune_epochs=args.finetune_epochs, finetune_lr=args.finetune_lr,
         optimizer=args.optimizer, warmup=args.warmup, clip_grad=args.clip_grad, distill=args.distill,
-        distill_loss=args.distill_loss, teacher_weight=args.teacher_weight, target=targets[0] if targets else None,
+        distill_loss=args.distill_loss, teacher_weight=args.teacher_weight, hidden_weight=args.hidden_weight,
+        target=targets[0] if targets else None,
         target_steps=args.target_steps,
         device=args.device, seed=args.seed)
 
@@ -274,10 +275,11 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
     config = _config_from(args)
     config.validate()  # refuse a bad spec before uploading anything
-    if args.dataset:
-        from prunery.core.data import load_dataset
+    if args.dataset:  # a dataset the workers would refuse (a missing input, a wrong dtype) is refused before upload
+        from prunery.core import load_program
+        from prunery.core.data import fit_to_program, load_dataset
 
-        load_dataset(args.dataset)  # a file the workers would refuse is refused here, before its upload
+        fit_to_program(load_dataset(args.dataset), load_program(args.model))
     with _client(args) as client:
         artifact = client.upload(args.model, labels=dict(args.label or []))
         dataset = client.upload(args.dataset, kind=pb.DATASET, labels=dict(args.label or [])).name \
@@ -288,7 +290,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
             batch_size=args.batch_size, sparse_steps=args.sparse_steps, reg=args.reg, alpha=args.alpha, lr=args.lr,
             finetune_steps=args.finetune_steps, finetune_epochs=args.finetune_epochs, finetune_lr=args.finetune_lr,
             optimizer=args.optimizer, warmup=args.warmup, clip_grad=args.clip_grad, distill=args.distill,
-            distill_loss=args.distill_loss, teacher_weight=args.teacher_weight, target_macs=args.target_macs,
+            distill_loss=args.distill_loss, teacher_weight=args.teacher_weight, hidden_weight=args.hidden_weight,
+            target_macs=args.target_macs,
             target_params=args.target_params, target_latency_ms=args.target_latency,
             target_steps=args.target_steps)
         job = client.create_job(spec, labels=dict(args.label or []), queue=args.queue)
@@ -426,6 +429,9 @@ def _add_recipe_options(p: argparse.ArgumentParser, device: bool = True) -> None
     g.add_argument("--teacher-weight", type=float, default=0.5,
                    help="with class-id targets: the share of distillation from the unpruned model in the loss "
                         "beside cross-entropy (0: the targets alone)")
+    g.add_argument("--hidden-weight", type=float, default=1.0,
+                   help="distillation: weight of the hidden states at the layer outputs the pruned and original "
+                        "models share (transformer blocks on a residual stream left whole; 0: off)")
     g.add_argument("--target-macs", type=float, help="prune to this many MACs (a fraction in (0, 1), or a count)")
     g.add_argument("--target-params", type=float, help="prune to this many parameters (fraction or count)")
     g.add_argument("--target-latency", type=float, metavar="MS", help="prune to this latency on --device")

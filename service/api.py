@@ -273,7 +273,7 @@ RECIPE_DEFAULTS: dict[str, Any] = {
     "target_params": 0.0, "target_latency_ms": 0.0, "target_steps": 4}
 TARGET_FIELDS = ("target_macs", "target_params", "target_latency_ms")
 # fields with presence (`optional`: 0 is a value) and the engine's defaults when unset
-PRESENCE_DEFAULTS: dict[str, float] = {"warmup": 0.05, "clip_grad": 1.0, "teacher_weight": 0.5}
+PRESENCE_DEFAULTS: dict[str, float] = {"warmup": 0.05, "clip_grad": 1.0, "teacher_weight": 0.5, "hidden_weight": 1.0}
 # Optimizer and DistillLoss values as the engine names them ("": chosen by the engine)
 _OPTIMIZER_NAMES = {pb.OPTIMIZER_UNSPECIFIED: "", pb.OPTIMIZER_SGD: "sgd", pb.OPTIMIZER_ADAM: "adam",
                     pb.OPTIMIZER_ADAMW: "adamw"}
@@ -707,8 +707,10 @@ class JobService(pb_grpc.JobServiceServicer):
             v.append(("job.spec.warmup", f"must be a share of the training steps in [0, 1); got {spec.warmup}"))
         if spec.HasField("teacher_weight") and not 0 <= spec.teacher_weight <= 1:
             v.append(("job.spec.teacher_weight", f"must be a share in [0, 1]; got {spec.teacher_weight}"))
-        if spec.HasField("clip_grad") and not (math.isfinite(spec.clip_grad) and spec.clip_grad >= 0):
-            v.append(("job.spec.clip_grad", f"must be a finite number >= 0 (0: off); got {spec.clip_grad}"))
+        for name in ("clip_grad", "hidden_weight"):
+            value = getattr(spec, name)
+            if spec.HasField(name) and not (math.isfinite(value) and value >= 0):
+                v.append((f"job.spec.{name}", f"must be a finite number >= 0 (0: off); got {value}"))
         if spec.optimizer not in _OPTIMIZER_NAMES:
             v.append(("job.spec.optimizer", f"unknown optimizer {spec.optimizer}; use OPTIMIZER_SGD, OPTIMIZER_ADAM "
                                             "or OPTIMIZER_ADAMW"))

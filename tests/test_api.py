@@ -657,7 +657,8 @@ def test_create_job_is_idempotent(folder_api: Api, tenant: Tenant, model: pb.Art
     assert first.spec == pb.PruneSpec(model=model.name, ratio=0.25, importance=pb.L2, round_to=8, max_ratio=1.0,
                                       ignore=["fc.*"], attention=pb.ATTENTION_HEADS, prune_hidden=False,
                                       held_out=0.1, batch_size=64, reg=1e-4, alpha=4.0, target_steps=4,
-                                      warmup=0.05, clip_grad=1.0, teacher_weight=0.5)  # lr 0: from the architecture
+                                      warmup=0.05, clip_grad=1.0, teacher_weight=0.5,
+                                      hidden_weight=1.0)  # learning rates 0: from the architecture
     assert dict(first.labels) == {"team": "vision"}
     # the same request_id for a different job is a client bug: refused, nothing created
     with pytest.raises(grpc.RpcError) as err:

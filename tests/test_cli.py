@@ -89,6 +89,52 @@ def test_prune_refuses_bad_ratio_and_missing_file(model: Path, tmp_path: Path) -
     assert not out.exists()
 
 
+@pytest.fixture(scope="module")
+def encoder(tmp_path_factory) -> Path:
+    """A two-input program (token ids + attention mask) with a dynamic batch and sequence."""
+    from tests.test_recovery_parts import Encoder
+
+    torch.manual_seed(0)
+    ids, mask = torch.randint(0, 50, (2, 7)), torch.ones(2, 7, dtype=torch.long)
+    b, s = torch.export.Dim("batch", max=4096), torch.export.Dim("seq", min=2, max=64)
+    path = tmp_path_factory.mktemp("enc") / "encoder.pt2"
+    torch.export.save(torch.export.export(Encoder().eval(), (ids, mask), dynamic_shapes=({0: b, 1: s}, {0: b, 1: s})),
+                      path)
+    return path
+
+
+def test_prune_with_a_two_input_dataset_and_refusals_naming_the_tensor(encoder: Path, tmp_path: Path) -> None:
+    from prunery.core.data import save_dataset
+
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 50, (128, 9), generator=g)
+    mask = (torch.arange(9) < torch.randint(3, 10, (128, 1), generator=g)).long()
+    good = save_dataset(tmp_path / "good.npz", {"input_ids": ids, "attention_mask": mask}, format="npz")
+    out, report = tmp_path / "out.pt2", tmp_path / "r.json"
+    proc = run("prune", str(encoder), "-o", str(out), "--ratio", "0.5", "--dataset", str(good), "--finetune-steps",
+               "30", "--batch-size", "32", "--report", str(report))
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(report.read_text())
+    assert data["dataset"]["loss"] == "cosine" and data["evaluation"]["after"]["cosine"] > 0.5
+    assert "latency ms, median of 7 interleaved rounds on 1 threads" in proc.stdout
+    cases = {
+        "missing": ({"input_ids": ids}, "no tensor for the program's input attention_mask"),
+        "length": ({"input_ids": ids, "attention_mask": mask[:100]},
+                   "attention_mask has 100 rows but input_ids has 128"),
+        "float ids": ({"input_ids": ids.float(), "attention_mask": mask},
+                      "input_ids is float32 but the program takes int64 token ids"),
+        "out of range": ({"input_ids": ids + 1000, "attention_mask": mask}, "input_ids"),
+    }
+    for name, (tensors, message) in cases.items():
+        path = save_dataset(tmp_path / f"{name}.npz", tensors, format="npz")
+        for command in (("prune", str(encoder), "-o", str(out)),
+                        ("submit", str(encoder), "--address", "127.0.0.1:9", "--token", "t")):
+            proc = run(*command, "--ratio", "0.5", "--dataset", str(path), "--finetune-steps", "5")
+            lines = proc.stderr.strip().splitlines()
+            assert proc.returncode != 0 and len(lines) == 1, (name, command[0], proc.stderr)
+            assert message in lines[0], (name, command[0], lines[0])  # refused before any upload or training
+
+
 def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     proc = run("demo", "--model", "conv1d", "--out", str(tmp_path / "demo"))
     assert proc.returncode == 0, proc.stderr

@@ -39,7 +39,7 @@ FIELD_NUMBERS = {
                   "batch_size": 13, "sparse_steps": 14, "reg": 15, "alpha": 16, "lr": 17, "finetune_steps": 18,
                   "finetune_lr": 19, "distill": 20, "target_macs": 21, "target_params": 22, "target_latency_ms": 23,
                   "target_steps": 24, "finetune_epochs": 25, "optimizer": 26, "warmup": 27, "clip_grad": 28,
-                  "distill_loss": 29, "teacher_weight": 30},
+                  "distill_loss": 29, "teacher_weight": 30, "hidden_weight": 31},
     "UploadArtifactRequest": {"metadata": 1, "chunk": 2},
     "WatchJobRequest": {"name": 1, "after_sequence": 2},
 }

@@ -210,7 +210,7 @@ def recipe_from_spec(spec: Mapping[str, Any], dataset: Dataset | None, device: s
     # warmup and clip_grad have presence (0 is a value), optimizer and distill_loss are names ("": the default)
     kinds = {f.name: int if f.type in (int, "int") else float for f in dataclasses.fields(Recipe)}
     numbers = {name: kinds[name](spec[name]) for name in _RECIPE_NUMBERS if spec.get(name)}
-    numbers.update({name: float(spec[name]) for name in ("warmup", "clip_grad", "teacher_weight")
+    numbers.update({name: float(spec[name]) for name in ("warmup", "clip_grad", "teacher_weight", "hidden_weight")
                     if spec.get(name) is not None})
     names = {name: str(spec[name]) for name in ("optimizer", "distill_loss") if spec.get(name)}
     return Recipe(dataset=dataset, distill=bool(spec.get("distill")), target=targets[0] if targets else None,

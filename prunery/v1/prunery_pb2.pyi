@@ -178,7 +178,7 @@ class DeleteArtifactResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class PruneSpec(_message.Message):
-    __slots__ = ("model", "ratio", "importance", "global_pruning", "round_to", "max_ratio", "ignore", "seed", "attention", "prune_hidden", "dataset", "held_out", "batch_size", "sparse_steps", "reg", "alpha", "lr", "finetune_steps", "finetune_lr", "distill", "target_macs", "target_params", "target_latency_ms", "target_steps", "finetune_epochs", "optimizer", "warmup", "clip_grad", "distill_loss", "teacher_weight")
+    __slots__ = ("model", "ratio", "importance", "global_pruning", "round_to", "max_ratio", "ignore", "seed", "attention", "prune_hidden", "dataset", "held_out", "batch_size", "sparse_steps", "reg", "alpha", "lr", "finetune_steps", "finetune_lr", "distill", "target_macs", "target_params", "target_latency_ms", "target_steps", "finetune_epochs", "optimizer", "warmup", "clip_grad", "distill_loss", "teacher_weight", "hidden_weight")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     RATIO_FIELD_NUMBER: _ClassVar[int]
     IMPORTANCE_FIELD_NUMBER: _ClassVar[int]
@@ -209,6 +209,7 @@ class PruneSpec(_message.Message):
     CLIP_GRAD_FIELD_NUMBER: _ClassVar[int]
     DISTILL_LOSS_FIELD_NUMBER: _ClassVar[int]
     TEACHER_WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    HIDDEN_WEIGHT_FIELD_NUMBER: _ClassVar[int]
     model: str
     ratio: float
     importance: Importance
@@ -239,7 +240,8 @@ class PruneSpec(_message.Message):
     clip_grad: float
     distill_loss: DistillLoss
     teacher_weight: float
-    def __init__(self, model: _Optional[str] = ..., ratio: _Optional[float] = ..., importance: _Optional[_Union[Importance, str]] = ..., global_pruning: _Optional[bool] = ..., round_to: _Optional[int] = ..., max_ratio: _Optional[float] = ..., ignore: _Optional[_Iterable[str]] = ..., seed: _Optional[int] = ..., attention: _Optional[_Union[AttentionPruning, str]] = ..., prune_hidden: _Optional[bool] = ..., dataset: _Optional[str] = ..., held_out: _Optional[float] = ..., batch_size: _Optional[int] = ..., sparse_steps: _Optional[int] = ..., reg: _Optional[float] = ..., alpha: _Optional[float] = ..., lr: _Optional[float] = ..., finetune_steps: _Optional[int] = ..., finetune_lr: _Optional[float] = ..., distill: _Optional[bool] = ..., target_macs: _Optional[float] = ..., target_params: _Optional[float] = ..., target_latency_ms: _Optional[float] = ..., target_steps: _Optional[int] = ..., finetune_epochs: _Optional[float] = ..., optimizer: _Optional[_Union[Optimizer, str]] = ..., warmup: _Optional[float] = ..., clip_grad: _Optional[float] = ..., distill_loss: _Optional[_Union[DistillLoss, str]] = ..., teacher_weight: _Optional[float] = ...) -> None: ...
+    hidden_weight: float
+    def __init__(self, model: _Optional[str] = ..., ratio: _Optional[float] = ..., importance: _Optional[_Union[Importance, str]] = ..., global_pruning: _Optional[bool] = ..., round_to: _Optional[int] = ..., max_ratio: _Optional[float] = ..., ignore: _Optional[_Iterable[str]] = ..., seed: _Optional[int] = ..., attention: _Optional[_Union[AttentionPruning, str]] = ..., prune_hidden: _Optional[bool] = ..., dataset: _Optional[str] = ..., held_out: _Optional[float] = ..., batch_size: _Optional[int] = ..., sparse_steps: _Optional[int] = ..., reg: _Optional[float] = ..., alpha: _Optional[float] = ..., lr: _Optional[float] = ..., finetune_steps: _Optional[int] = ..., finetune_lr: _Optional[float] = ..., distill: _Optional[bool] = ..., target_macs: _Optional[float] = ..., target_params: _Optional[float] = ..., target_latency_ms: _Optional[float] = ..., target_steps: _Optional[int] = ..., finetune_epochs: _Optional[float] = ..., optimizer: _Optional[_Union[Optimizer, str]] = ..., warmup: _Optional[float] = ..., clip_grad: _Optional[float] = ..., distill_loss: _Optional[_Union[DistillLoss, str]] = ..., teacher_weight: _Optional[float] = ..., hidden_weight: _Optional[float] = ...) -> None: ...
 
 class Job(_message.Message):
     __slots__ = ("name", "spec", "state", "progress", "create_time", "start_time", "end_time", "attempt_count", "error", "result_artifacts", "report", "labels", "stage", "queue")
