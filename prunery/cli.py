@@ -304,6 +304,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
         _print_job(job)
         if job.state != pb.SUCCEEDED:
             return 1
+        for warning in job.report["warnings"] if "warnings" in job.report else ():
+            print(f"warning: {warning}")  # a flat loss curve, a result slower than its input
         _download_results(client, job, args.output, args.report)
     return 0
 
