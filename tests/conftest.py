@@ -1,5 +1,5 @@
-"""Fixtures shared by the service tests: a throwaway Postgres database per module, migrated to head, and a new
-tenant per test (in the module's `database`)."""
+"""Shared fixtures: for the service tests a throwaway Postgres database per module, migrated to head, and a new
+tenant per test (in the module's `database`); for the training tests one torch thread per module."""
 
 from __future__ import annotations
 
@@ -24,3 +24,14 @@ def tenant(database: db.Database) -> str:
     with database.session() as s:
         db.ensure_tenant(s, name)
     return name
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """Tiny tensors: threads only contend (with each other and with parallel test workers)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -23,13 +23,7 @@ from prunery.core.train import (
     trainable_module,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _export(model: nn.Module, *args: torch.Tensor, kwargs: dict | None = None, dynamic=None):
