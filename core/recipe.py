@@ -197,6 +197,14 @@ def _loss(ep: ExportedProgram, dataset: Dataset, recipe: Recipe):
                      distill_loss=recipe.distill_loss, teacher_weight=recipe.teacher_weight)
 
 
+def _headline_metric(dataset: Dataset, loss) -> str:
+    """The held-out metric that fits the task: accuracy with class ids, else the distillation loss's own."""
+    targets = dataset.targets
+    if targets is not None and not targets.dtype.is_floating_point:
+        return "accuracy"
+    return loss.metric or "loss"
+
+
 def _warn_flat(report: dict, stage: str, losses: list[float], progress: Progress) -> dict:
     """The loss curve's trend; a curve that did not go down becomes a warning."""
     trend = loss_trend(losses)
@@ -232,7 +240,8 @@ def run_recipe(ep: ExportedProgram, config: PruneConfig, recipe: Recipe,
         loss = _loss(ep, dataset, recipe)
         teacher = ep
         report_extra["dataset"] = {"rows": len(dataset), "train_rows": len(train_set), "held_out_rows": len(held_set),
-                                   "targets": dataset.targets is not None, "loss": loss.kind}
+                                   "targets": dataset.targets is not None, "loss": loss.kind,
+                                   "metric": _headline_metric(dataset, loss)}
         report_extra["evaluation"] = {"before": _rounded(evaluate(ep, held, teacher=teacher, device=device))}
     else:
         train = held = loss = teacher = None

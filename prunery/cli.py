@@ -86,9 +86,12 @@ def _print_summary(report: dict, out: Path) -> None:
         print(f"target {target['metric']} {target['goal']:.6g}: reached {target['reached']:.6g} "
               f"({target['within']:.1%} off{'' if target['met'] else ', NOT within the 2% asked'}) "
               f"in {len(target['rounds'])} rounds")
+    shown = ("accuracy", "agreement", "cosine", "loss")
+    if (report.get("dataset") or {}).get("metric") == "cosine":  # embeddings: a top-1 over their dims means nothing
+        shown = ("cosine", "loss")
     for name, metrics in (report.get("evaluation") or {}).items():
         print(f"held-out {name.replace('_', ' ')}: " + ", ".join(
-            f"{k} {v:.4f}" for k, v in metrics.items() if k in ("accuracy", "agreement", "cosine", "loss")))
+            f"{k} {v:.4f}" for k, v in metrics.items() if k in shown))
     latency = report.get("latency_ms")
     if latency and "before" in latency:
         print(f"latency ms, median of {latency.get('rounds', '?')} interleaved rounds on {latency.get('threads', '?')} "

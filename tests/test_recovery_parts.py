@@ -246,7 +246,7 @@ def test_recipe_recovers_a_two_input_encoder_by_cosine_and_warns_on_a_flat_loss(
                                                             device="cpu"))
     report = result.report
     ev = report["evaluation"]
-    assert report["dataset"]["loss"] == "cosine"
+    assert report["dataset"]["loss"] == "cosine" and report["dataset"]["metric"] == "cosine"
     assert report["training"]["finetune"]["optimizer"] == "adam" and report["training"]["finetune"]["lr"] == 1e-3
     assert report["training"]["finetune"]["curve"][0]["metric"] == "cosine"
     assert ev["after"]["cosine"] > ev["after_pruning"]["cosine"] + 0.01
