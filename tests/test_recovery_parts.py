@@ -278,7 +278,7 @@ def test_hidden_states_distilled_at_the_layer_outputs_both_programs_share() -> N
         t_out = teacher(x)
     s_out = student(x)
     penalty = hidden.penalty()
-    assert penalty.requires_grad and float(penalty) > 0
+    assert penalty.requires_grad and float(penalty.detach()) > 0
     assert not student.tapped and not teacher.tapped  # read once, then released
     teacher(x)
     student_same = trainable_module(ep, "cpu")
