@@ -3,13 +3,15 @@
 A program's outputs are read off its graph, walking back from each output through ops that only move data
 (views, permutes, dtype casts, copies) to the op that made it:
 
-- "logits": made by a projection (linear, matmul, convolution) with at least 2 entries in its last dim: class
-  scores, token logits. Distilled with KL divergence at a temperature; measured by top-1 agreement.
+- "logits": made by a projection (linear, matmul, a convolution whose output is (B, C)) with at least 2
+  entries in its last dim: class scores, token logits. Distilled with KL divergence at a temperature; measured
+  by top-1 agreement.
 - "embedding": L2-normalised (a division by a vector norm, as `F.normalize` exports) or pooled (a mean or a
   sum over positions, a masked mean): sentence and image embeddings. Distilled with 1 - cosine similarity;
   measured by cosine similarity.
-- "hidden": any other floating output with at least 2 entries in its last dim (hidden states, feature maps,
-  the output of a norm or a residual sum). Distilled with MSE; measured by cosine similarity.
+- "hidden": any other floating output with at least 2 entries in its last dim (hidden states, feature maps and
+  dense per-pixel maps of a convolution, the output of a norm or a residual sum). Distilled with MSE; measured
+  by cosine similarity.
 - "values": a last dim of 1 or none (regression values, scores). Distilled with MSE; measured by the loss.
 
 `--distill-loss kl|mse|cosine` overrides the choice for every output.
@@ -52,6 +54,8 @@ _MOVES = _packets("view", "reshape", "_unsafe_view", "permute", "transpose", "t"
 _PROJECTIONS = _packets("linear", "addmm", "mm", "matmul", "bmm", "baddbmm", "einsum", "convolution",
                         "_convolution", "conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d",
                         "conv_transpose3d")
+_CONVOLUTIONS = _packets("convolution", "_convolution", "conv1d", "conv2d", "conv3d", "conv_transpose1d",
+                         "conv_transpose2d", "conv_transpose3d")
 _NORMS = _packets("linalg_vector_norm", "norm", "frobenius_norm")
 _POOLS = _packets("mean", "sum", "avg_pool1d", "avg_pool2d", "avg_pool3d", "adaptive_avg_pool1d",
                   "adaptive_avg_pool2d", "adaptive_avg_pool3d", "_adaptive_avg_pool2d", "_adaptive_avg_pool3d",
@@ -110,6 +114,10 @@ def _kind(out: Node) -> str | None:
     if _packet(src) in _POOLS:
         return "embedding"
     if _packet(src) in _PROJECTIONS:
+        # a convolution's (B, C, H, W) output has its channels in dim 1, not last: a dense map, not logits
+        if _packet(src) in _CONVOLUTIONS and isinstance(out.meta.get("val"), torch.Tensor) \
+                and out.meta["val"].dim() >= 3:
+            return "hidden"
         return "logits"
     return "hidden"
 

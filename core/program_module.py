@@ -87,13 +87,20 @@ def _batch_norm_in_training(target: Any, args: tuple, kwargs: dict, momentum: fl
     if target is _aten._native_batch_norm_legit_no_training.default:
         x, weight, bias, mean, var, node_momentum, eps = args
         return _aten._native_batch_norm_legit.default(x, weight, bias, mean, var, True,
-                                                      node_momentum if momentum is None else momentum, eps)
+                                                      _momentum(node_momentum, momentum), eps)
     i = _BATCH_NORM_TRAINING_ARG[target]
     args = list(args)
     args[i] = True
-    if momentum is not None:
-        args[i + 1] = momentum
+    args[i + 1] = _momentum(args[i + 1], momentum)
     return target(*args, **kwargs)
+
+
+def _momentum(node_momentum: float | None, override: float | None) -> float:
+    """The override, else the node's momentum; a batch norm built with `momentum=None` (a cumulative average
+    over `num_batches_tracked`) exports as momentum 0, which would never update: nn.BatchNorm's default 0.1."""
+    if override is not None:
+        return override
+    return node_momentum if node_momentum else 0.1
 
 
 BATCH_NORM_OPS = (*_BATCH_NORM_TRAINING_ARG, _aten._native_batch_norm_legit_no_training.default)

@@ -160,8 +160,12 @@ def has_attention(ep: ExportedProgram) -> bool:
 
 
 def training_defaults(ep: ExportedProgram) -> tuple[str, float]:
-    """(optimizer, learning rate) for training `ep`: AdamW at 1e-4 with attention, else Adam at 1e-3."""
-    return ATTENTION_DEFAULTS if has_attention(ep) else OTHER_DEFAULTS
+    """(optimizer, learning rate) for training `ep`: AdamW at 1e-4 for a transformer (attention, and no batch
+    norm), else Adam at 1e-3 (a convolutional net with an attention-like product is trained as a CNN)."""
+    from .program_module import BATCH_NORM_OPS
+
+    batch_norm = any(n.op == "call_function" and n.target in BATCH_NORM_OPS for n in ep.graph.nodes)
+    return ATTENTION_DEFAULTS if has_attention(ep) and not batch_norm else OTHER_DEFAULTS
 
 
 class _Epochs:
@@ -195,6 +199,13 @@ def _loss(ep: ExportedProgram, dataset: Dataset, recipe: Recipe):
     kind = "logits" if targets is not None and not targets.dtype.is_floating_point else "values"
     return make_loss(targets is not None, recipe.distill, kind, kinds=output_kinds(ep),
                      distill_loss=recipe.distill_loss, teacher_weight=recipe.teacher_weight)
+
+
+def _score(metrics: dict, metric: str) -> tuple[float, float]:
+    """Higher is better: the metric (minus the loss for "loss"/"neg_loss"), then minus the loss."""
+    neg_loss = -metrics.get("loss", math.inf)
+    value = neg_loss if metric in ("loss", "neg_loss") else metrics.get(metric, -math.inf)
+    return value, neg_loss
 
 
 def _headline_metric(dataset: Dataset, loss) -> str:
@@ -304,8 +315,14 @@ def run_recipe(ep: ExportedProgram, config: PruneConfig, recipe: Recipe,
         if recipe.recalibrate_batches:
             recalibrated = recalibrate_batchnorm(pruned, train, max_batches=recipe.recalibrate_batches, device=device)
             if recalibrated is not pruned:
-                pruned = recalibrated
-                evaluation["after_recalibration"] = _rounded(evaluate(pruned, held, teacher=teacher, device=device))
+                evaluation["after_recalibration"] = _rounded(evaluate(recalibrated, held, teacher=teacher,
+                                                                      device=device))
+                # kept unless it scores worse on the held-out part (data unlike what the statistics came from)
+                metric = report_extra["dataset"]["metric"]
+                if _score(evaluation["after_recalibration"], metric) >= _score(evaluation["after_pruning"], metric):
+                    pruned = recalibrated
+                else:
+                    evaluation["after_recalibration"]["kept"] = False
     if recipe.finetune_steps or recipe.finetune_epochs:
         steps = recipe.finetune_steps or max(1, math.ceil(recipe.finetune_epochs * len(train_set)
                                                           / train.batch_size))

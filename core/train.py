@@ -648,8 +648,8 @@ def finetune(
     "cosine" for embeddings), else "agreement" (top-1 with the teacher) for logits, else "neg_loss".
     With a distillation loss, `hidden_weight` > 0 adds hidden-state distillation at `hidden_layers` (node names
     both programs share: `distill.shared_layer_outputs`), `distill.HiddenDistillation`.
-    Returns the checkpoint with the best held-out metric (the first one on ties; possibly the
-    program as given) and the curve: one dict per evaluation with step, loss (mean training loss since the
+    Returns the checkpoint with the best held-out metric (on ties the lower held-out loss, then the first;
+    possibly the program as given) and the curve: one dict per evaluation with step, loss (mean training loss since the
     previous evaluation, None at step 0), held_out (the metric), metric (its name) and lr."""
     if schedule not in SCHEDULES:
         raise TrainError(f"unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
@@ -670,22 +670,25 @@ def finetune(
             and isinstance(teacher_m, ProgramModule):
         penalty = HiddenDistillation(module, teacher_m, hidden_layers, hidden_weight).penalty
 
-    def measure() -> float:
+    def measure() -> tuple[float, float]:
+        """(the held-out metric, minus the held-out loss): a tie on a coarse metric (top-1 agreement of a model
+        that almost always agrees) goes to the lower loss."""
         module.eval()
         try:
             res = _evaluate(module, held, teacher_outs, loss_, dev)
         finally:
             module.train()
+        neg_loss = -res["loss"] if "loss" in res else -math.inf
         if name == "neg_loss":
-            return -res["loss"] if "loss" in res else -math.inf
+            return neg_loss, neg_loss
         if name not in res:
             raise TrainError(f"the held-out metric {name!r} cannot be computed on this split")
-        return res[name]
+        return res[name], neg_loss
 
     curve: list[dict] = []
     best = measure()
     best_state = {n: _get(module, n).detach().clone() for n in names}
-    curve.append({"step": 0, "loss": None, "held_out": best, "metric": name, "lr": lr * _lr_factor(
+    curve.append({"step": 0, "loss": None, "held_out": best[0], "metric": name, "lr": lr * _lr_factor(
         schedule, 0, steps, warmup)})
     since: list[float] = []
     for step, (inputs, targets) in zip(range(steps), _cycle(train_batches), strict=False):
@@ -698,7 +701,7 @@ def finetune(
         done = step + 1
         if done % eval_every == 0 or done == steps:
             score = measure()
-            curve.append({"step": done, "loss": float(np.mean(since)), "held_out": score, "metric": name,
+            curve.append({"step": done, "loss": float(np.mean(since)), "held_out": score[0], "metric": name,
                           "lr": opt.param_groups[0]["lr"]})
             since = []
             if score > best:

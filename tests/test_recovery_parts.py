@@ -285,7 +285,7 @@ def test_hidden_states_distilled_at_the_layer_outputs_both_programs_share() -> N
     same = HiddenDistillation(student_same, teacher, names, weight=1.0)
     student_same(x)
     teacher(x)
-    assert float(same.penalty()) == pytest.approx(0.0, abs=1e-10)
+    assert float(same.penalty().detach()) == pytest.approx(0.0, abs=1e-10)
     assert s_out.shape == t_out.shape
     # a CNN whose every width is pruned shares no layer output of the same shape: nothing to distil
     _, cnn = _bn_program()
@@ -296,3 +296,51 @@ def test_hidden_states_distilled_at_the_layer_outputs_both_programs_share() -> N
     s_mod(images)
     t_mod(images)
     assert float(h.penalty()) == 0.0
+
+
+def test_batchnorm_built_with_cumulative_momentum_still_updates_its_statistics() -> None:
+    """`nn.BatchNorm2d(momentum=None)` exports with momentum 0: trained as is, its statistics would never move."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, momentum=None), nn.Flatten(), nn.Linear(144, 2))
+    ep = _export(model, torch.randn(2, 3, 8, 8))
+    module = trainable_module(ep, "cpu")
+    before = _running(module, "1.running_mean").clone()
+    module(torch.randn(2, 3, 8, 8) + 3.0)
+    assert not torch.allclose(_running(module, "1.running_mean"), before, atol=1e-3)
+
+
+def test_a_convolutions_dense_output_is_a_map_not_logits() -> None:
+    seg = _export(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 5, 1)), torch.randn(2, 3, 8, 8))
+    assert output_kinds(seg) == ["hidden"]  # (B, 5, H, W): classes in dim 1, so not KL over the last (width) dim
+    head = _export(nn.Sequential(nn.Conv2d(3, 5, 8), nn.Flatten()), torch.randn(2, 3, 8, 8))
+    assert output_kinds(head) == ["logits"]
+
+
+def test_a_cnn_with_an_attention_like_product_trains_as_a_cnn() -> None:
+    class AttentiveCNN(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.bn, self.fc = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.Linear(8, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = torch.relu(self.bn(self.conv(x))).flatten(2)  # (B, C, HW)
+            attn = torch.softmax(h.transpose(1, 2) @ h, dim=-1)  # (B, HW, HW)
+            return self.fc((h @ attn).mean(-1))
+
+    ep = _export(AttentiveCNN(), torch.randn(2, 3, 4, 4))
+    assert has_attention(ep) and training_defaults(ep) == ("adam", 1e-3)
+
+
+def test_recalibration_is_not_kept_when_it_scores_worse() -> None:
+    """A teacher whose running statistics do not describe the dataset: recomputing them on the dataset moves
+    the pruned program away from its teacher, so the recipe keeps the statistics it had."""
+    model, ep = _bn_program()
+    with torch.no_grad():
+        ep.state_dict["bn1.running_mean"].fill_(4.0)  # unlike anything in the data below
+        ep.state_dict["bn1.running_var"].fill_(0.05)
+    data = Dataset(torch.randn(128, 3, 8, 8))
+    result = run_recipe(ep, PruneConfig(ratio=0.25), Recipe(dataset=data, batch_size=32, device="cpu"))
+    ev = result.report["evaluation"]
+    assert ev["after_recalibration"]["kept"] is False
+    assert ev["after_recalibration"]["cosine"] < ev["after_pruning"]["cosine"]
+    assert torch.all(result.program.state_dict["bn1.running_mean"] == 4.0)
