@@ -417,7 +417,7 @@ def _add_recipe_options(p: argparse.ArgumentParser, device: bool = True) -> None
     g.add_argument("--sparse-steps", type=int, default=0, help="steps of group-regularised sparse training first")
     g.add_argument("--reg", type=float, default=1e-4, help="the regulariser's weight (lambda)")
     g.add_argument("--alpha", type=float, default=4.0, help="regularisation up to 2**alpha for the weakest indices")
-    g.add_argument("--lr", type=float, default=None, help="sparse training's learning rate (default: 1e-4 for "
+    g.add_argument("--lr", type=float, default=None, help="sparse training's learning rate (default: 6e-4 for "
                    "models with attention, 1e-3 otherwise)")
     g.add_argument("--finetune-steps", type=int, default=0, help="steps of recovery fine-tuning after pruning")
     g.add_argument("--finetune-epochs", type=float, default=0.0, help="or recover for this many passes over the data")

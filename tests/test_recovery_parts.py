@@ -224,7 +224,7 @@ def test_training_defaults_follow_the_architecture() -> None:
     layer = nn.TransformerEncoderLayer(16, 2, 32, batch_first=True, dropout=0.0)
     attn = _export(layer, torch.randn(2, 5, 16))
     assert not has_attention(cnn) and training_defaults(cnn) == ("adam", 1e-3)
-    assert has_attention(attn) and training_defaults(attn) == ("adamw", 1e-4)
+    assert has_attention(attn) and training_defaults(attn) == ("adamw", 6e-4)
 
 
 def test_loss_trend() -> None:
