@@ -250,7 +250,8 @@ def test_recipe_recovers_a_two_input_encoder_by_cosine_and_warns_on_a_flat_loss(
     assert report["training"]["finetune"]["optimizer"] == "adam" and report["training"]["finetune"]["lr"] == 1e-3
     assert report["training"]["finetune"]["curve"][0]["metric"] == "cosine"
     assert ev["after"]["cosine"] > ev["after_pruning"]["cosine"] + 0.01
-    assert report["training"]["finetune"]["trend"]["improved"] and not report.get("warnings")
+    assert report["training"]["finetune"]["trend"]["improved"]
+    assert not any("did not go down" in w for w in report.get("warnings", []))  # (latency on a busy box may warn)
     assert set(report["latency_ms"]) >= {"before", "after", "speedup", "threads"}
     out = result.program.module()(ids[:3], mask[:3])  # the pruned program keeps both inputs
     assert out.shape == (3, 16)
