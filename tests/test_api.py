@@ -612,6 +612,12 @@ INVALID_SPECS = [
     ({"ratio": 0.0, "target_macs": 0.5, "target_params": 0.5}, "job.spec.target_params"),  # one target
     ({"held_out": 1.5}, "job.spec.held_out"),
     ({"finetune_steps": -1}, "job.spec.finetune_steps"),
+    ({"warmup": 1.0}, "job.spec.warmup"),
+    ({"clip_grad": -1.0}, "job.spec.clip_grad"),
+    ({"teacher_weight": 2.0}, "job.spec.teacher_weight"),
+    ({"hidden_weight": float("nan")}, "job.spec.hidden_weight"),
+    ({"optimizer": 9}, "job.spec.optimizer"),
+    ({"distill_loss": 9}, "job.spec.distill_loss"),
 ]
 
 

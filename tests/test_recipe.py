@@ -118,6 +118,13 @@ def test_prune_command_with_a_dataset_and_a_target(trained, tmp_path: Path) -> N
     (Recipe(reg=float("nan")), "reg must be"),
     (Recipe(finetune_steps=5, finetune_epochs=1.0), "steps or epochs"),
     (Recipe(target=Target("macs", 1.0)), "target macs"),
+    (Recipe(optimizer="lion"), "optimizer must be one of sgd, adam, adamw"),
+    (Recipe(distill_loss="l1"), "distill loss must be one of kl, mse, cosine"),
+    (Recipe(warmup=1.0), "warmup is a share"),
+    (Recipe(teacher_weight=1.5), "teacher weight"),
+    (Recipe(hidden_weight=-1.0), "hidden weight"),
+    (Recipe(clip_grad=float("inf")), "clip_grad must be"),
+    (Recipe(recalibrate_batches=-1), "recalibrate batches"),
 ])
 def test_bad_recipe_values_are_refused_with_their_reason(recipe: Recipe, match: str) -> None:
     dataset = Dataset(torch.randn(20, 32), None)
