@@ -106,6 +106,11 @@ def _momentum(node_momentum: float | None, override: float | None) -> float:
 BATCH_NORM_OPS = (*_BATCH_NORM_TRAINING_ARG, _aten._native_batch_norm_legit_no_training.default)
 
 
+def has_batch_norm(ep: ExportedProgram) -> bool:
+    """The program calls an inference batch norm (one that can train, `ProgramModule.batchnorm_training`)."""
+    return any(n.op == "call_function" and n.target in BATCH_NORM_OPS for n in ep.graph.nodes)
+
+
 class _Runner(torch.fx.Interpreter):
     def __init__(self, owner: ProgramModule) -> None:
         super().__init__(owner._holder, graph=owner._graph, garbage_collect_values=True)

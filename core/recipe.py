@@ -43,6 +43,7 @@ from .distill import DISTILL_LOSSES, output_kinds, shared_layer_outputs
 from .graph import DependencyGraph
 from .importance import DATA_IMPORTANCES
 from .latency import compare_latency, measure_ms
+from .program_module import has_batch_norm
 from .prune import PruneConfig, PruneError, PruneResult, example_inputs, prune
 from .targets import Target, prune_to_target
 from .train import (
@@ -51,6 +52,7 @@ from .train import (
     evaluate,
     finetune,
     fisher_scores,
+    held_out_score,
     loss_trend,
     make_loss,
     recalibrate_batchnorm,
@@ -164,10 +166,7 @@ def has_attention(ep: ExportedProgram) -> bool:
 def training_defaults(ep: ExportedProgram) -> tuple[str, float]:
     """(optimizer, learning rate) for training `ep`: AdamW at 6e-4 for a transformer (attention, and no batch
     norm), else Adam at 1e-3 (a convolutional net with an attention-like product is trained as a CNN)."""
-    from .program_module import BATCH_NORM_OPS
-
-    batch_norm = any(n.op == "call_function" and n.target in BATCH_NORM_OPS for n in ep.graph.nodes)
-    return ATTENTION_DEFAULTS if has_attention(ep) and not batch_norm else OTHER_DEFAULTS
+    return ATTENTION_DEFAULTS if has_attention(ep) and not has_batch_norm(ep) else OTHER_DEFAULTS
 
 
 class _Epochs:
@@ -201,13 +200,6 @@ def _loss(ep: ExportedProgram, dataset: Dataset, recipe: Recipe):
     kind = "logits" if targets is not None and not targets.dtype.is_floating_point else "values"
     return make_loss(targets is not None, recipe.distill, kind, kinds=output_kinds(ep),
                      distill_loss=recipe.distill_loss, teacher_weight=recipe.teacher_weight)
-
-
-def _score(metrics: dict, metric: str) -> tuple[float, float]:
-    """Higher is better: the metric (minus the loss for "loss"/"neg_loss"), then minus the loss."""
-    neg_loss = -metrics.get("loss", math.inf)
-    value = neg_loss if metric in ("loss", "neg_loss") else metrics.get(metric, -math.inf)
-    return value, neg_loss
 
 
 def _headline_metric(dataset: Dataset, loss) -> str:
@@ -321,7 +313,8 @@ def run_recipe(ep: ExportedProgram, config: PruneConfig, recipe: Recipe,
                                                                       device=device))
                 # kept unless it scores worse on the held-out part (data unlike what the statistics came from)
                 metric = report_extra["dataset"]["metric"]
-                if _score(evaluation["after_recalibration"], metric) >= _score(evaluation["after_pruning"], metric):
+                if held_out_score(evaluation["after_recalibration"], metric) \
+                        >= held_out_score(evaluation["after_pruning"], metric):
                     pruned = recalibrated
                 else:
                     evaluation["after_recalibration"]["kept"] = False

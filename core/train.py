@@ -61,7 +61,7 @@ from torch.export import ExportedProgram
 
 from .distill import OUTPUT_KINDS, HiddenDistillation, distill_loss_for, metric_for, single_loss, tree_distill
 from .graph import DependencyGraph, Group
-from .program_module import ProgramModule, supported
+from .program_module import BATCH_NORM_OPS, ProgramModule, has_batch_norm, supported
 from .tensors import program_tensors, tied_names
 
 __all__ = [
@@ -671,19 +671,14 @@ def finetune(
         penalty = HiddenDistillation(module, teacher_m, hidden_layers, hidden_weight).penalty
 
     def measure() -> tuple[float, float]:
-        """(the held-out metric, minus the held-out loss): a tie on a coarse metric (top-1 agreement of a model
-        that almost always agrees) goes to the lower loss."""
         module.eval()
         try:
             res = _evaluate(module, held, teacher_outs, loss_, dev)
         finally:
             module.train()
-        neg_loss = -res["loss"] if "loss" in res else -math.inf
-        if name == "neg_loss":
-            return neg_loss, neg_loss
-        if name not in res:
+        if name != "neg_loss" and name not in res:
             raise TrainError(f"the held-out metric {name!r} cannot be computed on this split")
-        return res[name], neg_loss
+        return held_out_score(res, name)
 
     curve: list[dict] = []
     best = measure()
@@ -720,16 +715,14 @@ def recalibrate_batchnorm(ep: ExportedProgram, batches: Batches, *, max_batches:
     the exact average of the batches' means and variances, as after pruning, where the kept channels' inputs
     have changed and the old statistics no longer fit. `ep` itself when it has no batch norm (or runs through
     `ep.module()`, whose batch norms already track their batches)."""
-    from .program_module import BATCH_NORM_OPS
-
-    if not any(n.op == "call_function" and n.target in BATCH_NORM_OPS for n in ep.graph.nodes):
+    if not has_batch_norm(ep):
         return ep
     dev = _device(device)
     module = trainable_module(ep, dev, "train")
     if not isinstance(module, ProgramModule):
         return ep
     for n in ep.graph.nodes:
-        if n.op == "call_function" and n.target in BATCH_NORM_OPS:
+        if n.op == "call_function" and n.target in BATCH_NORM_OPS:  # zero the statistics the average replaces
             mean, var = n.args[3], n.args[4]
             names = ep.graph_signature.inputs_to_buffers
             if isinstance(mean, torch.fx.Node) and isinstance(var, torch.fx.Node) \
@@ -746,6 +739,14 @@ def recalibrate_batchnorm(ep: ExportedProgram, batches: Batches, *, max_batches:
     if seen == 0:
         raise TrainError("no batches to recalibrate batch norm on")
     return updated_program(ep, module)
+
+
+def held_out_score(metrics: dict, metric: str) -> tuple[float, float]:
+    """Higher is better: (the metric, or minus the loss for "loss"/"neg_loss"; minus the loss), so that a tie on
+    a coarse metric (top-1 agreement of a model that almost always agrees) goes to the lower loss."""
+    neg_loss = -metrics.get("loss", math.inf)
+    value = neg_loss if metric in ("loss", "neg_loss") else metrics.get(metric, -math.inf)
+    return value, neg_loss
 
 
 def loss_trend(losses: Sequence[float]) -> dict:
