@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from torch.export import ExportedProgram
 
-from .data import Dataset, fit_to_program
+from .data import Dataset, DatasetError, fit_to_program
 from .distill import DISTILL_LOSSES, output_kinds, shared_layer_outputs
 from .graph import DependencyGraph
 from .importance import DATA_IMPORTANCES
@@ -240,8 +240,13 @@ def run_recipe(ep: ExportedProgram, config: PruneConfig, recipe: Recipe,
     if dataset is not None:
         dataset = fit_to_program(dataset, ep)
         train_set, held_set = dataset.split(recipe.held_out, seed=recipe.seed)
-        train = _Epochs(train_set, recipe.batch_size, recipe.seed)
-        held = list(held_set.batches(recipe.batch_size))
+        # a program exported with a static batch takes batches of exactly that size
+        batch = dataset.fixed_batch or recipe.batch_size
+        train = _Epochs(train_set, batch, recipe.seed)
+        held = list(held_set.batches(batch, drop_last=dataset.fixed_batch is not None))
+        if not held:
+            raise DatasetError(f"the held-out part has {len(held_set)} rows, fewer than the program's fixed batch "
+                               f"of {batch}: give a larger --held-out or more rows")
         loss = _loss(ep, dataset, recipe)
         teacher = ep
         report_extra["dataset"] = {"rows": len(dataset), "train_rows": len(train_set), "held_out_rows": len(held_set),
@@ -366,7 +371,8 @@ def _latency_inputs(ep: ExportedProgram, dataset: Dataset | None, batch: int):
 
 def _compare_latency(ep: ExportedProgram, pruned: ExportedProgram, dataset: Dataset | None, recipe: Recipe,
                      device: str) -> dict:
-    batches = {b: _latency_inputs(ep, dataset, b) for b in sorted({1, recipe.latency_batch})}
+    sizes = {dataset.fixed_batch} if dataset is not None and dataset.fixed_batch else {1, recipe.latency_batch}
+    batches = {b: _latency_inputs(ep, dataset, b) for b in sorted(sizes)}
     if any(v is None for v in batches.values()):
         return {}
     return compare_latency({"before": ep, "after": pruned}, batches, device=device, threads=_latency_threads(device))

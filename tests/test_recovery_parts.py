@@ -345,3 +345,16 @@ def test_recalibration_is_not_kept_when_it_scores_worse() -> None:
     assert ev["after_recalibration"]["kept"] is False
     assert ev["after_recalibration"]["cosine"] < ev["after_pruning"]["cosine"]
     assert torch.all(result.program.state_dict["bn1.running_mean"] == 4.0)
+
+
+def test_a_program_exported_with_a_static_batch_trains_on_batches_of_that_size() -> None:
+    torch.manual_seed(0)
+    ep = _export(ConvBN(), torch.randn(8, 3, 8, 8))  # no dynamic dims: every call takes 8 rows
+    data = Dataset(torch.randn(100, 3, 8, 8))
+    result = run_recipe(ep, PruneConfig(ratio=0.5), Recipe(dataset=data, held_out=0.2, finetune_steps=6,
+                                                            batch_size=32, device="cpu"))
+    assert result.report["evaluation"]["after"]["cosine"] > 0
+    assert set(result.report["latency_ms"]["speedup"]) == {"8"}
+    with pytest.raises(ValueError, match="fixed batch of 8"):
+        run_recipe(ep, PruneConfig(ratio=0.5), Recipe(dataset=Dataset(torch.randn(12, 3, 8, 8)), held_out=0.2,
+                                                      finetune_steps=2, device="cpu"))
