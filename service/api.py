@@ -24,6 +24,7 @@ The job spec is stored as a JSON object with the PruneSpec's field names and def
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import contextlib
@@ -33,9 +34,8 @@ import json
 import logging
 import math
 import re
-import threading
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, TypeVar
@@ -58,10 +58,11 @@ from prunery.service.db import (
     Tenant,
     utcnow,
 )
-from prunery.service.errors import ApiError, Reason, Violation
+from prunery.service.errors import ApiError, Reason, Violation, quote
 from prunery.service.jobcache import JobCache
+from prunery.service.limits import BlockingPool
 from prunery.service.metrics import Metrics
-from prunery.service.objectstore import InvalidRange, ObjectNotFound, ObjectStore, TooLarge
+from prunery.service.objectstore import InvalidRange, ObjectNotFound, ObjectStore, ObjectWriter, TooLarge
 from prunery.service.settings import Settings
 from prunery.v1 import prunery_pb2 as pb
 from prunery.v1 import prunery_pb2_grpc as pb_grpc
@@ -80,12 +81,16 @@ MAX_IGNORE = 1000
 MAX_REQUEST_ID = 128
 UPLOAD_KINDS = (pb.MODEL, pb.DATASET)
 
+MAX_FILTER = 4096
+MAX_QUEUE_NAME = 128
+
+# whole-string patterns: always used with fullmatch (`$` would accept a trailing newline)
 _UUID = r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
-ARTIFACT_NAME_RE = re.compile(rf"^artifacts/({_UUID})$")
-JOB_NAME_RE = re.compile(rf"^jobs/({_UUID})$")
-JOB_RESULT_RE = re.compile(rf"^jobs/({_UUID})/(model|report)$")
-LABEL_KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
-SHA256_RE = re.compile(r"^[0-9a-fA-F]{64}$")
+ARTIFACT_NAME_RE = re.compile(rf"artifacts/({_UUID})")
+JOB_NAME_RE = re.compile(rf"jobs/({_UUID})")
+JOB_RESULT_RE = re.compile(rf"jobs/({_UUID})/(model|report)")
+LABEL_KEY_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
+SHA256_RE = re.compile(r"[0-9a-fA-F]{64}")
 
 T = TypeVar("T")
 Enqueue = Callable[[str, str], None]  # (job id, queue)
@@ -104,9 +109,9 @@ def job_name(job_id: uuid.UUID | str) -> str:
 
 
 def _parse_name(pattern: re.Pattern[str], name: str, field: str, example: str) -> uuid.UUID:
-    m = pattern.match(name or "")
+    m = pattern.fullmatch(name or "")
     if m is None:
-        raise errors.invalid([(field, f"must be a resource name like {example!r}, got {name!r}")],
+        raise errors.invalid([(field, f"must be a resource name like {example!r}, got {quote(name)}")],
                              reason=Reason.INVALID_NAME)
     return uuid.UUID(m.group(1))
 
@@ -120,14 +125,16 @@ def parse_job_name(name: str, field: str = "name") -> uuid.UUID:
 
 
 def _label_violations(labels: Mapping[str, str], field: str) -> list[Violation]:
-    out: list[Violation] = []
     if len(labels) > MAX_LABELS:
-        out.append((field, f"at most {MAX_LABELS} labels"))
+        return [(field, f"at most {MAX_LABELS} labels; got {len(labels)}")]
+    out: list[Violation] = []
     for key, value in labels.items():
-        if not LABEL_KEY_RE.match(key):
-            out.append((f"{field}[{key!r}]", "label keys are 1-63 of A-Z a-z 0-9 _ . - starting alphanumeric"))
+        if not LABEL_KEY_RE.fullmatch(key):
+            out.append((f"{field}[{quote(key, 64)}]", "label keys are 1-63 of A-Z a-z 0-9 _ . - starting "
+                                                      "alphanumeric"))
         elif len(value) > MAX_LABEL_VALUE:
-            out.append((f"{field}[{key!r}]", f"label values are at most {MAX_LABEL_VALUE} characters"))
+            out.append((f"{field}[{quote(key, 64)}]", f"label values are at most {MAX_LABEL_VALUE} characters; "
+                                                      f"got {len(value)}"))
     return out
 
 
@@ -147,7 +154,10 @@ def parse_filter(text: str, allowed: Mapping[str, Iterable[str]]) -> list[tuple[
     def bad(why: str) -> ApiError:
         keys = ", ".join([*allowed, "labels.<key>"])
         return errors.invalid([("filter", f"{why} (use key=value terms joined by ' AND '; keys: {keys})")],
-                              message=f"invalid filter {text!r}: {why}", reason=Reason.INVALID_FILTER)
+                              message=f"invalid filter {quote(text)}: {why}", reason=Reason.INVALID_FILTER)
+
+    if len(text) > MAX_FILTER:
+        raise bad(f"at most {MAX_FILTER} characters; got {len(text)}")
 
     while True:
         m = _TERM_RE.match(text, pos)
@@ -157,14 +167,14 @@ def parse_filter(text: str, allowed: Mapping[str, Iterable[str]]) -> list[tuple[
         if value.startswith('"'):
             value = re.sub(r"\\(.)", r"\1", value[1:-1])
         if key.startswith("labels."):
-            if not LABEL_KEY_RE.match(key[len("labels."):]):
-                raise bad(f"invalid label key in {key!r}")
+            if not LABEL_KEY_RE.fullmatch(key[len("labels."):]):
+                raise bad(f"invalid label key in {quote(key, 80)}")
         elif key in allowed:
             permitted = list(allowed[key])
             if permitted and value not in permitted:
-                raise bad(f"unknown {key} {value!r}; use one of {', '.join(permitted)}")
+                raise bad(f"unknown {key} {quote(value, 80)}; use one of {', '.join(permitted)}")
         else:
-            raise bad(f"unknown key {key!r}")
+            raise bad(f"unknown key {quote(key, 80)}")
         terms.append((key, value))
         pos = m.end()
         if pos == len(text):
@@ -350,37 +360,63 @@ def event_proto(ev: JobEvent | Row[Any], job: pb.Job) -> pb.JobEvent:
 # Servicers
 # ---------------------------------------------------------------------------------------------------------
 
-def _unary(fn: Callable[..., T]) -> Callable[..., T]:
+def _unexpected(e: Exception, method: str) -> ApiError:
+    """The answer to an exception that is not an ApiError: UNAVAILABLE for an outage of the database
+    (logged in one line: it is expected now and then), INTERNAL for anything else (logged in full). Never
+    the exception's text."""
+    outage = errors.classify_outage(e)
+    if outage is not None:
+        log.warning("%s: the database is unavailable (%s: %s)", method, type(e).__name__,
+                    str(e).strip().splitlines()[0][:300] if str(e).strip() else "")
+        return outage
+    log.exception("%s failed", method)
+    return ApiError(grpc.StatusCode.INTERNAL, "internal error (logged on the server)", Reason.INTERNAL)
+
+
+def _blocking(fn: Callable[..., T]) -> Callable[..., Awaitable[T]]:
+    """An RPC method whose body `fn(self, request)` blocks (database, object store, broker): it runs in the
+    server's bounded pool, off the event loop. Errors become the call's status."""
     @functools.wraps(fn)
-    def call(self: Any, request: Any, context: grpc.ServicerContext) -> T:
+    async def call(self: Any, request: Any, context: grpc.aio.ServicerContext) -> T:
         try:
-            return fn(self, request, context)
+            return await self.b.pool.run(fn, self, request)
         except ApiError as e:
-            errors.abort(context, e)
-        except grpc.RpcError:  # the client went away (a client-streaming call): nothing to answer
-            raise
-        except Exception:
-            log.exception("%s failed", fn.__name__)
-            errors.abort(context, ApiError(grpc.StatusCode.INTERNAL, "internal error (logged on the server)",
-                                           Reason.INTERNAL))
+            await errors.abort(context, e)
+        except Exception as e:
+            await errors.abort(context, _unexpected(e, fn.__name__))
     return call
 
 
-def _streaming(fn: Callable[..., Iterator[T]]) -> Callable[..., Iterator[T]]:
+def _unary(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
+    """An async RPC method (it runs its blocking steps in the pool itself). Errors become the call's status."""
     @functools.wraps(fn)
-    def call(self: Any, request: Any, context: grpc.ServicerContext) -> Iterator[T]:
+    async def call(self: Any, request: Any, context: grpc.aio.ServicerContext) -> T:
         try:
-            yield from fn(self, request, context)
+            return await fn(self, request, context)
         except ApiError as e:
-            errors.abort(context, e)
-        except Exception:
-            log.exception("%s failed", fn.__name__)
-            errors.abort(context, ApiError(grpc.StatusCode.INTERNAL, "internal error (logged on the server)",
-                                           Reason.INTERNAL))
+            await errors.abort(context, e)
+        except Exception as e:
+            await errors.abort(context, _unexpected(e, fn.__name__))
     return call
 
 
-WATCH_FALLBACK_POLL_S = 5.0  # WatchJob's poll while job notifications arrive (they wake it sooner)
+def _streaming(fn: Callable[..., AsyncIterator[T]]) -> Callable[..., AsyncIterator[T]]:
+    """An async-generator RPC method; errors become the call's status."""
+    @functools.wraps(fn)
+    async def call(self: Any, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[T]:
+        try:
+            async for response in fn(self, request, context):
+                yield response
+        except ApiError as e:
+            await errors.abort(context, e)
+        except Exception as e:
+            await errors.abort(context, _unexpected(e, fn.__name__))
+    return call
+
+
+# WatchJob's poll while job notifications arrive (they wake it at once; when they stop, every watch is woken
+# and polls at PRUNERY_WATCH_POLL_S): a safety net only, kept rare so that idle watches cost nothing
+WATCH_FALLBACK_POLL_S = 30.0
 
 
 @dataclass
@@ -391,6 +427,7 @@ class ApiBackend:
     store: ObjectStore
     settings: Settings
     enqueue: Enqueue
+    pool: BlockingPool
     metrics: Metrics | None = None
     job_cache: JobCache | None = None  # Postgres only: GetJob from memory, WatchJob woken by notifications
 
@@ -470,31 +507,25 @@ class ArtifactService(pb_grpc.ArtifactServiceServicer):
 
     # -- RPCs ----------------------------------------------------------------------------------------------
 
-    @_unary
-    def UploadArtifact(self, request_iterator: Iterator[pb.UploadArtifactRequest],  # noqa: N802
-                       context: grpc.ServicerContext) -> pb.Artifact:
+    def _reserve_upload(self, meta: pb.Artifact) -> uuid.UUID:
+        """Check the metadata, then reserve the declared size: a PENDING row, committed under the tenant
+        row's lock, so concurrent uploads cannot together pass the cap."""
         tenant = current_tenant()
-        first = next(request_iterator, None)
-        if first is None or first.WhichOneof("payload") != "metadata":
-            raise errors.invalid([("metadata", "the first message must carry the artifact's metadata")],
-                                 reason=Reason.INVALID_UPLOAD)
-        meta = first.metadata
         violations: list[Violation] = []
         if meta.kind not in UPLOAD_KINDS:
             violations.append(("metadata.kind", "must be MODEL or DATASET"))
         if meta.size_bytes < 0:
             violations.append(("metadata.size_bytes", "must be the file's size in bytes (not negative)"))
-        if not SHA256_RE.match(meta.sha256):
+        if not SHA256_RE.fullmatch(meta.sha256):
             violations.append(("metadata.sha256", "must be the 64 hex digits of the file's SHA-256"))
         if len(meta.display_name) > MAX_DISPLAY_NAME:
-            violations.append(("metadata.display_name", f"at most {MAX_DISPLAY_NAME} characters"))
+            violations.append(("metadata.display_name", f"at most {MAX_DISPLAY_NAME} characters; got "
+                                                        f"{len(meta.display_name)}"))
         violations += _label_violations(meta.labels, "metadata.labels")
         if violations:
             raise errors.invalid(violations)
-
         cap = self.b.settings.tenant_cap_bytes
         artifact_id = uuid.uuid4()
-        key = artifact_name(artifact_id)
         with self.b.session() as s:
             s.execute(select(Tenant.id).where(Tenant.id == tenant).with_for_update())  # serialise the cap
             used = _tenant_bytes(s, tenant)
@@ -502,58 +533,96 @@ class ArtifactService(pb_grpc.ArtifactServiceServicer):
                 raise _cap_error(cap, used, meta.size_bytes)
             s.add(Artifact(id=artifact_id, tenant_id=tenant, display_name=meta.display_name,
                            kind=pb.ArtifactKind.Name(meta.kind), state=ArtifactState.PENDING.value,
-                           size_bytes=meta.size_bytes, sha256="", labels=dict(meta.labels), storage_key=key,
-                           create_time=utcnow()))
+                           size_bytes=meta.size_bytes, sha256="", labels=dict(meta.labels),
+                           storage_key=artifact_name(artifact_id), create_time=utcnow()))
+        return artifact_id
+
+    def _open_writer(self, key: str, size: int) -> ObjectWriter:
+        try:
+            return self.b.store.open_writer(key, max_bytes=size)
+        except Exception as e:
+            log.warning("upload of %s: the object store failed (%s: %s)", key, type(e).__name__, e)
+            raise errors.outage(Reason.STORE_UNAVAILABLE, "the object store") from None
+
+    @staticmethod
+    def _write_chunk(writer: ObjectWriter, verifier: _UploadVerifier, data: bytes) -> None:
+        verifier.add(data)  # stops a stream past its declared size first; the store's cap is a backstop
+        try:
+            writer.write(data)
+        except TooLarge:
+            raise errors.invalid([("metadata.size_bytes", f"declared {verifier.declared_size} bytes, but more "
+                                                          "were sent")], reason=Reason.SIZE_MISMATCH) from None
+        except Exception as e:
+            log.warning("upload: the object store failed (%s: %s)", type(e).__name__, e)
+            raise errors.outage(Reason.STORE_UNAVAILABLE, "the object store") from None
+
+    def _finish_upload(self, artifact_id: uuid.UUID, writer: ObjectWriter, verifier: _UploadVerifier
+                       ) -> pb.Artifact:
+        """Verify, store, and make the row READY."""
+        verifier.finish()
+        key = artifact_name(artifact_id)
+        try:
+            size, sha256 = writer.commit()
+        except Exception as e:
+            log.warning("upload of %s: the object store failed (%s: %s)", key, type(e).__name__, e)
+            raise errors.outage(Reason.STORE_UNAVAILABLE, "the object store") from None
+        with self.b.session() as s:
+            flipped = s.execute(update(Artifact).where(
+                Artifact.id == artifact_id, Artifact.state == ArtifactState.PENDING.value,
+            ).values(state=ArtifactState.READY.value, size_bytes=size, sha256=sha256)).rowcount
+            if flipped != 1:  # the reaper swept the reservation: the upload outlived the pending-upload TTL
+                raise ApiError(grpc.StatusCode.ABORTED, f"the upload of {key} took longer than the server keeps "
+                               "an unfinished upload; retry", Reason.UPLOAD_EXPIRED)
+            return artifact_proto(s.scalars(select(Artifact).where(Artifact.id == artifact_id)).one())
+
+    @_unary
+    async def UploadArtifact(self, request_iterator: AsyncIterator[pb.UploadArtifactRequest],  # noqa: N802
+                             context: grpc.aio.ServicerContext) -> pb.Artifact:
+        # every blocking step (the reservation, each chunk's write, the commit) runs in the pool: a slow
+        # upload holds a coroutine and one chunk, not a thread
+        tenant = current_tenant()
+        stream = request_iterator.__aiter__()
+        first = await anext(stream, None)
+        if first is None or first.WhichOneof("payload") != "metadata":
+            raise errors.invalid([("metadata", "the first message must carry the artifact's metadata")],
+                                 reason=Reason.INVALID_UPLOAD)
+        meta = first.metadata
+        pool = self.b.pool
+        artifact_id = await pool.run(self._reserve_upload, meta)
+        key = artifact_name(artifact_id)
         # reserved (committed): from here on, any failure deletes the object and the PENDING row
-
-        verifier = _UploadVerifier(meta.size_bytes, meta.sha256)
-
-        def chunks() -> Iterator[bytes]:
-            for req in request_iterator:
+        writer: ObjectWriter | None = None
+        try:
+            writer = await pool.run(self._open_writer, key, meta.size_bytes)
+            verifier = _UploadVerifier(meta.size_bytes, meta.sha256)
+            async for req in stream:
                 if req.WhichOneof("payload") != "chunk":
                     raise errors.invalid([("metadata", "only the first message may carry metadata")],
                                          reason=Reason.INVALID_UPLOAD)
-                data = req.chunk
-                if data:
-                    verifier.add(data)
-                    self._bytes("in", len(data))
-                    yield data
-            verifier.finish()  # raising here, inside put_stream's loop, stores nothing
-
-        stored = False
-        try:
-            try:
-                # the verifier stops a stream past the declared size first; the store's limit is a backstop
-                size, sha256 = self.b.store.put_stream(key, chunks(), max_bytes=meta.size_bytes)
-            except (ApiError, grpc.RpcError):
-                raise
-            except TooLarge:
-                raise errors.invalid(
-                    [("metadata.size_bytes", f"declared {meta.size_bytes} bytes, but more were sent")],
-                    reason=Reason.SIZE_MISMATCH) from None
-            except Exception as e:
-                log.exception("upload of %s to %r failed", key, self.b.store)
-                raise ApiError(grpc.StatusCode.UNAVAILABLE, f"the object store failed: {type(e).__name__}; retry",
-                               Reason.STORE_UNAVAILABLE) from e
-            stored = True
-            with self.b.session() as s:
-                flipped = s.execute(update(Artifact).where(
-                    Artifact.id == artifact_id, Artifact.state == ArtifactState.PENDING.value,
-                ).values(state=ArtifactState.READY.value, size_bytes=size, sha256=sha256)).rowcount
-                if flipped != 1:  # the reaper swept the reservation: the upload outlived the pending-upload TTL
-                    raise ApiError(grpc.StatusCode.ABORTED, f"the upload of {key} took longer than the server keeps "
-                                   "an unfinished upload; retry", Reason.UPLOAD_EXPIRED)
-                result = artifact_proto(s.scalars(select(Artifact).where(Artifact.id == artifact_id)).one())
-        except BaseException:
-            self._drop_pending(artifact_id, key, stored)
+                if req.chunk:
+                    await pool.run(self._write_chunk, writer, verifier, req.chunk)
+                    self._bytes("in", len(req.chunk))
+            result = await pool.run(self._finish_upload, artifact_id, writer, verifier)
+        except asyncio.CancelledError:  # the client went away: clean up in a thread, without awaiting
+            pool.executor.submit(self._drop_pending, artifact_id, key, writer)
             raise
-        log.info("tenant %s uploaded %s (%d bytes)", tenant, key, size)
+        except BaseException:  # the caller hears of the failure once nothing of the upload is left
+            await asyncio.get_running_loop().run_in_executor(
+                pool.executor, self._drop_pending, artifact_id, key, writer)
+            raise
+        log.info("tenant %s uploaded %s (%d bytes)", tenant, key, result.size_bytes)
         return result
 
-    def _drop_pending(self, artifact_id: uuid.UUID, key: str, stored: bool) -> None:
-        """Undo a failed upload: its object (if stored), then its PENDING row. Never raises: what cannot be
-        deleted now stays PENDING, and the reaper deletes it once the pending-upload TTL has passed."""
-        if stored:
+    def _drop_pending(self, artifact_id: uuid.UUID, key: str, writer: ObjectWriter | None) -> None:
+        """Undo a failed upload: what its writer wrote (or its object, once committed), then its PENDING row.
+        Never raises: what cannot be deleted now stays PENDING, and the reaper deletes it once the
+        pending-upload TTL has passed."""
+        if writer is not None and not writer.committed:
+            try:
+                writer.abort()
+            except Exception:
+                log.exception("could not abort the write of %s after its upload failed", key)
+        if writer is not None and writer.committed:
             try:
                 self.b.store.delete(key)
             except Exception:
@@ -566,8 +635,8 @@ class ArtifactService(pb_grpc.ArtifactServiceServicer):
         except Exception:
             log.exception("could not delete the reservation of failed upload %s; the reaper will", key)
 
-    @_unary
-    def GetArtifact(self, request: pb.GetArtifactRequest, context: grpc.ServicerContext) -> pb.Artifact:  # noqa: N802
+    @_blocking
+    def GetArtifact(self, request: pb.GetArtifactRequest) -> pb.Artifact:  # noqa: N802
         tenant = current_tenant()
         artifact_id = parse_artifact_name(request.name)
         with self.b.reader() as conn:
@@ -578,9 +647,8 @@ class ArtifactService(pb_grpc.ArtifactServiceServicer):
             raise errors.not_found("artifact", request.name)
         return artifact_proto(row)
 
-    @_unary
-    def ListArtifacts(self, request: pb.ListArtifactsRequest,  # noqa: N802
-                      context: grpc.ServicerContext) -> pb.ListArtifactsResponse:
+    @_blocking
+    def ListArtifacts(self, request: pb.ListArtifactsRequest) -> pb.ListArtifactsResponse:  # noqa: N802
         tenant = current_tenant()
         terms = parse_filter(request.filter, {"kind": [k.value for k in ArtifactKind]})
         stmt = select(Artifact.__table__).where(Artifact.tenant_id == tenant,
@@ -594,9 +662,8 @@ class ArtifactService(pb_grpc.ArtifactServiceServicer):
             rows, token = _page(conn, Artifact, stmt, request.page_size, request.page_token, request.filter)
         return pb.ListArtifactsResponse(artifacts=[artifact_proto(r) for r in rows], next_page_token=token)
 
-    @_unary
-    def DeleteArtifact(self, request: pb.DeleteArtifactRequest,  # noqa: N802
-                       context: grpc.ServicerContext) -> pb.DeleteArtifactResponse:
+    @_blocking
+    def DeleteArtifact(self, request: pb.DeleteArtifactRequest) -> pb.DeleteArtifactResponse:  # noqa: N802
         tenant = current_tenant()
         artifact_id = parse_artifact_name(request.name)
         name = artifact_name(artifact_id)
@@ -621,7 +688,7 @@ class ArtifactService(pb_grpc.ArtifactServiceServicer):
         return pb.DeleteArtifactResponse()
 
     def _resolve_download(self, name: str, tenant: str) -> Artifact:
-        m = JOB_RESULT_RE.match(name or "")
+        m = JOB_RESULT_RE.fullmatch(name or "")
         with self.b.session() as s:
             if m is None:
                 artifact_id = _parse_name(ARTIFACT_NAME_RE, name, "name",
@@ -648,9 +715,7 @@ class ArtifactService(pb_grpc.ArtifactServiceServicer):
             by_kind.sort(key=lambda r: ids.index(r.id))
             return by_kind[0]
 
-    @_streaming
-    def DownloadArtifact(self, request: pb.DownloadArtifactRequest,  # noqa: N802
-                         context: grpc.ServicerContext) -> Iterator[pb.ArtifactChunk]:
+    def _open_download(self, request: pb.DownloadArtifactRequest) -> tuple[pb.Artifact, Iterator[bytes]]:
         tenant = current_tenant()
         row = self._resolve_download(request.name, tenant)
         if request.offset < 0:
@@ -667,11 +732,25 @@ class ArtifactService(pb_grpc.ArtifactServiceServicer):
                            "object store", Reason.OBJECT_MISSING) from None
         except InvalidRange as e:
             raise ApiError(grpc.StatusCode.OUT_OF_RANGE, str(e), Reason.OFFSET_OUT_OF_RANGE) from None
-        meta = artifact_proto(row)
+        except Exception as e:
+            if errors.classify_outage(e) is not None:
+                raise
+            log.warning("download of %s: the object store failed (%s)", row.storage_key, type(e).__name__)
+            raise errors.outage(Reason.STORE_UNAVAILABLE, "the object store") from None
+        return artifact_proto(row), body
+
+    @_streaming
+    async def DownloadArtifact(self, request: pb.DownloadArtifactRequest,  # noqa: N802
+                               context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ArtifactChunk]:
+        # each chunk is read in the pool: a slow reader holds a coroutine, not a thread
+        meta, body = await self.b.pool.run(self._open_download, request)
         pos = request.offset
         first = True
         try:
-            for data in body:
+            while True:
+                data = await self.b.pool.run(next, body, None)
+                if data is None:
+                    break
                 msg = pb.ArtifactChunk(offset=pos, data=data)
                 if first:
                     msg.artifact.CopyFrom(meta)
@@ -679,14 +758,12 @@ class ArtifactService(pb_grpc.ArtifactServiceServicer):
                 yield msg
                 pos += len(data)
                 self._bytes("out", len(data))
-                if not context.is_active():
-                    return
             if first:  # nothing left to send: still tell the client what it asked for
                 yield pb.ArtifactChunk(offset=pos, artifact=meta)
         finally:
             close = getattr(body, "close", None)
             if close is not None:
-                close()
+                self.b.pool.executor.submit(close)  # a generator closes in a thread, never on the loop
 
 
 class JobService(pb_grpc.JobServiceServicer):
@@ -738,17 +815,18 @@ class JobService(pb_grpc.JobServiceServicer):
                 v.append(("job.spec.dataset", f"required by {', '.join(needs)}: the name 'artifacts/{{id}}' of an "
                                               "uploaded DATASET"))
             return v
-        m = ARTIFACT_NAME_RE.match(spec.dataset)
+        m = ARTIFACT_NAME_RE.fullmatch(spec.dataset)
         if m is None:
-            v.append(("job.spec.dataset", f"must be an artifact name like 'artifacts/{{uuid}}', got {spec.dataset!r}"))
+            v.append(("job.spec.dataset", f"must be an artifact name like 'artifacts/{{uuid}}', got "
+                                          f"{quote(spec.dataset)}"))
             return v
         artifact = session.scalars(select(Artifact).where(
             Artifact.id == uuid.UUID(m.group(1)), Artifact.tenant_id == tenant,
             Artifact.state == ArtifactState.READY.value).with_for_update(read=True)).one_or_none()
         if artifact is None:
-            v.append(("job.spec.dataset", f"artifact {spec.dataset!r} not found"))
+            v.append(("job.spec.dataset", f"artifact {quote(spec.dataset)} not found"))
         elif artifact.kind != ArtifactKind.DATASET.value:
-            v.append(("job.spec.dataset", f"artifact {spec.dataset!r} is a {artifact.kind}; upload the data as a "
+            v.append(("job.spec.dataset", f"artifact {quote(spec.dataset)} is a {artifact.kind}; upload the data as a "
                                           "DATASET"))
         return v
 
@@ -759,9 +837,10 @@ class JobService(pb_grpc.JobServiceServicer):
         if not spec.model:
             v.append(("job.spec.model", "required: the name 'artifacts/{id}' of an uploaded MODEL"))
         else:
-            m = ARTIFACT_NAME_RE.match(spec.model)
+            m = ARTIFACT_NAME_RE.fullmatch(spec.model)
             if m is None:
-                v.append(("job.spec.model", f"must be an artifact name like 'artifacts/{{uuid}}', got {spec.model!r}"))
+                v.append(("job.spec.model", f"must be an artifact name like 'artifacts/{{uuid}}', got "
+                                            f"{quote(spec.model)}"))
             else:
                 model_id = uuid.UUID(m.group(1))
         targets = [name for name in TARGET_FIELDS if getattr(spec, name)]
@@ -779,27 +858,44 @@ class JobService(pb_grpc.JobServiceServicer):
         if not (0.0 <= spec.max_ratio <= 1.0) or math.isnan(spec.max_ratio):
             v.append(("job.spec.max_ratio", f"must be between 0 and 1 (0 means 1); got {spec.max_ratio}"))
         if len(spec.ignore) > MAX_IGNORE:
-            v.append(("job.spec.ignore", f"at most {MAX_IGNORE} globs"))
-        for i, glob in enumerate(spec.ignore):
-            if not glob or len(glob) > 512:
-                v.append((f"job.spec.ignore[{i}]", "globs are 1-512 characters"))
+            v.append(("job.spec.ignore", f"at most {MAX_IGNORE} globs; got {len(spec.ignore)}"))
+        else:
+            v += [(f"job.spec.ignore[{i}]", f"globs are 1-512 characters; got {len(glob)}")
+                  for i, glob in enumerate(spec.ignore) if not glob or len(glob) > 512]
         v += _label_violations(job.labels, "job.labels")
         queues = self.b.settings.queues
         if job.queue and job.queue not in queues:
-            v.append(("job.queue", f"unknown queue {job.queue!r}; this server sends jobs to {', '.join(queues)}"))
+            v.append(("job.queue", f"unknown queue {quote(job.queue, 80)}; this server sends jobs to "
+                                   f"{', '.join(queues)}"))
         if model_id is not None:
             # FOR SHARE: a concurrent DeleteArtifact (FOR UPDATE) waits for this job to exist, then sees it
             artifact = session.scalars(select(Artifact).where(
                 Artifact.id == model_id, Artifact.tenant_id == tenant, Artifact.state == ArtifactState.READY.value,
             ).with_for_update(read=True)).one_or_none()
             if artifact is None:
-                v.append(("job.spec.model", f"artifact {spec.model!r} not found"))
+                v.append(("job.spec.model", f"artifact {quote(spec.model)} not found"))
             elif artifact.kind != ArtifactKind.MODEL.value:
-                v.append(("job.spec.model", f"artifact {spec.model!r} is a {artifact.kind}; a job needs a MODEL"))
+                v.append(("job.spec.model", f"artifact {quote(spec.model)} is a {artifact.kind}; a job needs a "
+                                            "MODEL"))
         return v
 
-    @_unary
-    def CreateJob(self, request: pb.CreateJobRequest, context: grpc.ServicerContext) -> pb.Job:  # noqa: N802
+    def _check_job_quota(self, session: Session, tenant: str) -> None:
+        """RESOURCE_EXHAUSTED TENANT_JOB_LIMIT when the tenant already has its maximum of QUEUED jobs (under
+        the tenant row's lock, so concurrent creates cannot together pass it)."""
+        limit = self.b.settings.tenant_max_queued
+        if not limit:
+            return
+        session.execute(select(Tenant.id).where(Tenant.id == tenant).with_for_update())
+        queued = int(session.scalar(select(func.count()).select_from(Job).where(
+            Job.tenant_id == tenant, Job.state == JobState.QUEUED.value)) or 0)
+        if queued >= limit:
+            raise ApiError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                           f"this tenant already has {queued} jobs waiting for a worker, its limit: wait for some "
+                           "to start (or cancel them) before creating more", Reason.TENANT_JOB_LIMIT,
+                           metadata={"queued_jobs": str(queued), "limit": str(limit)})
+
+    @_blocking
+    def CreateJob(self, request: pb.CreateJobRequest) -> pb.Job:  # noqa: N802
         tenant = current_tenant()
         request_id = request.request_id or None
         if request_id is not None and len(request_id) > MAX_REQUEST_ID:
@@ -812,8 +908,9 @@ class JobService(pb_grpc.JobServiceServicer):
                     if request.HasField("job") and not _same_request(existing, request.job):
                         raise errors.ApiError(
                             grpc.StatusCode.ALREADY_EXISTS,
-                            f"request_id {request_id!r} already created {job_proto(existing).name} with another spec "
-                            "or labels; a retry must resend the same request, a new job needs a new request_id",
+                            f"request_id {quote(request_id)} already created {job_proto(existing).name} with "
+                            "another spec or labels; a retry must resend the same request, a new job needs a new "
+                            "request_id",
                             Reason.REQUEST_ID_REUSED)
                     return job_proto(existing)
             if not request.HasField("job"):
@@ -821,6 +918,7 @@ class JobService(pb_grpc.JobServiceServicer):
             violations = self._spec_violations(s, tenant, request.job)
             if violations:
                 raise errors.invalid(violations)
+            self._check_job_quota(s, tenant)
             job, created = jobs.create_job(s, tenant, spec_to_dict(request.job.spec), dict(request.job.labels),
                                            request_id, queue=request.job.queue or self.b.settings.queue)
             result = job_proto(job)
@@ -837,18 +935,24 @@ class JobService(pb_grpc.JobServiceServicer):
         return result
 
     @_unary
-    def GetJob(self, request: pb.GetJobRequest, context: grpc.ServicerContext) -> pb.Job:  # noqa: N802
+    async def GetJob(self, request: pb.GetJobRequest, context: grpc.aio.ServicerContext) -> pb.Job:  # noqa: N802
         tenant = current_tenant()
         job_id = parse_job_name(request.name)
-        if self.b.job_cache is None:
-            with self.b.reader() as conn:
-                row = conn.execute(select(Job.__table__).where(Job.id == job_id, Job.tenant_id == tenant)).first()
-            job = None if row is None else job_proto(row)
+        cache = self.b.job_cache
+        if cache is None:
+            job = await self.b.pool.run(self._read_job, job_id, tenant)
         else:
-            job = self.b.job_cache.get(job_id, tenant, functools.partial(self._load_job, job_id))
+            found, job = cache.lookup(job_id, tenant)  # from memory, on the event loop: no thread hop
+            if not found:
+                job = await self.b.pool.run(cache.load, job_id, tenant, functools.partial(self._load_job, job_id))
         if job is None:
             raise errors.not_found("job", request.name)
         return job
+
+    def _read_job(self, job_id: uuid.UUID, tenant: str) -> pb.Job | None:
+        with self.b.reader() as conn:
+            row = conn.execute(select(Job.__table__).where(Job.id == job_id, Job.tenant_id == tenant)).first()
+        return None if row is None else job_proto(row)
 
     def _load_job(self, job_id: uuid.UUID) -> tuple[str, int, pb.Job] | None:
         """For the job cache: the job whoever owns it (the cache checks the tenant)."""
@@ -861,8 +965,8 @@ class JobService(pb_grpc.JobServiceServicer):
         if self.b.job_cache is not None:
             self.b.job_cache.invalidate(job_id)
 
-    @_unary
-    def ListJobs(self, request: pb.ListJobsRequest, context: grpc.ServicerContext) -> pb.ListJobsResponse:  # noqa: N802
+    @_blocking
+    def ListJobs(self, request: pb.ListJobsRequest) -> pb.ListJobsResponse:  # noqa: N802
         tenant = current_tenant()
         terms = parse_filter(request.filter, {"state": [st.value for st in JobState]})
         stmt = select(Job.__table__).where(Job.tenant_id == tenant)
@@ -875,8 +979,8 @@ class JobService(pb_grpc.JobServiceServicer):
             rows, token = _page(conn, Job, stmt, request.page_size, request.page_token, request.filter)
         return pb.ListJobsResponse(jobs=[job_proto(r) for r in rows], next_page_token=token)
 
-    @_unary
-    def CancelJob(self, request: pb.CancelJobRequest, context: grpc.ServicerContext) -> pb.Job:  # noqa: N802
+    @_blocking
+    def CancelJob(self, request: pb.CancelJobRequest) -> pb.Job:  # noqa: N802
         tenant = current_tenant()
         job_id = parse_job_name(request.name)
         try:
@@ -890,9 +994,8 @@ class JobService(pb_grpc.JobServiceServicer):
             raise errors.failed_precondition(f"{job_name(job_id)} already ended ({e.current}); nothing to cancel",
                                              Reason.JOB_ALREADY_FINISHED, state=str(e.current)) from None
 
-    @_unary
-    def DeleteJob(self, request: pb.DeleteJobRequest,  # noqa: N802
-                  context: grpc.ServicerContext) -> pb.DeleteJobResponse:
+    @_blocking
+    def DeleteJob(self, request: pb.DeleteJobRequest) -> pb.DeleteJobResponse:  # noqa: N802
         tenant = current_tenant()
         job_id = parse_job_name(request.name)
         with self.b.session() as s:
@@ -922,44 +1025,53 @@ class JobService(pb_grpc.JobServiceServicer):
             log.exception("could not delete every object of deleted %s", job_name(job_id))
         return pb.DeleteJobResponse()
 
+    def _watch_read(self, job_id: uuid.UUID, tenant: str, after: int) -> tuple[list[Row[Any]], Row[Any] | None]:
+        """The job's events after `after` (at most 500), then the job: a job read after its terminal event
+        carries its results."""
+        with self.b.reader() as conn:
+            events = conn.execute(select(JobEvent.__table__).where(
+                JobEvent.job_id == job_id, JobEvent.sequence > after).order_by(JobEvent.sequence).limit(500)).all()
+            job = conn.execute(select(Job.__table__).where(Job.id == job_id, Job.tenant_id == tenant)).first()
+        return events, job
+
     @_streaming
-    def WatchJob(self, request: pb.WatchJobRequest, context: grpc.ServicerContext) -> Iterator[pb.JobEvent]:  # noqa: N802
+    async def WatchJob(self, request: pb.WatchJobRequest,  # noqa: N802
+                       context: grpc.aio.ServicerContext) -> AsyncIterator[pb.JobEvent]:
+        # an idle watch is a coroutine waiting on an asyncio.Event: it holds no thread and no connection
         tenant = current_tenant()
         job_id = parse_job_name(request.name)
         if request.after_sequence < 0:
             raise errors.invalid([("after_sequence", "must not be negative (0: from the first event)")])
-        with self.b.reader() as conn:
-            if conn.execute(select(Job.id).where(Job.id == job_id, Job.tenant_id == tenant)).first() is None:
-                raise errors.not_found("job", request.name)
         cache = self.b.job_cache
-        with cache.subscribe(job_id) if cache is not None else contextlib.nullcontext(threading.Event()) as woken:
-            context.add_callback(woken.set)  # the client went away: stop waiting
+        woken = asyncio.Event()
+        loop = asyncio.get_running_loop()
+
+        def wake() -> None:  # from the notification thread
+            loop.call_soon_threadsafe(woken.set)
+
+        with cache.on_change(job_id, wake) if cache is not None else contextlib.nullcontext():
             last = request.after_sequence
+            first = True
             while True:
                 woken.clear()  # before reading: a change committed from here on wakes the wait below
-                # the events first, then the job: a job read after its terminal event carries its results
-                with self.b.reader() as conn:
-                    events = conn.execute(select(JobEvent.__table__).where(
-                        JobEvent.job_id == job_id, JobEvent.sequence > last).order_by(JobEvent.sequence)
-                        .limit(500)).all()
-                    job = conn.execute(select(Job.__table__).where(Job.id == job_id, Job.tenant_id == tenant)).first()
-                if job is None:  # deleted while watched: it ended long ago
-                    return
+                events, job = await self.b.pool.run(self._watch_read, job_id, tenant, last)
+                if job is None:
+                    if first:
+                        raise errors.not_found("job", request.name)
+                    return  # deleted while watched: it ended long ago
+                first = False
                 if cache is not None and events:
                     cache.saw(job_id, events[-1].sequence)
                 snapshot = job_proto(job)
-                state = job.state
                 for ev in events:
                     yield event_proto(ev, snapshot)
                     last = ev.sequence
                     if ev.state in jobs.TERMINAL:
                         return
                 if not events:
-                    if state in jobs.TERMINAL:  # asked for events after the terminal one
+                    if job.state in jobs.TERMINAL:  # asked for events after the terminal one
                         return
                     # notifications wake us at once; the poll is the fallback (and the only way on SQLite)
-                    woken.wait(self.b.settings.watch_poll_s if cache is None or not cache.live
-                               else WATCH_FALLBACK_POLL_S)
-                    if not context.is_active():
-                        return
-
+                    poll = self.b.settings.watch_poll_s if cache is None or not cache.live else WATCH_FALLBACK_POLL_S
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(woken.wait(), poll)

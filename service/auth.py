@@ -1,19 +1,23 @@
-"""Bearer-token authentication as a gRPC server interceptor.
+"""Bearer-token authentication and per-tenant admission, as a grpc.aio server interceptor.
 
 Every call carries `authorization: Bearer <token>` metadata; the interceptor resolves the token to its tenant
 (through `db.authenticate`, i.e. by the token's sha256) and makes it the call's `current_tenant()`. A call
 with no token, or a token that is unknown or revoked, ends with UNAUTHENTICATED before the servicer runs.
-Health checking and server reflection need no token.
+Then the tenant's limits apply (`limits.TenantLimits`): its call rate, and for streaming calls one of its
+stream slots, held until the stream ends. Health checking and server reflection need no token and are never
+limited.
 
-The lookup runs on the request's worker thread (not on gRPC's polling thread), and valid tokens are
-cached for `cache_s` seconds, so a revoke takes effect within that time.
+Valid tokens are cached for `cache_s` seconds (so a revoke takes effect within that time): a cached token
+is checked on the event loop; a lookup runs in the blocking pool. A database that is away makes the call
+UNAVAILABLE (DATABASE_UNAVAILABLE), never UNKNOWN with the driver's text.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextvars import ContextVar
 from typing import Any
 
@@ -21,10 +25,13 @@ import grpc
 
 from prunery.service import errors
 from prunery.service.db import Database, authenticate, hash_token
-from prunery.service.errors import Reason
+from prunery.service.errors import ApiError, Reason
+from prunery.service.limits import BlockingPool, TenantLimits
 
 __all__ = ["PUBLIC_METHOD_PREFIXES", "AuthInterceptor", "TokenAuthenticator", "bearer_token", "current_tenant",
            "MemoizedWrap", "wrap_handler"]
+
+log = logging.getLogger(__name__)
 
 PUBLIC_METHOD_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 
@@ -60,14 +67,21 @@ class TokenAuthenticator:
         self._cache: dict[str, tuple[str, float]] = {}
         self._lock = threading.Lock()
 
+    def cached(self, token: str) -> str | None:
+        """The tenant of a token validated within `cache_s`, else None (look it up)."""
+        if self.cache_s <= 0:
+            return None
+        with self._lock:
+            hit = self._cache.get(hash_token(token))
+        return hit[0] if hit is not None and hit[1] > time.monotonic() else None
+
     def __call__(self, token: str) -> str | None:
+        """The token's tenant, from the cache or the database (blocking)."""
+        hit = self.cached(token)
+        if hit is not None:
+            return hit
         key = hash_token(token)
         now = time.monotonic()
-        if self.cache_s > 0:
-            with self._lock:
-                hit = self._cache.get(key)
-            if hit is not None and hit[1] > now:
-                return hit[0]
         with self.database.session() as s:
             tenant = authenticate(s, token)
         if tenant is not None and self.cache_s > 0:
@@ -101,36 +115,91 @@ def wrap_handler(handler: grpc.RpcMethodHandler,
                    response_serializer=handler.response_serializer)
 
 
-class AuthInterceptor(grpc.ServerInterceptor):
-    def __init__(self, authenticate_token: Callable[[str], str | None],
+class AuthInterceptor(grpc.aio.ServerInterceptor):
+    """Authenticates every call but the public ones, then admits it under its tenant's limits (rate; a
+    stream slot for streaming calls). `pool` runs the token lookups that miss the cache."""
+
+    def __init__(self, authenticator: TokenAuthenticator, pool: BlockingPool, limits: TenantLimits | None = None,
                  public_prefixes: tuple[str, ...] = PUBLIC_METHOD_PREFIXES) -> None:
-        self.authenticate_token = authenticate_token
+        self.authenticator, self.pool, self.limits = authenticator, pool, limits
         self.public_prefixes = public_prefixes
         self._wrapped = MemoizedWrap(self._wrap)
 
-    def intercept_service(self, continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
-                          handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
-        handler = continuation(handler_call_details)
+    async def intercept_service(
+            self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler | None]],
+            handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+        handler = await continuation(handler_call_details)
         if handler is None or handler_call_details.method.startswith(self.public_prefixes):
             return handler
         return self._wrapped(handler_call_details.method, handler)
 
-    def _wrap(self, method: str, behavior: Behavior, response_streaming: bool) -> Behavior:
-        def authenticated(request: Any, context: grpc.ServicerContext) -> Any:
-            token = bearer_token(context.invocation_metadata())
-            if token is None:
-                errors.abort(context, errors.unauthenticated(
-                    "missing credentials: send the metadata 'authorization: Bearer <token>' "
-                    "(create a token with `prunery tokens create`)", Reason.MISSING_TOKEN))
-            tenant = self.authenticate_token(token)
-            if tenant is None:
-                errors.abort(context, errors.unauthenticated(
-                    "the bearer token is unknown or revoked", Reason.INVALID_TOKEN))
-            _TENANT.set(tenant)
-            return behavior(request, context)
+    async def _tenant(self, context: grpc.aio.ServicerContext) -> str:
+        token = bearer_token(context.invocation_metadata())
+        if token is None:
+            raise errors.unauthenticated("missing credentials: send the metadata 'authorization: Bearer <token>' "
+                                         "(create a token with `prunery tokens create`)", Reason.MISSING_TOKEN)
+        tenant = self.authenticator.cached(token)
+        if tenant is None:
+            try:
+                tenant = await self.pool.run(self.authenticator, token)
+            except ApiError:
+                raise
+            except Exception as e:
+                outage = errors.classify_outage(e)
+                if outage is None:
+                    raise
+                log.warning("token lookup failed: the database is unavailable (%s)", type(e).__name__)
+                raise outage from None
+        if tenant is None:
+            raise errors.unauthenticated("the bearer token is unknown or revoked", Reason.INVALID_TOKEN)
+        if self.limits is not None:
+            self.limits.admit_call(tenant)
+        return tenant
 
-        # a streaming behavior returns a generator that gRPC iterates in the same per-call context
-        return authenticated
+    def _wrap(self, method: str, behavior: Behavior, response_streaming: bool) -> Behavior:
+        limits = self.limits
+        # long calls: WatchJob, DownloadArtifact (response streams) and UploadArtifact (request stream)
+        long_call = response_streaming or method.endswith("/UploadArtifact")
+
+        if not response_streaming:
+            async def authenticated(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                try:
+                    tenant = await self._tenant(context)
+                except ApiError as e:
+                    await errors.abort(context, e)
+                _TENANT.set(tenant)
+                if not long_call or limits is None:
+                    return await behavior(request, context)
+                try:
+                    limits.acquire_stream(tenant)
+                except ApiError as e:
+                    await errors.abort(context, e)
+                try:
+                    return await behavior(request, context)
+                finally:
+                    limits.release_stream(tenant)
+            return authenticated
+
+        async def authenticated_stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            try:
+                tenant = await self._tenant(context)
+            except ApiError as e:
+                await errors.abort(context, e)
+            _TENANT.set(tenant)
+            if limits is None:
+                async for response in behavior(request, context):
+                    yield response
+                return
+            try:
+                limits.acquire_stream(tenant)
+            except ApiError as e:
+                await errors.abort(context, e)
+            try:
+                async for response in behavior(request, context):
+                    yield response
+            finally:
+                limits.release_stream(tenant)
+        return authenticated_stream
 
 
 class MemoizedWrap:
@@ -147,5 +216,5 @@ class MemoizedWrap:
         if hit is not None and hit[0] is handler:
             return hit[1]
         wrapped = wrap_handler(handler, lambda behavior, streaming: self.wrap(method, behavior, streaming))
-        self._cache[method] = (handler, wrapped)  # a benign race: two threads may build equal wrappers
+        self._cache[method] = (handler, wrapped)
         return wrapped

@@ -57,7 +57,7 @@ class JobCache:
         self._generation = 0
         self._live = False
         self._lock = threading.Lock()
-        self._waiters: dict[uuid.UUID, set[threading.Event]] = {}
+        self._waiters: dict[uuid.UUID, set[Callable[[], None]]] = {}
         self._stop = threading.Event()
         self._connected = threading.Event()
         self._thread: threading.Thread | None = None
@@ -89,12 +89,26 @@ class JobCache:
             ) -> pb.Job | None:
         """The job as `tenant` may see it (None: no such job, or another tenant's). `load()` reads the database
         and returns `(tenant, event_sequence, message)` or None."""
+        found, job = self.lookup(job_id, tenant)
+        if found:
+            return job
+        return self.load(job_id, tenant, load)
+
+    def lookup(self, job_id: uuid.UUID, tenant: str) -> tuple[bool, pb.Job | None]:
+        """From memory only (never blocks on the database): (True, the job as `tenant` may see it) on a hit,
+        (False, None) on a miss (then `load`)."""
         with self._lock:
             entry = self._entries.get(job_id) if self._live else None
+        if entry is None:
+            return False, None
+        self.hits += 1
+        return True, (entry[2] if entry[0] == tenant else None)
+
+    def load(self, job_id: uuid.UUID, tenant: str, load: Callable[[], tuple[str, int, pb.Job] | None]
+             ) -> pb.Job | None:
+        """A miss: `load()` from the database, kept unless a change was notified meanwhile."""
+        with self._lock:
             generation = self._generation
-        if entry is not None:
-            self.hits += 1
-            return entry[2] if entry[0] == tenant else None
         self.misses += 1
         entry = load()
         if entry is None:
@@ -122,20 +136,27 @@ class JobCache:
     # ------------------------------------------------------------------ WatchJob wake-ups
 
     @contextlib.contextmanager
-    def subscribe(self, job_id: uuid.UUID) -> Iterator[threading.Event]:
-        """An event set whenever the job changes (and when notifications stop, so that waiters poll)."""
-        event = threading.Event()
+    def on_change(self, job_id: uuid.UUID, wake: Callable[[], None]) -> Iterator[None]:
+        """Call `wake()` (from the listener thread: it must be quick and thread-safe) whenever the job changes,
+        and when notifications stop (so that waiters poll), while in the block."""
         with self._lock:
-            self._waiters.setdefault(job_id, set()).add(event)
+            self._waiters.setdefault(job_id, set()).add(wake)
         try:
-            yield event
+            yield
         finally:
             with self._lock:
                 waiters = self._waiters.get(job_id)
                 if waiters is not None:
-                    waiters.discard(event)
+                    waiters.discard(wake)
                     if not waiters:
                         del self._waiters[job_id]
+
+    @contextlib.contextmanager
+    def subscribe(self, job_id: uuid.UUID) -> Iterator[threading.Event]:
+        """A threading.Event set whenever the job changes (see `on_change`)."""
+        event = threading.Event()
+        with self.on_change(job_id, event.set):
+            yield event
 
     # ------------------------------------------------------------------ the listener thread
 
@@ -149,17 +170,17 @@ class JobCache:
             self._generation += 1
             self._entries.pop(job_id, None)
             waiters = list(self._waiters.get(job_id, ()))
-        for event in waiters:
-            event.set()
+        for wake in waiters:
+            wake()
 
     def _go_dark(self) -> None:
         with self._lock:
             self._live = False
             self._generation += 1
             self._entries.clear()
-            waiters = [e for events in self._waiters.values() for e in events]
-        for event in waiters:
-            event.set()
+            waiters = [w for wakes in self._waiters.values() for w in wakes]
+        for wake in waiters:
+            wake()
 
     def _listen_forever(self) -> None:
         while not self._stop.is_set():

@@ -11,9 +11,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any
 
 import grpc
@@ -80,26 +81,31 @@ class Metrics:
         children[1].observe(seconds)
 
 
-def _final_code(context: grpc.ServicerContext, failed: bool) -> grpc.StatusCode:
+def _final_code(context: grpc.aio.ServicerContext, failed: bool, cancelled: bool = False) -> grpc.StatusCode:
+    if cancelled:  # the client went away (or the server is stopping): grpc.aio cancelled the call's task
+        return grpc.StatusCode.CANCELLED
     code = context.code()
-    if code is not None:
+    if isinstance(code, grpc.StatusCode):
         return code
-    if not context.is_active():
+    if isinstance(code, int):  # some grpc versions report the number
+        return next((c for c in grpc.StatusCode if c.value[0] == code), grpc.StatusCode.UNKNOWN)
+    if context.cancelled():
         return grpc.StatusCode.CANCELLED
     return grpc.StatusCode.UNKNOWN if failed else grpc.StatusCode.OK
 
 
-class MetricsInterceptor(grpc.ServerInterceptor):
+class MetricsInterceptor(grpc.aio.ServerInterceptor):
     """Counts every call by method and final status code and times it. Install it first (outermost), so
-    calls rejected by authentication are counted too."""
+    calls rejected by authentication or admission are counted too."""
 
     def __init__(self, metrics: Metrics) -> None:
         self.metrics = metrics
         self._wrapped = MemoizedWrap(self._wrap)
 
-    def intercept_service(self, continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
-                          handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
-        handler = continuation(handler_call_details)
+    async def intercept_service(
+            self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler | None]],
+            handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+        handler = await continuation(handler_call_details)
         if handler is None:
             return None
         return self._wrapped(handler_call_details.method, handler)
@@ -108,24 +114,28 @@ class MetricsInterceptor(grpc.ServerInterceptor):
         method = full_method.lstrip("/")
         observe = self.metrics.observe
         if not response_streaming:
-            def timed(request: Any, context: grpc.ServicerContext) -> Any:
-                start, failed = time.perf_counter(), True
+            async def timed(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                start, failed, cancelled = time.perf_counter(), True, False
                 try:
-                    response = behavior(request, context)
+                    response = await behavior(request, context)
                     failed = False
                     return response
+                except asyncio.CancelledError:
+                    cancelled = True
+                    raise
                 finally:
-                    observe(method, _final_code(context, failed), time.perf_counter() - start)
+                    observe(method, _final_code(context, failed, cancelled), time.perf_counter() - start)
             return timed
 
-        def timed_stream(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-            start, failed = time.perf_counter(), True
+        async def timed_stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            start, failed, cancelled = time.perf_counter(), True, False
             try:
-                yield from behavior(request, context)
+                async for response in behavior(request, context):
+                    yield response
                 failed = False
-            except GeneratorExit:  # gRPC dropped the stream: the client went away
-                failed = False
+            except (asyncio.CancelledError, GeneratorExit):  # the client went away
+                cancelled = True
                 raise
             finally:
-                observe(method, _final_code(context, failed), time.perf_counter() - start)
+                observe(method, _final_code(context, failed, cancelled), time.perf_counter() - start)
         return timed_stream

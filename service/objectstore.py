@@ -3,10 +3,11 @@
     open_store("file:///var/lib/prunery/objects")     # or a plain path
     open_store("s3://bucket/some/prefix?endpoint_url=http://127.0.0.1:9000&region=us-east-1")
 
-Bytes always stream: `put_stream` consumes an iterable of chunks holding at most one S3 part (8 MiB) in
-memory, hashing as it goes, and is all-or-nothing: on any exception (the source failing, the size cap
-(`TooLarge`), the store failing) no object is left behind under the key, and an existing object there is
-untouched. `open_range` streams an object from a byte offset, so interrupted downloads resume.
+Bytes always stream: `open_writer` takes chunks pushed one at a time (and `put_stream`, built on it, an
+iterable of chunks), holding at most one S3 part (8 MiB) in memory, hashing as it goes, all-or-nothing: on
+any exception (the source failing, the size cap (`TooLarge`), the store failing) no object is left behind
+under the key, and an existing object there is untouched. `open_range` streams an object from a byte
+offset, so interrupted downloads resume.
 
 A process killed in the middle of `put_stream` runs no cleanup. What it leaves depends on the store:
 `FolderStore` leaves its temporary file under `root/.tmp/`, which `remove_stale_temp_files` deletes once
@@ -38,6 +39,7 @@ from typing import Any, BinaryIO
 from urllib.parse import parse_qs, unquote, urlsplit
 
 __all__ = ["DEFAULT_CHUNK_SIZE", "FolderStore", "InvalidRange", "ObjectNotFound", "ObjectStore", "ObjectStoreError",
+           "ObjectWriter",
            "S3_PART_SIZE", "S3Store", "TooLarge", "open_store", "validate_key"]
 
 DEFAULT_CHUNK_SIZE = 1 << 20  # what open_range yields; below gRPC's 4 MiB default message limit
@@ -75,12 +77,55 @@ def validate_key(key: str, *, prefix: bool = False) -> str:
     return key
 
 
+class ObjectWriter(ABC):
+    """An object being written, pushed chunk by chunk (the API writes each chunk as it arrives, off its event
+    loop, without a thread held for the whole upload): `write` each chunk, then `commit` (the object appears
+    whole under its key) or `abort` (nothing appears; an existing object under the key is untouched)."""
+
+    def __init__(self, max_bytes: int | None) -> None:
+        self._counter = _Counter(max_bytes)
+        self.committed = False  # the object is visible under its key
+
+    def write(self, chunk: bytes) -> None:
+        """Add a chunk; TooLarge once the cap is passed (the caller then aborts)."""
+        if chunk:
+            self._counter.add(chunk)
+            self._write(chunk)
+
+    def commit(self) -> tuple[int, str]:
+        """Make the object visible; return (size, sha256 hex)."""
+        self._commit()
+        self.committed = True
+        return self._counter.size, self._counter.hash.hexdigest()
+
+    @abstractmethod
+    def _write(self, chunk: bytes) -> None: ...
+
+    @abstractmethod
+    def _commit(self) -> None: ...
+
+    @abstractmethod
+    def abort(self) -> None:
+        """Drop what was written (idempotent; never raises for a store that is away)."""
+
+
 class ObjectStore(ABC):
     url: str
 
     @abstractmethod
+    def open_writer(self, key: str, max_bytes: int | None = None) -> ObjectWriter:
+        """A writer of a new object under `key` (see ObjectWriter)."""
+
     def put_stream(self, key: str, chunks: Iterable[bytes], max_bytes: int | None = None) -> tuple[int, str]:
         """Store the concatenated chunks under `key`; return (size, sha256 hex). All or nothing."""
+        writer = self.open_writer(key, max_bytes)
+        try:
+            for chunk in chunks:
+                writer.write(chunk)
+            return writer.commit()
+        except BaseException:
+            writer.abort()
+            raise
 
     @abstractmethod
     def open_range(self, key: str, offset: int = 0, chunk_size: int = DEFAULT_CHUNK_SIZE) -> Iterator[bytes]:
@@ -149,6 +194,41 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+class _FolderWriter(ObjectWriter):
+    def __init__(self, dest: Path, tmp_dir: Path, max_bytes: int | None) -> None:
+        super().__init__(max_bytes)
+        self.dest = dest
+        tmp_dir.mkdir(exist_ok=True)
+        fd, self.tmp = tempfile.mkstemp(dir=tmp_dir, prefix="upload-")
+        self.file: BinaryIO | None = os.fdopen(fd, "wb")
+
+    def _write(self, chunk: bytes) -> None:
+        assert self.file is not None, "write after commit or abort"
+        self.file.write(chunk)
+
+    def _commit(self) -> None:
+        assert self.file is not None, "commit after commit or abort"
+        try:
+            self.file.flush()
+            os.fsync(self.file.fileno())
+            self.file.close()
+            self.file = None
+            self.dest.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(self.tmp, self.dest)
+            _fsync_dir(self.dest.parent)
+        except BaseException:
+            self.abort()
+            raise
+
+    def abort(self) -> None:
+        if self.file is not None:
+            with contextlib.suppress(OSError):
+                self.file.close()
+            self.file = None
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.tmp)
+
+
 class FolderStore(ObjectStore):
     """Objects are files under `root`; uploads go to `root/.tmp/` and are renamed into place when complete
     (fsynced first), so readers never see a partial object, even across a crash."""
@@ -162,27 +242,8 @@ class FolderStore(ObjectStore):
     def _path(self, key: str) -> Path:
         return self.root / validate_key(key)
 
-    def put_stream(self, key: str, chunks: Iterable[bytes], max_bytes: int | None = None) -> tuple[int, str]:
-        dest = self._path(key)
-        self._tmp.mkdir(exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self._tmp, prefix="upload-")
-        counter = _Counter(max_bytes)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                for chunk in chunks:
-                    if chunk:
-                        counter.add(chunk)
-                        f.write(chunk)
-                f.flush()
-                os.fsync(f.fileno())
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(tmp, dest)
-            _fsync_dir(dest.parent)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
-        return counter.size, counter.hash.hexdigest()
+    def open_writer(self, key: str, max_bytes: int | None = None) -> ObjectWriter:
+        return _FolderWriter(self._path(key), self._tmp, max_bytes)
 
     def open_range(self, key: str, offset: int = 0, chunk_size: int = DEFAULT_CHUNK_SIZE) -> Iterator[bytes]:
         path = self._path(key)
@@ -270,6 +331,65 @@ def _iter_body(body: Any, chunk_size: int) -> Iterator[bytes]:
         body.close()
 
 
+class _S3Writer(ObjectWriter):
+    """Holds at most one part in memory: up to one part goes up in one PUT, more as a multipart upload
+    (aborted on failure)."""
+
+    def __init__(self, store: S3Store, s3key: str, max_bytes: int | None) -> None:
+        super().__init__(max_bytes)
+        self.store, self.s3key = store, s3key
+        self.client, self.bucket, self.part_size = store.client, store.bucket, store.part_size
+        self.buf: bytearray | None = None  # one part, allocated once the stream has data; sent when full
+        self.filled = 0
+        self.upload_id: str | None = None
+        self.parts: list[dict[str, Any]] = []
+
+    def _send_part(self, data: bytearray | bytes) -> None:
+        if self.upload_id is None:
+            self.upload_id = self.client.create_multipart_upload(Bucket=self.bucket, Key=self.s3key)["UploadId"]
+        number = len(self.parts) + 1
+        resp = self.client.upload_part(Bucket=self.bucket, Key=self.s3key, UploadId=self.upload_id,
+                                       PartNumber=number, Body=data, ContentLength=len(data))
+        self.parts.append({"ETag": resp["ETag"], "PartNumber": number})
+
+    def _write(self, chunk: bytes) -> None:
+        view = memoryview(chunk).cast("B")
+        while view:
+            if self.buf is None:
+                self.buf = bytearray(self.part_size)
+            if self.filled == self.part_size:  # full, and more data follows: it is not the last part
+                self._send_part(self.buf)
+                self.filled = 0
+            n = min(len(view), self.part_size - self.filled)
+            self.buf[self.filled:self.filled + n] = view[:n]
+            self.filled += n
+            view = view[n:]
+
+    def _commit(self) -> None:
+        last: bytearray | bytes = b""
+        if self.buf is not None:
+            del self.buf[self.filled:]  # the last part, trimmed in place
+            last, self.buf = self.buf, None
+        try:
+            if self.upload_id is None:
+                self.client.put_object(Bucket=self.bucket, Key=self.s3key, Body=last, ContentLength=len(last))
+            else:
+                self._send_part(last)
+                self.client.complete_multipart_upload(Bucket=self.bucket, Key=self.s3key, UploadId=self.upload_id,
+                                                      MultipartUpload={"Parts": self.parts})
+                self.upload_id = None
+        except BaseException:
+            self.abort()
+            raise
+
+    def abort(self) -> None:
+        self.buf = None
+        if self.upload_id is not None:
+            with contextlib.suppress(Exception):
+                self.client.abort_multipart_upload(Bucket=self.bucket, Key=self.s3key, UploadId=self.upload_id)
+            self.upload_id = None
+
+
 class S3Store(ObjectStore):
     """Objects under `s3://bucket/prefix/`. Uploads up to one part go up in one PUT; larger ones as a
     multipart upload of `part_size` parts, aborted on any failure."""
@@ -314,55 +434,8 @@ class S3Store(ObjectStore):
                 kwargs["CreateBucketConfiguration"] = {"LocationConstraint": region}
             self.client.create_bucket(Bucket=self.bucket, **kwargs)
 
-    def put_stream(self, key: str, chunks: Iterable[bytes], max_bytes: int | None = None) -> tuple[int, str]:
-        s3key = self._key(key)
-        counter = _Counter(max_bytes)
-        buf: bytearray | None = None  # one part, allocated once the stream has data; sent when full
-        filled = 0
-        upload_id: str | None = None
-        parts: list[dict[str, Any]] = []
-
-        def send_part(data: bytearray | bytes) -> None:
-            nonlocal upload_id
-            if upload_id is None:
-                upload_id = self.client.create_multipart_upload(Bucket=self.bucket, Key=s3key)["UploadId"]
-            number = len(parts) + 1
-            resp = self.client.upload_part(Bucket=self.bucket, Key=s3key, UploadId=upload_id, PartNumber=number,
-                                           Body=data, ContentLength=len(data))
-            parts.append({"ETag": resp["ETag"], "PartNumber": number})
-
-        try:
-            for chunk in chunks:
-                if not chunk:
-                    continue
-                counter.add(chunk)
-                view = memoryview(chunk).cast("B")
-                while view:
-                    if buf is None:
-                        buf = bytearray(self.part_size)
-                    if filled == self.part_size:  # full, and more data follows: it is not the last part
-                        send_part(buf)
-                        filled = 0
-                    n = min(len(view), self.part_size - filled)
-                    buf[filled:filled + n] = view[:n]
-                    filled += n
-                    view = view[n:]
-            last: bytearray | bytes = b""
-            if buf is not None:
-                del buf[filled:]  # the last part, trimmed in place
-                last, buf = buf, None
-            if upload_id is None:
-                self.client.put_object(Bucket=self.bucket, Key=s3key, Body=last, ContentLength=len(last))
-            else:
-                send_part(last)
-                self.client.complete_multipart_upload(Bucket=self.bucket, Key=s3key, UploadId=upload_id,
-                                                      MultipartUpload={"Parts": parts})
-        except BaseException:
-            if upload_id is not None:
-                with contextlib.suppress(Exception):
-                    self.client.abort_multipart_upload(Bucket=self.bucket, Key=s3key, UploadId=upload_id)
-            raise
-        return counter.size, counter.hash.hexdigest()
+    def open_writer(self, key: str, max_bytes: int | None = None) -> ObjectWriter:
+        return _S3Writer(self, self._key(key), max_bytes)
 
     def open_range(self, key: str, offset: int = 0, chunk_size: int = DEFAULT_CHUNK_SIZE) -> Iterator[bytes]:
         from botocore.exceptions import ClientError

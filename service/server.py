@@ -1,23 +1,34 @@
-"""The API server: a thread-pool gRPC server with ArtifactService and JobService behind bearer-token
-authentication, standard health checking (`grpc.health.v1`), server reflection, and Prometheus metrics on
-a separate HTTP port.
+"""The API server: a grpc.aio (asyncio) server with ArtifactService and JobService behind bearer-token
+authentication and per-tenant admission, standard health checking (`grpc.health.v1`), server reflection,
+and Prometheus metrics on a separate HTTP port.
 
-    server = build_server(Settings.from_env())   # binds the port; a grpc.Server
+    server = build_server(Settings.from_env())   # binds the port
     server.start(); print(server.address); server.wait_for_termination()
 
-`serve()` is the production entry point (`prunery serve`): settings from `PRUNERY_*`, migrations to head
-(unless PRUNERY_MIGRATE=0), graceful stop on SIGTERM/SIGINT. Never imports torch.
+Why asyncio: most calls are short, but WatchJob streams (every `prunery submit --wait`), uploads and
+downloads last minutes. In a thread-per-call server each of them held one of a fixed number of threads,
+so forty idle watches from one tenant starved everyone's GetJob and the health check. Here an open stream
+costs a coroutine (a few KB), the event loop answers cached GetJob calls and health checks itself, and the
+short blocking steps of calls (SQL statements through SQLAlchemy, object store requests) run in a bounded
+thread pool (`limits.BlockingPool`) that sheds load with UNAVAILABLE instead of queuing forever. We keep
+the synchronous SQLAlchemy code the workers share (`jobs.py`'s state machine) rather than keep a second,
+async copy of it: a statement holds a pool thread for about a millisecond, never for a stream's life.
+
+The event loop runs in a thread of its own, so `PruneryServer` offers the familiar start/stop/wait methods
+to threads (tests, `prunery up`). `serve()` is the production entry point (`prunery serve`): settings from
+`PRUNERY_*`, migrations to head (unless PRUNERY_MIGRATE=0), graceful stop on SIGTERM/SIGINT. Never
+imports torch.
 """
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import logging
 import signal
 import threading
-from collections.abc import Callable, Sequence
-from concurrent import futures
-from typing import Any
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any, TypeVar
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -28,6 +39,7 @@ from prunery.service import db
 from prunery.service.api import ApiBackend, ArtifactService, JobService
 from prunery.service.auth import AuthInterceptor, TokenAuthenticator
 from prunery.service.jobcache import JobCache
+from prunery.service.limits import BlockingPool, TenantLimits
 from prunery.service.metrics import Metrics, MetricsInterceptor
 from prunery.service.objectstore import ObjectStore, open_store
 from prunery.service.queue import CeleryEnqueuer
@@ -39,37 +51,52 @@ __all__ = ["SERVICE_NAMES", "PruneryServer", "build_server", "serve"]
 log = logging.getLogger("prunery.service")
 
 SERVICE_NAMES = tuple(s.full_name for s in prunery_pb2.DESCRIPTOR.services_by_name.values())
+T = TypeVar("T")
 
 
-class PruneryServer(grpc.Server):
-    """A grpc.Server (delegating to the real one) that also owns the metrics endpoint, the health status and
-    the database engine, and knows its bound port: `port`, `address`, `metrics_port` (after `start()`)."""
+class _LoopThread:
+    """An asyncio event loop running in a daemon thread; `call(coro)` runs a coroutine there and waits."""
 
-    def __init__(self, server: grpc.Server, *, settings: Settings, port: int, backend: ApiBackend,
-                 health_servicer: health.HealthServicer, metrics: Metrics,
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="prunery-api-loop", daemon=True)
+        self.thread.start()
+
+    def call(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def close(self) -> None:
+        if self.loop.is_closed():
+            return
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        if not self.thread.is_alive():
+            self.loop.close()
+
+
+class PruneryServer:
+    """The API server (a grpc.aio server on its own event loop thread) with the metrics endpoint, the health
+    status and the database engine it owns; knows its bound `port`, `address`, `metrics_port` (after
+    `start()`)."""
+
+    def __init__(self, server: grpc.aio.Server, runner: _LoopThread, *, settings: Settings, port: int,
+                 backend: ApiBackend, health_servicer: Any, metrics: Metrics, limits: TenantLimits,
                  cleanups: Sequence[Callable[[], None]] = ()) -> None:
-        self._server = server
+        self._server, self._runner = server, runner
         self.settings, self.port, self.backend = settings, port, backend
-        self.health, self.metrics = health_servicer, metrics
+        self.health, self.metrics, self.limits = health_servicer, metrics, limits
         self.metrics_port: int | None = None
         self._metrics_httpd: Any = None
         self._cleanups = list(cleanups)
         self._stopped = threading.Event()
+        self._stopping = threading.Lock()
+        self._stop_started = False
         host = settings.listen_address.rsplit(":", 1)[0]
         self.address = f"{host}:{port}"
 
-    # grpc.Server
-    def add_generic_rpc_handlers(self, generic_rpc_handlers: Any) -> None:
-        self._server.add_generic_rpc_handlers(generic_rpc_handlers)
-
-    def add_registered_method_handlers(self, service_name: str, method_handlers: Any) -> None:
-        self._server.add_registered_method_handlers(service_name, method_handlers)
-
-    def add_insecure_port(self, address: str) -> int:
-        return self._server.add_insecure_port(address)
-
-    def add_secure_port(self, address: str, server_credentials: grpc.ServerCredentials) -> int:
-        return self._server.add_secure_port(address, server_credentials)
+    async def _set_health(self, status: int) -> None:
+        for name in ("", *SERVICE_NAMES):
+            await self.health.set(name, status)
 
     def start(self) -> None:
         if self.settings.metrics_port is not None:
@@ -79,35 +106,47 @@ class PruneryServer(grpc.Server):
         if self.backend.job_cache is not None:
             self.backend.job_cache.start()
         # everything loaded so far lives as long as the server: keep it out of the collector's full passes,
-        # which otherwise stall every request thread for milliseconds (the GetJob p99)
+        # which otherwise stall the event loop for milliseconds (the GetJob p99)
         gc.collect()
         gc.freeze()
-        self._server.start()
-        for name in ("", *SERVICE_NAMES):
-            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self._runner.call(self._server.start())
+        self._runner.call(self._set_health(health_pb2.HealthCheckResponse.SERVING))
         log.info("Prunery API on %s (metrics: %s)", self.address,
                  f"http://{self.settings.metrics_addr}:{self.metrics_port}/metrics" if self.metrics_port else "off")
 
     def stop(self, grace: float | None) -> threading.Event:
-        """Health turns NOT_SERVING at once; calls in flight get `grace` seconds; then the metrics endpoint
-        and the database pool close."""
-        self.health.enter_graceful_shutdown()
-        done = self._server.stop(grace)
+        """Health turns NOT_SERVING at once; calls in flight get `grace` seconds; then the event loop, the
+        metrics endpoint and the database pool close. Returns an event set once all is stopped."""
+        with self._stopping:
+            if self._stop_started:
+                return self._stopped
+            self._stop_started = True
+
+        async def stop_server() -> None:
+            await self.health.enter_graceful_shutdown()
+            await self._server.stop(grace)
 
         def finish() -> None:
-            done.wait()
-            self._cleanup()
+            try:
+                if not self._runner.loop.is_closed():
+                    self._runner.call(stop_server())
+            except Exception:
+                log.exception("stopping the gRPC server failed")
+            finally:
+                self._cleanup()
 
         threading.Thread(target=finish, name="prunery-api-stop", daemon=True).start()
-        return done
+        return self._stopped
 
     def wait_for_termination(self, timeout: float | None = None) -> bool:
-        return self._server.wait_for_termination(timeout)
+        """Block until the server has stopped (True) or `timeout` passed (False)."""
+        return self._stopped.wait(timeout)
 
     def _cleanup(self) -> None:
         if self._stopped.is_set():
             return
-        self._stopped.set()
+        self._runner.close()
+        self.backend.pool.shutdown()
         if self._metrics_httpd is not None:
             self._metrics_httpd.shutdown()
             self._metrics_httpd.server_close()
@@ -116,6 +155,20 @@ class PruneryServer(grpc.Server):
                 fn()
             except Exception:
                 log.exception("cleanup failed while stopping the API server")
+        self._stopped.set()
+
+
+def _server_options(settings: Settings) -> list[tuple[str, Any]]:
+    return [
+        ("grpc.so_reuseport", 0),  # a port in use is an error, not a second server sharing it
+        # requests up to this size are read and refused by our validation (a reply with the reason) rather
+        # than cut off by gRPC's 4 MiB default
+        ("grpc.max_receive_message_length", settings.max_message_bytes),
+        # ping idle connections, so the streams of a client that vanished without closing (a dead host, a cut
+        # link) end and give their tenant's stream slots back
+        ("grpc.keepalive_time_ms", 60_000),
+        ("grpc.keepalive_timeout_ms", 20_000),
+    ]
 
 
 def build_server(settings: Settings | None = None, *, database: db.Database | None = None,
@@ -130,9 +183,9 @@ def build_server(settings: Settings | None = None, *, database: db.Database | No
     if database is None:
         engine_kwargs: dict[str, Any] = {}
         if not db.normalize_url(settings.database_url).startswith("sqlite"):
-            # a connection per request thread (+ the metrics scrape): connections opened past the pool are
-            # closed again on return, and a new Postgres connection costs milliseconds of CPU
-            engine_kwargs = {"pool_size": settings.grpc_workers + 2, "max_overflow": 8}
+            # a connection per pool thread (+ token lookups and the metrics scrape); a new Postgres
+            # connection costs milliseconds of CPU, so they are kept
+            engine_kwargs = {"pool_size": settings.grpc_workers + 2, "max_overflow": 8, "pool_timeout": 10}
         database = db.Database(settings.database_url, **engine_kwargs)
         cleanups.append(database.dispose)
     store = store or open_store(settings.store_url)
@@ -145,37 +198,49 @@ def build_server(settings: Settings | None = None, *, database: db.Database | No
     if settings.job_cache and database.engine.dialect.name == "postgresql":
         job_cache = JobCache(database.url)
         cleanups.append(job_cache.stop)
-    backend = ApiBackend(database=database, store=store, settings=settings, enqueue=enqueue, metrics=metrics,
-                         job_cache=job_cache)
+    pool = BlockingPool(settings.grpc_workers, settings.max_pending)
+    limits = TenantLimits(rate=settings.tenant_rate, burst=settings.tenant_burst or 2 * settings.tenant_rate,
+                          streams_per_tenant=settings.tenant_streams, max_streams=settings.max_streams)
+    backend = ApiBackend(database=database, store=store, settings=settings, enqueue=enqueue, pool=pool,
+                         metrics=metrics, job_cache=job_cache)
+    runner = _LoopThread()
 
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=settings.grpc_workers, thread_name_prefix="prunery-api"),
-        interceptors=[MetricsInterceptor(metrics),
-                      AuthInterceptor(TokenAuthenticator(database, cache_s=settings.auth_cache_s))],
-        options=[("grpc.so_reuseport", 0)],  # a port in use is an error, not a second server sharing it
-    )
-    prunery_pb2_grpc.add_ArtifactServiceServicer_to_server(ArtifactService(backend), server)
-    prunery_pb2_grpc.add_JobServiceServicer_to_server(JobService(backend), server)
-    health_servicer = health.HealthServicer()
-    for name in ("", *SERVICE_NAMES):
-        health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)  # SERVING once started
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
-        server)
+    async def make() -> tuple[grpc.aio.Server, Any, int]:
+        server = grpc.aio.server(
+            interceptors=[MetricsInterceptor(metrics),
+                          AuthInterceptor(TokenAuthenticator(database, cache_s=settings.auth_cache_s), pool, limits)],
+            options=_server_options(settings))
+        prunery_pb2_grpc.add_ArtifactServiceServicer_to_server(ArtifactService(backend), server)
+        prunery_pb2_grpc.add_JobServiceServicer_to_server(JobService(backend), server)
+        health_servicer = health.aio.HealthServicer()
+        for name in ("", *SERVICE_NAMES):
+            await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)  # SERVING once started
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        reflection.enable_server_reflection(
+            (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            server)
+        try:
+            port = server.add_insecure_port(settings.listen_address)
+        except RuntimeError:
+            port = 0
+        return server, health_servicer, port
+
     try:
-        port = server.add_insecure_port(settings.listen_address)
-    except RuntimeError as e:
-        port, error = 0, e
-    else:
-        error = None
-    if not port:
+        server, health_servicer, port = runner.call(make())
+    except BaseException:
+        runner.close()
+        pool.shutdown()
         for fn in cleanups:
             fn()
-        raise RuntimeError(f"cannot listen on {settings.listen_address!r} (in use, or not an address of this host)"
-                           ) from error
-    return PruneryServer(server, settings=settings, port=port, backend=backend, health_servicer=health_servicer,
-                         metrics=metrics, cleanups=cleanups)
+        raise
+    if not port:
+        runner.close()
+        pool.shutdown()
+        for fn in cleanups:
+            fn()
+        raise RuntimeError(f"cannot listen on {settings.listen_address!r} (in use, or not an address of this host)")
+    return PruneryServer(server, runner, settings=settings, port=port, backend=backend,
+                         health_servicer=health_servicer, metrics=metrics, limits=limits, cleanups=cleanups)
 
 
 def serve(settings: Settings | None = None, *, grace_s: float = 10.0) -> None:
@@ -199,4 +264,3 @@ def serve(settings: Settings | None = None, *, grace_s: float = 10.0) -> None:
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
     server.wait_for_termination()
-    server._cleanup()

@@ -19,7 +19,20 @@ a worker started in the same environment share one database, one object store an
 | PRUNERY_TENANT_CAP_BYTES       | 8589934592 (8 GiB)                  | bytes of artifacts one tenant may hold; an    |
 |                                |                                     | upload past it fails with RESOURCE_EXHAUSTED  |
 | PRUNERY_CHUNK_SIZE             | 1048576 (1 MiB)                     | download chunk size (at most 3 MiB)           |
-| PRUNERY_GRPC_WORKERS           | 32                                  | request threads (a WatchJob holds one)        |
+| PRUNERY_GRPC_WORKERS           | 16                                  | threads for the blocking steps of calls (the  |
+|                                |                                     | server is asyncio: an open stream holds none) |
+| PRUNERY_MAX_PENDING            | 256                                 | steps waiting for a thread; past it, calls    |
+|                                |                                     | are shed: UNAVAILABLE (OVERLOADED)            |
+| PRUNERY_TENANT_RATE            | 2000                                | calls/s per tenant per API process (0: no     |
+|                                |                                     | limit); past it RESOURCE_EXHAUSTED            |
+| PRUNERY_TENANT_BURST           | 2 x the rate                        | calls a tenant may send at once               |
+| PRUNERY_TENANT_STREAMS         | 1000                                | open WatchJob/upload/download streams per     |
+|                                |                                     | tenant per API process (0: no limit)          |
+| PRUNERY_MAX_STREAMS            | 20000                               | open streams per API process                  |
+| PRUNERY_TENANT_MAX_QUEUED      | 1000                                | QUEUED jobs per tenant (0: no limit); past it |
+|                                |                                     | CreateJob is RESOURCE_EXHAUSTED               |
+| PRUNERY_MAX_MESSAGE_BYTES      | 16777216 (16 MiB)                   | largest request message accepted (a larger    |
+|                                |                                     | one is RESOURCE_EXHAUSTED by gRPC itself)     |
 | PRUNERY_WATCH_POLL_S           | 0.2                                 | WatchJob's database polling period            |
 | PRUNERY_AUTH_CACHE_S           | 5                                   | how long a valid token is trusted without a   |
 |                                |                                     | database lookup (a revoke takes this long)    |
@@ -84,7 +97,14 @@ class Settings:
     metrics_addr: str = "0.0.0.0"
     tenant_cap_bytes: int = DEFAULT_TENANT_CAP_BYTES
     chunk_size: int = DEFAULT_CHUNK_SIZE
-    grpc_workers: int = 32
+    grpc_workers: int = 16
+    max_pending: int = 256
+    tenant_rate: float = 2000.0
+    tenant_burst: float = 0.0  # 0: twice the rate
+    tenant_streams: int = 1000
+    max_streams: int = 20000
+    tenant_max_queued: int = 1000
+    max_message_bytes: int = 16 << 20
     watch_poll_s: float = 0.2
     auth_cache_s: float = 5.0
     job_cache: bool = True  # Postgres: GetJob from memory kept fresh by LISTEN/NOTIFY (service/jobcache.py)
@@ -129,7 +149,14 @@ class Settings:
             metrics_addr=os.environ.get("PRUNERY_METRICS_ADDR") or "0.0.0.0",
             tenant_cap_bytes=int(env_number("PRUNERY_TENANT_CAP_BYTES", DEFAULT_TENANT_CAP_BYTES, 0)),
             chunk_size=int(env_number("PRUNERY_CHUNK_SIZE", DEFAULT_CHUNK_SIZE, 1, MAX_CHUNK_SIZE)),
-            grpc_workers=int(env_number("PRUNERY_GRPC_WORKERS", 32, 1)),
+            grpc_workers=int(env_number("PRUNERY_GRPC_WORKERS", 16, 1)),
+            max_pending=int(env_number("PRUNERY_MAX_PENDING", 256, 1)),
+            tenant_rate=env_number("PRUNERY_TENANT_RATE", 2000.0, 0.0),
+            tenant_burst=env_number("PRUNERY_TENANT_BURST", 0.0, 0.0),
+            tenant_streams=int(env_number("PRUNERY_TENANT_STREAMS", 1000, 0)),
+            max_streams=int(env_number("PRUNERY_MAX_STREAMS", 20000, 1)),
+            tenant_max_queued=int(env_number("PRUNERY_TENANT_MAX_QUEUED", 1000, 0)),
+            max_message_bytes=int(env_number("PRUNERY_MAX_MESSAGE_BYTES", 16 << 20, 4 << 20, 1 << 30)),
             watch_poll_s=env_number("PRUNERY_WATCH_POLL_S", 0.2, 0.01),
             auth_cache_s=env_number("PRUNERY_AUTH_CACHE_S", 5.0, 0.0),
             job_cache=_bool("PRUNERY_JOB_CACHE", True),
