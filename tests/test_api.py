@@ -990,3 +990,83 @@ def test_embedded_defaults_sqlite_folder_and_filesystem_broker(tmp_path: Path) -
         assert (tmp_path / "objects" / model.name).is_file()
     finally:
         server.stop(0).wait(10)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Hostile input: every refusal is INVALID_ARGUMENT with its reason, small, and stores nothing
+# ---------------------------------------------------------------------------------------------------------
+
+REPLY_LIMIT = 4 * KiB
+
+
+def reply_size(err: grpc.RpcError) -> int:
+    """Bytes of the error as it travels: its message and its trailing metadata (the Status details)."""
+    meta = err.trailing_metadata() or ()
+    return len((err.details() or "").encode()) + sum(len(k) + len(v) for k, v in meta)
+
+
+def small_refusal(err: grpc.RpcError, reason: str, field: str | None = None) -> Details:
+    d = expect(err, Code.INVALID_ARGUMENT, reason, field)
+    assert reply_size(err) < REPLY_LIMIT, reply_size(err)
+    return d
+
+
+def jobs_of(api: Api, t: Tenant) -> list[Job]:
+    with api.database.session() as s:
+        return list(s.scalars(select(Job).where(Job.tenant_id == t.name)))
+
+
+@pytest.mark.parametrize("make_name", [
+    lambda n: n + "\n", lambda n: n + " ", lambda n: " " + n, lambda n: n + "\x00", lambda n: n.upper().replace(
+        "ARTIFACTS", "Artifacts"), lambda n: n + "/", lambda n: "x" * (1 << 20)],
+    ids=["trailing newline", "trailing space", "leading space", "NUL", "wrong case", "trailing slash", "1 MB"])
+def test_names_must_match_whole(folder_api: Api, tenant: Tenant, make_name: Callable[[str], str]) -> None:
+    api = folder_api
+    artifact = upload(api, tenant, b"some bytes")
+    bad = make_name(artifact.name)
+    for call, request in ((api.artifacts.GetArtifact, pb.GetArtifactRequest(name=bad)),
+                          (api.artifacts.DeleteArtifact, pb.DeleteArtifactRequest(name=bad)),
+                          (api.artifacts.DownloadArtifact, pb.DownloadArtifactRequest(name=bad)),
+                          (api.jobs.GetJob, pb.GetJobRequest(name=bad.replace("artifacts/", "jobs/"))),
+                          (api.jobs.WatchJob, pb.WatchJobRequest(name=bad.replace("artifacts/", "jobs/")))):
+        d = small_refusal(rpc_error(call, request, metadata=tenant.md, timeout=30), "INVALID_NAME", "name")
+        assert len(d.message) < 600 and ("characters)" in d.message) == (len(bad) > 200)
+    assert api.artifacts.GetArtifact(pb.GetArtifactRequest(name=artifact.name), metadata=tenant.md).name \
+        == artifact.name  # the artifact itself is untouched
+
+
+def test_huge_inputs_are_refused_with_their_reason_in_a_small_reply(folder_api: Api, tenant: Tenant) -> None:
+    api = folder_api
+    model = upload(api, tenant, b"a model")
+    # a 1 MB model name in a job spec
+    job = pb.Job(spec=pb.PruneSpec(model="artifacts/" + "x" * (1 << 20), ratio=0.5))
+    d = small_refusal(rpc_error(api.jobs.CreateJob, pb.CreateJobRequest(job=job), metadata=tenant.md, timeout=30),
+                      "INVALID_FIELD", "job.spec.model")
+    assert "(1048586 characters)" in d.fields["job.spec.model"]
+    # a 100 KB list filter
+    for call, request in ((api.jobs.ListJobs, pb.ListJobsRequest(filter="state=" + "Q" * 100_000)),
+                          (api.artifacts.ListArtifacts, pb.ListArtifactsRequest(filter="labels.a=" + "b" * 100_000))):
+        d = small_refusal(rpc_error(call, request, metadata=tenant.md, timeout=30), "INVALID_FILTER", "filter")
+        assert "at most 4096 characters" in d.message
+    # a 10 MB label map: 1,000 labels of 10 KB, on a job and on an upload
+    labels = {f"k{i}": "v" * 10_000 for i in range(1000)}
+    job = pb.Job(spec=pb.PruneSpec(model=model.name, ratio=0.5), labels=labels)
+    d = small_refusal(rpc_error(api.jobs.CreateJob, pb.CreateJobRequest(job=job), metadata=tenant.md, timeout=30),
+                      "INVALID_FIELD", "job.labels")
+    assert "at most 64 labels; got 1000" in d.fields["job.labels"]
+    one_huge = {"big": "v" * (10 << 20)}
+    small_refusal(rpc_error(upload, api, tenant, b"data", labels=one_huge), "INVALID_FIELD")
+    many_bad = {f"bad key {i}" + "k" * 1000: "v" for i in range(60)}  # 60 violations: 5 listed, the rest counted
+    d = small_refusal(rpc_error(upload, api, tenant, b"data", labels=many_bad), "INVALID_FIELD")
+    assert len(d.fields) == 6 and "55 more violation(s) not listed" in d.fields[""]
+    # a 1 MB request_id and queue name
+    job = pb.Job(spec=pb.PruneSpec(model=model.name, ratio=0.5), queue="q" * (1 << 20))
+    small_refusal(rpc_error(api.jobs.CreateJob, pb.CreateJobRequest(job=job), metadata=tenant.md, timeout=30),
+                  "INVALID_FIELD", "job.queue")
+    small_refusal(rpc_error(api.jobs.CreateJob, pb.CreateJobRequest(job=job, request_id="r" * (1 << 20)),
+                            metadata=tenant.md, timeout=30), "INVALID_FIELD", "request_id")
+    # nothing was stored: no job, and no artifact but the model
+    assert jobs_of(api, tenant) == []
+    with api.database.session() as s:
+        assert [a.id for a in s.scalars(select(Artifact).where(Artifact.tenant_id == tenant.name))] \
+            == [uuid.UUID(model.name.split("/")[1])]
