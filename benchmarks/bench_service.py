@@ -8,6 +8,13 @@
              channel each). Each layout hammers GetJob on one QUEUED job for --seconds; calls/s and
              p50/p99 latency of the calls that completed inside the window. Target: >= 2000 calls/s,
              p99 < 20 ms.
+             Then the same with 500 WatchJob streams held open by another tenant (a process of its own,
+             one grpc.aio channel): the asyncio layouts again, and the API process's RSS growth from
+             before the streams opened to its peak while they were open. Targets (issue 10): >= 1500
+             calls/s, p99 < 30 ms, RSS growth < 100 MB.
+             The API runs with PRUNERY_TENANT_RATE=0: these figures are the server's capacity, and one
+             tenant's 32 clients polling flat out would otherwise meet its own call-rate limit (2000/s
+             by default), as the last line of the section shows with the default limit.
              Several API processes on one port (grpc.so_reuseport) are NOT measured: `build_server`
              binds with `grpc.so_reuseport=0`, so a second process cannot share the port without a code
              change.
@@ -54,6 +61,7 @@ from prunery.v1 import prunery_pb2 as pb
 
 MiB = 1 << 20
 GETJOB_CALLS_S, GETJOB_P99_MS = 2000.0, 20.0
+STREAMS, STREAMS_CALLS_S, STREAMS_P99_MS, STREAMS_RSS_MB = 500, 1500.0, 30.0, 100.0
 TRANSFER_MB_S, TRANSFER_RSS_MB = 200.0, 100.0
 OVERHEAD_S = 1.0
 # (client processes, clients each, kind): 32 clients in all. "threads": one `Client` per thread; "asyncio": one
@@ -177,13 +185,17 @@ def _noop_enqueue(job_id: str, queue: str) -> None:
     """The injected enqueue: jobs stay QUEUED; no broker is involved."""
 
 
-def _api_server_process(db_url: str, data_dir: str, ready: Any, stop: Any) -> None:
-    """Child process: the API from `build_server` on a free loopback port until `stop` is set."""
+def _api_server_process(db_url: str, data_dir: str, ready: Any, stop: Any, tenant_rate: float | None = None
+                        ) -> None:
+    """Child process: the API from `build_server` on a free loopback port until `stop` is set; settings from
+    the environment as `prunery serve` reads them (the call-rate limit overridden when given)."""
     from prunery.service.server import build_server
     from prunery.service.settings import Settings
 
-    settings = Settings(data_dir=Path(data_dir), database_url=db_url, store_url=(Path(data_dir) / "objects").as_uri(),
-                        listen_address="127.0.0.1:0", metrics_port=None)
+    overrides: dict[str, Any] = {} if tenant_rate is None else {"tenant_rate": tenant_rate}
+    settings = Settings.from_env(data_dir=Path(data_dir), database_url=db_url,
+                                 store_url=(Path(data_dir) / "objects").as_uri(), listen_address="127.0.0.1:0",
+                                 metrics_port=None, **overrides)
     server = build_server(settings, enqueue=_noop_enqueue)
     server.start()
     ready.put((os.getpid(), server.port))
@@ -296,6 +308,96 @@ def _getjob_aio_client_process(address: str, token: str, job: str, tasks: int, r
     asyncio.run(main())
 
 
+def _hold_streams_process(address: str, token: str, job: str, n: int, ready: Any, stop: Any) -> None:
+    """Child process: `n` WatchJob streams on one QUEUED job, held open (each has had its first event) until
+    `stop` is set."""
+    import asyncio
+
+    import grpc
+
+    from prunery.v1 import prunery_pb2_grpc as pb_grpc
+
+    async def main() -> None:
+        async with grpc.aio.insecure_channel(address) as channel:
+            stub = pb_grpc.JobServiceStub(channel)
+            metadata = (("authorization", f"Bearer {token}"),)
+            calls = [stub.WatchJob(pb.WatchJobRequest(name=job), metadata=metadata) for _ in range(n)]
+            try:
+                for call in calls:
+                    await call.read()
+            except Exception as e:
+                ready.put(f"streams failed: {type(e).__name__}: {e}")
+                return
+            ready.put(os.getpid())
+            await asyncio.get_running_loop().run_in_executor(None, stop.wait)
+            for call in calls:
+                call.cancel()
+
+    asyncio.run(main())
+
+
+def _run_layouts(ctx: Any, address: str, token: str, job: str, server_pid: int, seconds: float,
+                 layouts: tuple[tuple[int, int, str], ...]) -> list[tuple[str, float, float, float, int]]:
+    """GetJob from each client layout for `seconds`: (label, calls/s, p50 ms, p99 ms, errors) per layout."""
+    out = []
+    for n_proc, n_clients, kind in layouts:
+        label = f"{n_proc} process{'es' if n_proc > 1 else ''} x {n_clients} {kind}"
+        target = _getjob_client_process if kind == "threads" else _getjob_aio_client_process
+        c_ready, go, results = ctx.Queue(), ctx.Event(), ctx.Queue()
+        window = ctx.Array("d", 2, lock=False)
+        with contextlib.ExitStack() as clients:
+            procs = [clients.enter_context(managed_mp(ctx.Process(
+                target=target, args=(address, token, job, n_clients, c_ready, go, window, results), daemon=True)))
+                for _ in range(n_proc)]
+            for _ in procs:
+                msg = c_ready.get(timeout=120)
+                if isinstance(msg, str):
+                    raise RuntimeError(msg)
+            t0 = time.monotonic() + 0.2
+            window[0], window[1] = t0, t0 + seconds
+            go.set()
+            time.sleep(max(0.0, t0 - time.monotonic()))
+            cpu0 = proc_cpu_s(server_pid)
+            time.sleep(seconds)
+            cpu1 = proc_cpu_s(server_pid)
+            latencies: list[float] = []
+            errors, failures = 0, []
+            for _ in procs:
+                lat, err, fail = results.get(timeout=120)
+                latencies.extend(lat)
+                errors += err
+                failures.extend(fail)
+        if failures:
+            raise RuntimeError(f"GetJob clients ({label}) failed: {failures[:3]}")
+        latencies.sort()
+        rate = (len(latencies) - errors) / seconds
+        p50, p99 = percentile(latencies, 50) * 1e3, percentile(latencies, 99) * 1e3
+        print(f"  [{label}] {len(latencies)} calls, {errors} errors; API process CPU "
+              f"{(cpu1 - cpu0) / seconds:.0%} of one core (2 cores shared with the clients)", flush=True)
+        out.append((label, rate, p50, p99, errors))
+    return out
+
+
+@contextlib.contextmanager
+def _api(ctx: Any, url: str, tmp: Path, tenant_rate: float | None) -> Iterator[tuple[int, str]]:
+    ready, stop = ctx.Queue(), ctx.Event()
+    api = ctx.Process(target=_api_server_process, args=(url, str(tmp), ready, stop, tenant_rate), daemon=True)
+    with managed_mp(api):
+        try:
+            server_pid, port = ready.get(timeout=60)
+            yield server_pid, f"127.0.0.1:{port}"
+        finally:
+            stop.set()
+
+
+def _queued_job(address: str, token: str, tmp: Path) -> str:
+    model = tmp / "model.pt2"
+    model.write_bytes(os.urandom(4096))  # the API never opens the file; a worker would
+    with Client(address, token) as client:
+        artifact = client.upload(model)
+        return client.create_job(spec_from_options(artifact.name, 0.5)).name
+
+
 def bench_getjob(args: argparse.Namespace) -> None:
     print(f"\n== 1. GetJob, 32 concurrent clients, {args.seconds:.0f} s per layout ==", flush=True)
     from prunery.service import tokens
@@ -305,66 +407,60 @@ def bench_getjob(args: argparse.Namespace) -> None:
         url = stack.enter_context(migrated_postgres())
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="prunery-bench-getjob-")))
         token = tokens.create(url, "bench", "bench_service getjob")
-        ready, stop = ctx.Queue(), ctx.Event()
-        api = ctx.Process(target=_api_server_process, args=(url, str(tmp), ready, stop), daemon=True)
-        stack.enter_context(managed_mp(api))
-        stack.callback(stop.set)  # runs before the process is joined
-        server_pid, port = ready.get(timeout=60)
-        address = f"127.0.0.1:{port}"
-        model = tmp / "model.pt2"
-        model.write_bytes(os.urandom(4096))  # the API never opens the file; a worker would
-        with Client(address, token) as client:
-            artifact = client.upload(model)
-            job = client.create_job(spec_from_options(artifact.name, 0.5)).name
-        print(f"API server pid {server_pid} at {address} (build_server, 32 gRPC threads, Postgres, no-op enqueue); "
-              f"polling {job}", flush=True)
+        flooder = tokens.create(url, "flooder", "bench_service getjob: holds the streams")
+        server_pid, address = stack.enter_context(_api(ctx, url, tmp, tenant_rate=0))
+        job = _queued_job(address, token, tmp)
+        flooded_job = _queued_job(address, flooder, tmp)
+        print(f"API server pid {server_pid} at {address} (build_server: grpc.aio, Postgres, no-op enqueue, "
+              f"PRUNERY_TENANT_RATE=0); polling {job}", flush=True)
 
-        best: tuple[float, float, float, str] | None = None
-        for n_proc, n_clients, kind in LAYOUTS:
-            label = f"{n_proc} process{'es' if n_proc > 1 else ''} x {n_clients} {kind}"
-            target = _getjob_client_process if kind == "threads" else _getjob_aio_client_process
-            c_ready, go, results = ctx.Queue(), ctx.Event(), ctx.Queue()
-            window = ctx.Array("d", 2, lock=False)
-            with contextlib.ExitStack() as clients:
-                procs = [clients.enter_context(managed_mp(ctx.Process(
-                    target=target,
-                    args=(address, token, job, n_clients, c_ready, go, window, results), daemon=True)))
-                    for _ in range(n_proc)]
-                for _ in procs:
-                    msg = c_ready.get(timeout=120)
-                    if isinstance(msg, str):
-                        raise RuntimeError(msg)
-                t0 = time.monotonic() + 0.2
-                window[0], window[1] = t0, t0 + args.seconds
-                go.set()
-                time.sleep(max(0.0, t0 - time.monotonic()))
-                cpu0 = proc_cpu_s(server_pid)
-                time.sleep(args.seconds)
-                cpu1 = proc_cpu_s(server_pid)
-                latencies: list[float] = []
-                errors, failures = 0, []
-                for _ in procs:
-                    lat, err, fail = results.get(timeout=120)
-                    latencies.extend(lat)
-                    errors += err
-                    failures.extend(fail)
-            if failures:
-                raise RuntimeError(f"GetJob clients ({label}) failed: {failures[:3]}")
-            latencies.sort()
-            rate = len(latencies) / args.seconds
-            p50, p99 = percentile(latencies, 50) * 1e3, percentile(latencies, 99) * 1e3
+        best: tuple[str, float, float, float, int] | None = None
+        for label, rate, p50, p99, _errors in _run_layouts(ctx, address, token, job, server_pid, args.seconds,
+                                                          LAYOUTS):
             ok = rate >= GETJOB_CALLS_S and p99 < GETJOB_P99_MS
             report("getjob", f"GetJob [1 API process; clients: {label}]: {rate:.0f} calls/s (target >= "
                    f"{GETJOB_CALLS_S:.0f}), p50 {p50:.1f} ms, p99 {p99:.1f} ms (target < {GETJOB_P99_MS:.0f} ms)",
                    ok)
-            print(f"  {len(latencies)} calls, {errors} errors; API process CPU "
-                  f"{(cpu1 - cpu0) / args.seconds:.0%} of one core (2 cores shared with the clients)", flush=True)
-            if best is None or rate > best[0]:
-                best = (rate, p50, p99, label)
+            if best is None or rate > best[1]:
+                best = (label, rate, p50, p99, _errors)
         assert best is not None
-        print(f"best layout: {best[3]} ({best[0]:.0f} calls/s); "
-              f"K API processes on one port: not measured, build_server binds with grpc.so_reuseport=0 "
-              f"(service/server.py), so sharing a port needs a code change", flush=True)
+        print(f"best layout: {best[0]} ({best[1]:.0f} calls/s)", flush=True)
+
+        # the same with another tenant's 500 open WatchJob streams
+        s_ready, s_stop = ctx.Queue(), ctx.Event()
+        holder = ctx.Process(target=_hold_streams_process,
+                             args=(address, flooder, flooded_job, STREAMS, s_ready, s_stop), daemon=True)
+        with RssSampler(server_pid) as rss, managed_mp(holder):
+            try:
+                msg = s_ready.get(timeout=120)
+                if isinstance(msg, str):
+                    raise RuntimeError(msg)
+                streamed = _run_layouts(ctx, address, token, job, server_pid, args.seconds,
+                                        tuple(layout for layout in LAYOUTS if layout[2] == "asyncio"))
+            finally:
+                s_stop.set()
+        for label, rate, p50, p99, _errors in streamed:
+            ok = rate >= STREAMS_CALLS_S and p99 < STREAMS_P99_MS
+            report("getjob", f"GetJob with {STREAMS} open WatchJob streams of another tenant [clients: {label}]: "
+                   f"{rate:.0f} calls/s (target >= {STREAMS_CALLS_S:.0f}), p50 {p50:.1f} ms, p99 {p99:.1f} ms "
+                   f"(target < {STREAMS_P99_MS:.0f} ms)", ok)
+        report("getjob", f"API RSS growth with {STREAMS} open streams and the GetJob load: {rss.growth_mb:.1f} MB "
+               f"(target < {STREAMS_RSS_MB:.0f} MB; {rss.describe()})", rss.growth_mb < STREAMS_RSS_MB)
+
+    # the default call-rate limit holds one tenant's flat-out polling at its rate, without errors elsewhere
+    with contextlib.ExitStack() as stack:
+        url = stack.enter_context(migrated_postgres())
+        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="prunery-bench-getjob-")))
+        token = tokens.create(url, "bench", "bench_service getjob")
+        server_pid, address = stack.enter_context(_api(ctx, url, tmp, tenant_rate=None))
+        job = _queued_job(address, token, tmp)
+        [(label, rate, _p50, _p99, errors)] = _run_layouts(ctx, address, token, job, server_pid, args.seconds,
+                                                           ((1, 32, "asyncio"),))
+        from prunery.service.settings import Settings
+
+        limit = Settings.from_env().tenant_rate
+        print(f"with the default limit ({limit:.0f} calls/s per tenant): {rate:.0f} calls/s answered, "
+              f"{errors / args.seconds:.0f}/s refused with RESOURCE_EXHAUSTED TENANT_RATE_LIMIT [{label}]", flush=True)
 
 
 # ---------------------------------------------------------------------------------------------------------
