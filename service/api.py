@@ -2,6 +2,12 @@
 and the job queue. Never imports torch, and never parses an uploaded file: the workers do, through the
 engine's safe intake.
 
+The servicers are coroutines of a grpc.aio server (`server.py` says why): every blocking step (a SQL
+statement, an object store request, sending to the broker) runs in the server's bounded thread pool
+(`limits.BlockingPool`), so an open stream holds no thread, and the event loop itself answers cached GetJob
+calls. A database that is away makes any call UNAVAILABLE (DATABASE_UNAVAILABLE, with a RetryInfo); the
+object store, STORE_UNAVAILABLE.
+
 Every call runs for the tenant of its bearer token (`auth.current_tenant()`); another tenant's resources
 are NOT_FOUND, exactly like missing ones. Resource names are `artifacts/{uuid}` and `jobs/{uuid}`;
 DownloadArtifact also takes `jobs/{uuid}/model` and `jobs/{uuid}/report` (a job's results, available once it
