@@ -1,4 +1,4 @@
-"""Bearer-token authentication and per-tenant admission, as a grpc.aio server interceptor.
+"""Bearer-token authentication and per-tenant admission, wrapped around the servicers' behaviors.
 
 Every call carries `authorization: Bearer <token>` metadata; the interceptor resolves the token to its tenant
 (through `db.authenticate`, i.e. by the token's sha256) and makes it the call's `current_tenant()`. A call
@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from contextvars import ContextVar
 from typing import Any
 
@@ -28,8 +28,8 @@ from prunery.service.db import Database, authenticate
 from prunery.service.errors import ApiError, Reason
 from prunery.service.limits import BlockingPool, TenantLimits
 
-__all__ = ["PUBLIC_METHOD_PREFIXES", "AuthInterceptor", "TokenAuthenticator", "bearer_token", "current_tenant",
-           "MemoizedWrap", "wrap_handler"]
+__all__ = ["PUBLIC_METHOD_PREFIXES", "Authentication", "Behavior", "TokenAuthenticator", "bearer_token",
+           "current_tenant"]
 
 log = logging.getLogger(__name__)
 
@@ -97,39 +97,21 @@ class TokenAuthenticator:
 Behavior = Callable[..., Any]
 
 
-def wrap_handler(handler: grpc.RpcMethodHandler,
-                 wrap: Callable[[Behavior, bool], Behavior]) -> grpc.RpcMethodHandler:
-    """A copy of `handler` whose behavior is `wrap(behavior, response_streaming)`."""
-    if handler.unary_unary:
-        factory, behavior = grpc.unary_unary_rpc_method_handler, handler.unary_unary
-    elif handler.unary_stream:
-        factory, behavior = grpc.unary_stream_rpc_method_handler, handler.unary_stream
-    elif handler.stream_unary:
-        factory, behavior = grpc.stream_unary_rpc_method_handler, handler.stream_unary
-    else:
-        factory, behavior = grpc.stream_stream_rpc_method_handler, handler.stream_stream
-    return factory(wrap(behavior, handler.response_streaming),
-                   request_deserializer=handler.request_deserializer,
-                   response_serializer=handler.response_serializer)
-
-
-class AuthInterceptor(grpc.aio.ServerInterceptor):
-    """Authenticates every call but the public ones, then admits it under its tenant's limits (rate; a
-    stream slot for streaming calls). `pool` runs the token lookups that miss the cache."""
+class Authentication:
+    """Wraps the behavior of every method but the public ones (`wrap`, applied once when the server registers
+    its handlers, so no interceptor runs per call): authenticate, then admit the call under its tenant's
+    limits (rate; a stream slot for streaming calls). `pool` runs the token lookups that miss the cache."""
 
     def __init__(self, authenticator: TokenAuthenticator, pool: BlockingPool, limits: TenantLimits | None = None,
                  public_prefixes: tuple[str, ...] = PUBLIC_METHOD_PREFIXES) -> None:
         self.authenticator, self.pool, self.limits = authenticator, pool, limits
         self.public_prefixes = public_prefixes
-        self._wrapped = MemoizedWrap(self._wrap)
 
-    async def intercept_service(
-            self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler | None]],
-            handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
-        handler = await continuation(handler_call_details)
-        if handler is None or handler_call_details.method.startswith(self.public_prefixes):
-            return handler
-        return self._wrapped(handler_call_details.method, handler)
+    def wrap(self, method: str, behavior: Behavior, response_streaming: bool) -> Behavior:
+        """`behavior` of the full method name `method` ("/prunery.v1.JobService/GetJob"), authenticated."""
+        if method.startswith(self.public_prefixes):
+            return behavior
+        return self._wrap(method, behavior, response_streaming)
 
     async def _tenant(self, context: grpc.aio.ServicerContext) -> str:
         token = bearer_token(context.invocation_metadata())
@@ -199,20 +181,3 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
                 limits.release_stream(tenant)
         return authenticated_stream
 
-
-class MemoizedWrap:
-    """`(method, handler) -> handler'` whose behavior is `wrap(method, behavior, response_streaming)`, built once
-    per method (and again only if the handler below changes): interceptors run on every call, and building
-    handler objects per call costs the API a measurable share of its GetJob throughput."""
-
-    def __init__(self, wrap: Callable[[str, Behavior, bool], Behavior]) -> None:
-        self.wrap = wrap
-        self._cache: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
-
-    def __call__(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
-        hit = self._cache.get(method)
-        if hit is not None and hit[0] is handler:
-            return hit[1]
-        wrapped = wrap_handler(handler, lambda behavior, streaming: self.wrap(method, behavior, streaming))
-        self._cache[method] = (handler, wrapped)
-        return wrapped

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
 import grpc
@@ -23,7 +23,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 
-from prunery.service.auth import Behavior, MemoizedWrap
+from prunery.service.auth import Behavior
 from prunery.service.db import Database, Job, JobState
 
 log = logging.getLogger(__name__)
@@ -94,23 +94,15 @@ def _final_code(context: grpc.aio.ServicerContext, failed: bool, cancelled: bool
     return grpc.StatusCode.UNKNOWN if failed else grpc.StatusCode.OK
 
 
-class MetricsInterceptor(grpc.aio.ServerInterceptor):
-    """Counts every call by method and final status code and times it. Install it first (outermost), so
-    calls rejected by authentication or admission are counted too."""
+class CallMetrics:
+    """Counts every call by method and final status code and times it: `wrap` a behavior outermost (around
+    authentication), so calls refused by authentication or admission are counted too. Applied once, when the
+    server registers its handlers."""
 
     def __init__(self, metrics: Metrics) -> None:
         self.metrics = metrics
-        self._wrapped = MemoizedWrap(self._wrap)
 
-    async def intercept_service(
-            self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler | None]],
-            handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return None
-        return self._wrapped(handler_call_details.method, handler)
-
-    def _wrap(self, full_method: str, behavior: Behavior, response_streaming: bool) -> Behavior:
+    def wrap(self, full_method: str, behavior: Behavior, response_streaming: bool) -> Behavior:
         method = full_method.lstrip("/")
         observe = self.metrics.observe
         if not response_streaming:
