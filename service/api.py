@@ -933,7 +933,7 @@ class JobService(pb_grpc.JobServiceServicer):
             if self.b.metrics is not None:
                 self.b.metrics.jobs_created.inc()
             try:
-                self.b.enqueue(str(job.id), job.queue)
+                self.b.enqueue(str(job.id), job.queue)  # a RetryingSender: a broker outage delays, never fails
             except Exception:
                 # the job is stored and QUEUED: the workers' reaper resends queued jobs whose message was lost
                 log.exception("could not send %s to the broker; it stays QUEUED until resent", result.name)

@@ -8,16 +8,24 @@ prefix and queue name. Call `enqueue` only after the job row is committed, so a 
 
 from __future__ import annotations
 
+import heapq
+import logging
 import os
+import random
 import threading
+import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 from prunery.service.settings import Settings
 
-__all__ = ["TASK_NAME", "CeleryEnqueuer", "enqueue", "is_filesystem", "is_redis", "transport_options"]
+__all__ = ["TASK_NAME", "CeleryEnqueuer", "RetryingSender", "enqueue", "is_filesystem", "is_redis",
+           "transport_options"]
 
 TASK_NAME = "prunery.run_job"
+
+log = logging.getLogger(__name__)
 
 
 def is_filesystem(url: str) -> bool:
@@ -93,6 +101,72 @@ class CeleryEnqueuer:
             if self._app is not None:
                 self._app.close()
                 self._app = None
+
+
+class RetryingSender:
+    """`sender(job_id, queue)` sends at once with `send`; when that fails (the broker is away), the job is
+    sent again from one background thread with backoff (1 s doubling to 30 s, with jitter) for up to
+    `give_up_s`, so a broker outage shorter than that only delays jobs, and the caller (CreateJob) answers
+    at once. An API that dies meanwhile loses nothing either: the workers' reaper resends a QUEUED job whose
+    message is missing (`prunery.worker.reaper`)."""
+
+    def __init__(self, send: Callable[[str, str], None], give_up_s: float = 600.0) -> None:
+        self.send, self.give_up_s = send, give_up_s
+        self._pending: list[tuple[float, float, int, str, str]] = []  # (due, give-up time, seq, job id, queue)
+        self._seq = 0
+        self._wake = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._closed = False
+
+    def __call__(self, job_id: uuid.UUID | str, queue: str) -> None:
+        try:
+            self.send(str(job_id), queue)
+        except Exception as e:
+            log.warning("could not send job %s to the broker (%s: %s); retrying in the background", job_id,
+                        type(e).__name__, str(e).strip().splitlines()[0][:200] if str(e).strip() else "")
+            self._later(str(job_id), queue, 1.0, time.monotonic() + self.give_up_s)
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+    def _later(self, job_id: str, queue: str, delay: float, give_up: float) -> None:
+        with self._wake:
+            if self._closed:
+                return
+            self._seq += 1
+            heapq.heappush(self._pending, (time.monotonic() + delay, give_up, self._seq, job_id, queue))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="prunery-resend", daemon=True)
+                self._thread.start()
+            self._wake.notify()
+
+    def _run(self) -> None:
+        delays: dict[str, float] = {}
+        while True:
+            with self._wake:
+                while not self._closed and (not self._pending or self._pending[0][0] > time.monotonic()):
+                    self._wake.wait(None if not self._pending else self._pending[0][0] - time.monotonic())
+                if self._closed:
+                    return
+                _due, give_up, _seq, job_id, queue = heapq.heappop(self._pending)
+            try:
+                self.send(job_id, queue)
+                delays.pop(job_id, None)
+                log.info("sent job %s to the broker after an earlier failure", job_id)
+            except Exception:
+                delay = min(30.0, delays.get(job_id, 1.0) * 2)
+                delays[job_id] = delay
+                if time.monotonic() + delay > give_up:
+                    delays.pop(job_id, None)
+                    log.error("giving up sending job %s to the broker; the workers' reaper will resend it", job_id)
+                else:
+                    self._later(job_id, queue, delay * random.uniform(0.5, 1.0), give_up)
+
+    def close(self) -> None:
+        with self._wake:
+            self._closed = True
+            self._wake.notify_all()
 
 
 _default: CeleryEnqueuer | None = None

@@ -44,7 +44,7 @@ from prunery.service.jobcache import JobCache
 from prunery.service.limits import BlockingPool, TenantLimits
 from prunery.service.metrics import CallMetrics, Metrics
 from prunery.service.objectstore import ObjectStore, open_store
-from prunery.service.queue import CeleryEnqueuer
+from prunery.service.queue import CeleryEnqueuer, RetryingSender
 from prunery.service.settings import Settings
 from prunery.v1 import prunery_pb2
 
@@ -220,6 +220,8 @@ def build_server(settings: Settings | None = None, *, database: db.Database | No
         enqueuer = CeleryEnqueuer(settings)
         cleanups.append(enqueuer.close)
         enqueue = enqueuer
+    sender = RetryingSender(enqueue)
+    cleanups.insert(0, sender.close)
     metrics = metrics or Metrics(database)
     job_cache = None
     if settings.job_cache and database.engine.dialect.name == "postgresql":
@@ -228,7 +230,7 @@ def build_server(settings: Settings | None = None, *, database: db.Database | No
     pool = BlockingPool(settings.grpc_workers, settings.max_pending)
     limits = TenantLimits(rate=settings.tenant_rate, burst=settings.tenant_burst or 2 * settings.tenant_rate,
                           streams_per_tenant=settings.tenant_streams, max_streams=settings.max_streams)
-    backend = ApiBackend(database=database, store=store, settings=settings, enqueue=enqueue, pool=pool,
+    backend = ApiBackend(database=database, store=store, settings=settings, enqueue=sender, pool=pool,
                          metrics=metrics, job_cache=job_cache)
     runner = _LoopThread()
 
