@@ -61,6 +61,7 @@ class JobCache:
         self._stop = threading.Event()
         self._connected = threading.Event()
         self._thread: threading.Thread | None = None
+        self._failing_since: float | None = None  # monotonic time the listening connection was lost
         self.hits = self.misses = 0
 
     # ------------------------------------------------------------------ lifecycle
@@ -183,13 +184,18 @@ class JobCache:
             wake()
 
     def _listen_forever(self) -> None:
+        last_log = 0.0
         while not self._stop.is_set():
             try:
                 self._listen_once()
             except Exception as e:
-                if not self._stop.is_set():
+                now = time.monotonic()
+                if not self._stop.is_set() and now - last_log > 30.0:  # once, then every 30 s while it lasts
+                    last_log = now
+                    first_line = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
                     log.warning("job notifications interrupted (%s: %s); serving GetJob from the database until "
-                                "they are back", type(e).__name__, e)
+                                "they are back", type(e).__name__, first_line)
+                self._failing_since = self._failing_since or now
             self._go_dark()
             self._stop.wait(self.reconnect_s)
 
@@ -204,6 +210,9 @@ class JobCache:
                 self._entries.clear()
                 self._live = True
             self._connected.set()
+            if self._failing_since is not None:
+                log.info("job notifications are back after %.1fs", time.monotonic() - self._failing_since)
+                self._failing_since = None
             last_ping = time.monotonic()
             while not self._stop.is_set():
                 for note in conn.notifies(timeout=0.5):  # returns after 0.5 s, so stop() is quick
