@@ -182,6 +182,9 @@ class Job(Base):
     event_sequence: Mapped[int] = mapped_column(Integer, default=0)  # sequence of the job's last event
     # the Celery queue (worker pool, e.g. a GPU class) the job is sent to; the reaper resends it there
     queue: Mapped[str] = mapped_column(String(64), default=DEFAULT_QUEUE, server_default=DEFAULT_QUEUE)
+    # when the job's message was last sent to that queue (at creation, on a requeue, on a resend, on a deferred
+    # claim): the reaper looks for a lost message only once this is older than PRUNERY_RESEND_QUEUED_S
+    last_sent_at: Mapped[datetime | None] = mapped_column(default=None)
 
 
 class JobEvent(Base):

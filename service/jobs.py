@@ -26,6 +26,12 @@ transaction is BEGIN IMMEDIATE, see db.make_engine), then checks and changes it,
 job race safely: exactly one wins. None of these functions commit: the caller owns the transaction
 (`with db.session() as s: jobs.claim(s, ...)`) and should commit promptly, since the row stays locked.
 
+Messages: each job should have one message outstanding in its queue while it is QUEUED. `last_sent_at` records
+when one was last sent: set by create_job() (the API sends right after the commit), release() and
+requeue_expired() (their callers send after the commit), mark_sent() (a worker deferring its claim, whose task
+retries itself) and record_resend() (the reaper, for a message it found lost). The reaper looks for lost
+messages only among jobs whose `last_sent_at` is old (`prunery.worker.reaper`).
+
 Leases use this host's UTC clock; keep worker and API clocks in sync (NTP) to well under the lease length.
 A worker id must be unique per worker process (e.g. "host:pid:uuid4"): ownership checks compare it.
 """
@@ -38,17 +44,18 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from google.rpc import code_pb2
-from sqlalchemy import select
+from sqlalchemy import ColumnElement, func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from prunery.service.db import Job, JobEvent, JobState, utcnow
+from prunery.service.db import Job, JobEvent, JobState, Tenant, utcnow
 from prunery.service.settings import DEFAULT_QUEUE
 
 __all__ = [
-    "DEFAULT_MAX_ATTEMPTS", "TERMINAL", "TRANSITIONS", "TOO_MANY_ATTEMPTS", "IllegalTransition", "JobNotFound",
-    "JobState", "claim", "create_job", "fail", "finish_cancel", "get_job", "heartbeat", "is_cancel_requested",
-    "list_events", "release", "request_cancel", "requeue_expired", "set_progress", "succeed",
+    "DEFAULT_MAX_ATTEMPTS", "RESENT", "TERMINAL", "TRANSITIONS", "TOO_MANY_ATTEMPTS", "IllegalTransition",
+    "JobNotFound", "JobState", "TenantAtLimit", "claim", "create_job", "fail", "finish_cancel", "get_job", "heartbeat",
+    "is_cancel_requested", "list_events", "mark_sent", "record_resend", "release", "request_cancel",
+    "requeue_expired", "sent_time", "set_progress", "succeed",
 ]
 
 S = JobState
@@ -63,10 +70,22 @@ TRANSITIONS: dict[JobState, frozenset[JobState]] = {
 TERMINAL = frozenset({S.SUCCEEDED, S.FAILED, S.CANCELLED})
 DEFAULT_MAX_ATTEMPTS = 3
 TOO_MANY_ATTEMPTS = "TOO_MANY_ATTEMPTS"  # error_reason of a job whose worker died on every attempt
+RESENT = "its message to the workers was lost; sent again"  # the event of record_resend()
 
 
 class JobNotFound(LookupError):
     pass
+
+
+class TenantAtLimit(Exception):
+    """claim() refused: the job's tenant already has its limit of running jobs (nothing was changed)."""
+
+    def __init__(self, job_id: uuid.UUID, tenant: str, running: int, limit: int) -> None:
+        super().__init__(job_id, tenant, running, limit)
+        self.job_id, self.tenant, self.running, self.limit = job_id, tenant, running, limit
+
+    def __str__(self) -> str:
+        return f"tenant {self.tenant} has {self.running} running job(s), its limit is {self.limit}"
 
 
 class IllegalTransition(Exception):
@@ -105,6 +124,11 @@ def _move(session: Session, job: Job, target: JobState, now: datetime, message: 
 
 def _lease_expired(job: Job, now: datetime) -> bool:
     return job.lease_expires_at is None or job.lease_expires_at <= now
+
+
+def sent_time() -> ColumnElement[Any]:
+    """When a job's message was last sent, in SQL: `last_sent_at`, or its create time for rows that have none."""
+    return func.coalesce(Job.last_sent_at, Job.create_time)
 
 
 def _set_error(job: Job, code: int, reason: str, message: str) -> None:
@@ -157,7 +181,7 @@ def create_job(session: Session, tenant: str, spec: Mapping[str, Any], labels: M
     With a `request_id`, a second call by the same tenant returns the first job and created=False, even when
     both calls race (the unique (tenant, request_id) index decides; the loser reads the winner's row).
     The tenant row must exist (db.ensure_tenant). `queue`: the worker pool to send it to (default queue if
-    None); the caller sends it there after the commit.
+    None); the caller sends it there after the commit (`last_sent_at` says it did, now).
     """
     if max_attempts < 1:
         raise ValueError("max_attempts must be at least 1")
@@ -176,7 +200,7 @@ def create_job(session: Session, tenant: str, spec: Mapping[str, Any], labels: M
     job = Job(id=uuid.uuid4(), tenant_id=tenant, request_id=request_id, spec=dict(spec), labels=dict(labels or {}),
               state=S.QUEUED.value, progress=0.0, stage="", attempt_count=0, max_attempts=max_attempts,
               result_artifact_ids=[], create_time=now, update_time=now, event_sequence=1,
-              queue=queue or DEFAULT_QUEUE)
+              queue=queue or DEFAULT_QUEUE, last_sent_at=now)
     try:
         with session.begin_nested():
             session.add(job)
@@ -216,13 +240,17 @@ def request_cancel(session: Session, job_id: uuid.UUID | str, tenant: str | None
 # ---------------------------------------------------------------------------------------------------------
 
 def claim(session: Session, job_id: uuid.UUID | str, worker_id: str, lease_s: float, *,
-          now: datetime | None = None) -> bool:
+          now: datetime | None = None, tenant_max_running: int = 0) -> bool:
     """Take the job for `worker_id` with a lease of `lease_s` seconds (compare-and-set).
 
     Succeeds only if the job is QUEUED, or RUNNING with an expired lease (its worker died: this is a new
     attempt). Each claim counts an attempt; when the attempts are used up the job FAILS with reason
     TOO_MANY_ATTEMPTS instead. A CANCELLING job whose lease expired is CANCELLED. Returns True when this
     worker now owns the job and should run it.
+
+    `tenant_max_running` (0: no limit): raise TenantAtLimit, changing nothing, when the job's tenant already has
+    that many other RUNNING or CANCELLING jobs under a live lease. The tenant row is locked while counting, so
+    two workers claiming two jobs of one tenant at once cannot both pass the limit.
     """
     now = now or utcnow()
     job = _lock(session, job_id)
@@ -236,6 +264,14 @@ def claim(session: Session, job_id: uuid.UUID | str, worker_id: str, lease_s: fl
     if job.attempt_count >= job.max_attempts:
         _too_many_attempts(session, job, now)
         return False
+    if tenant_max_running > 0:
+        session.execute(select(Tenant.id).where(Tenant.id == job.tenant_id).with_for_update())
+        running = session.scalar(
+            select(func.count()).select_from(Job)
+            .where(Job.tenant_id == job.tenant_id, Job.id != job.id,
+                   Job.state.in_([S.RUNNING.value, S.CANCELLING.value]), Job.lease_expires_at > now))
+        if (running or 0) >= tenant_max_running:
+            raise TenantAtLimit(job.id, job.tenant_id, running or 0, tenant_max_running)
     previous = job.lease_owner if job.state == S.RUNNING else None
     job.attempt_count += 1
     job.lease_owner = worker_id
@@ -324,13 +360,15 @@ def finish_cancel(session: Session, job_id: uuid.UUID | str, *, worker_id: str |
 
 def release(session: Session, job_id: uuid.UUID | str, worker_id: str, message: str = "") -> bool:
     """RUNNING -> QUEUED: the owner gives the job back unfinished (e.g. a worker shutting down), so another
-    worker can claim it at once. The attempt still counts."""
+    worker can claim it at once. The attempt still counts. The caller sends it again after the commit."""
     job = _lock(session, job_id)
     if job is None or job.lease_owner != worker_id or job.state != S.RUNNING:
         return False
+    now = utcnow()
     job.lease_expires_at = None
     job.progress, job.stage = 0.0, ""
-    _move(session, job, S.QUEUED, utcnow(), message or f"released by {worker_id}; queued again")
+    job.last_sent_at = now  # the caller sends it again after the commit
+    _move(session, job, S.QUEUED, now, message or f"released by {worker_id}; queued again")
     return True
 
 
@@ -355,6 +393,42 @@ def requeue_expired(session: Session, *, now: datetime | None = None, limit: int
                 owner = job.lease_owner
                 job.lease_expires_at = None
                 job.progress, job.stage = 0.0, ""
+                job.last_sent_at = now  # the caller sends it after the commit
                 _move(session, job, S.QUEUED, now, f"the lease of {owner} expired; queued again")
                 requeued.append(job.id)
     return requeued
+
+
+def mark_sent(session: Session, job_id: uuid.UUID | str, *, now: datetime | None = None) -> bool:
+    """Record that a message of the QUEUED job was just sent (a worker deferring its claim retries its task with
+    a countdown: that retried message is the job's message now). False when the job is not QUEUED."""
+    job = _lock(session, job_id)
+    if job is None or job.state != S.QUEUED:
+        return False
+    job.last_sent_at = now or utcnow()
+    session.flush()
+    return True
+
+
+def record_resend(session: Session, job_ids: Sequence[uuid.UUID], *, queue: str, sent_before: datetime,
+                  now: datetime | None = None) -> list[uuid.UUID]:
+    """The reaper found no message for these jobs: lock those still QUEUED on `queue` whose message was last sent
+    before `sent_before`, skipping rows another transaction holds (another reaper, a claim), set their
+    `last_sent_at` to now with a RESENT event, and return their ids for the caller to send after the commit.
+
+    The checks under the lock are what make a resend safe: a job claimed, cancelled, requeued or sent again by
+    anyone since the caller looked is left alone, and of two reapers only the first to commit resends a job
+    (the second finds `last_sent_at` moved past `sent_before`)."""
+    if not job_ids:
+        return []
+    now = now or utcnow()
+    rows = session.scalars(
+        select(Job).where(Job.id.in_(list(job_ids)), Job.state == S.QUEUED.value, Job.queue == queue,
+                          sent_time() < sent_before)
+        .order_by(sent_time(), Job.id).with_for_update(skip_locked=True)
+        .execution_options(populate_existing=True)).all()
+    for job in rows:
+        job.last_sent_at = now
+        _event(session, job, now, RESENT)
+    session.flush()
+    return [job.id for job in rows]
