@@ -12,19 +12,12 @@ from __future__ import annotations
 
 import io
 import os
-import re
-import signal
-import subprocess
-import sys
 import time
-import urllib.request
 import uuid
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import ExitStack
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import pytest
 import redis
@@ -34,227 +27,12 @@ from sqlalchemy import select
 from prunery import zoo
 from prunery.core import PruneConfig, count, load_program, prune
 from prunery.service import jobs
-from prunery.service.db import Artifact, ArtifactKind, ArtifactState, Database, Job, ensure_tenant, upgrade, utcnow
-from prunery.service.objectstore import FolderStore
-from prunery.service.testing import free_port, temporary_postgres_database
-from prunery.worker.app import enqueue, make_app, queue_depth
+from prunery.service.db import Artifact, Database, Job, ensure_tenant, upgrade
+from prunery.service.testing import temporary_postgres_database
+from prunery.worker.app import QueueView, queue_depth
 from prunery.worker.reaper import reap_expired, resend_lost
 from prunery.worker.settings import WorkerSettings
-
-REDIS_URL = os.environ.get("PRUNERY_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
-TENANT = "acme"
-FAST = {  # short lease, heartbeat, reaper and redelivery, so recovery takes seconds
-    "PRUNERY_LEASE_S": "4",
-    "PRUNERY_HEARTBEAT_S": "0.5",
-    "PRUNERY_REAPER_INTERVAL_S": "0.5",
-    "PRUNERY_VISIBILITY_TIMEOUT_S": "6",
-    "PRUNERY_CANCEL_GRACE_S": "3",
-    "PRUNERY_RESEND_QUEUED_S": "0",
-    "PRUNERY_TEST_HOOKS": "1",
-}
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Real parts
-# ---------------------------------------------------------------------------------------------------------
-
-@dataclass
-class Stack:
-    """One database, object store and queue, and the workers consuming it."""
-
-    database_url: str
-    store_dir: Path
-    data_dir: Path
-    prefix: str = field(default_factory=lambda: f"prunery-test-{uuid.uuid4().hex[:10]}:")
-    queue: str = field(default_factory=lambda: f"q-{uuid.uuid4().hex[:10]}")
-    workers: list[WorkerProc] = field(default_factory=list)
-    embedded: bool = False  # the worker gets only PRUNERY_DATA_DIR: SQLite, a folder store, filesystem broker
-
-    def __post_init__(self) -> None:
-        self.db = Database(self.database_url)
-        self.store = FolderStore(self.store_dir)
-        if self.embedded:
-            self.settings = WorkerSettings(data_dir=self.data_dir, database_url=self.database_url,
-                                           store_url=self.store.url, broker_url="filesystem://")
-        else:
-            self.settings = WorkerSettings(data_dir=self.data_dir, database_url=self.database_url,
-                                           store_url=self.store.url, broker_url=REDIS_URL, queue=self.queue,
-                                           broker_keyprefix=self.prefix, visibility_timeout_s=6.0,
-                                           tmp_dir=self.data_dir / "tmp")
-        self.celery = make_app(self.settings)
-        with self.db.session() as s:
-            ensure_tenant(s, TENANT)
-
-    def env(self, **extra: str) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("PRUNERY_", "PROMETHEUS_"))}
-        env.update(FAST)
-        env["PRUNERY_DATA_DIR"] = str(self.data_dir)
-        if self.embedded:
-            env.update(extra)
-            return env
-        env.update({
-            "PRUNERY_DATA_DIR": str(self.data_dir),
-            "PRUNERY_DATABASE_URL": self.database_url,
-            "PRUNERY_STORE_URL": self.store.url,
-            "PRUNERY_BROKER_URL": REDIS_URL,
-            "PRUNERY_BROKER_KEYPREFIX": self.prefix,
-            "PRUNERY_QUEUE": self.queue,
-            "PRUNERY_TMP_DIR": str(self.settings.tmp_dir),
-        })
-        env.update(extra)
-        return env
-
-    def start_worker(self, name: str, **env: str) -> WorkerProc:
-        worker = WorkerProc(name, self, free_port(), self.settings.queue, env)
-        self.workers.append(worker)
-        return worker
-
-    # -- jobs, as the API makes them ------------------------------------------------------------------------
-
-    def upload(self, data: bytes, name: str = "model.pt2") -> uuid.UUID:
-        artifact_id = uuid.uuid4()
-        key = f"artifacts/{artifact_id}"
-        size, sha = self.store.put_bytes(key, data)
-        with self.db.session() as s:
-            s.add(Artifact(id=artifact_id, tenant_id=TENANT, display_name=name, kind=ArtifactKind.MODEL.value,
-                           state=ArtifactState.READY.value, size_bytes=size, sha256=sha, labels={}, storage_key=key,
-                           create_time=utcnow()))
-        return artifact_id
-
-    def submit(self, artifact_id: uuid.UUID, *, ratio: float = 0.5, labels: dict[str, str] | None = None,
-               max_attempts: int = 3, **spec: Any) -> uuid.UUID:
-        with self.db.session() as s:
-            job, _ = jobs.create_job(s, TENANT, {"model": f"artifacts/{artifact_id}", "ratio": ratio, **spec},
-                                     labels=labels, max_attempts=max_attempts, queue=self.settings.queue)
-            job_id = job.id
-        enqueue(job_id, celery=self.celery)  # after the commit, as the API does
-        return job_id
-
-    def job(self, job_id: uuid.UUID) -> Job:
-        with self.db.session() as s:
-            job = jobs.get_job(s, job_id)
-            assert job is not None
-            return job
-
-    def events(self, job_id: uuid.UUID) -> list[Any]:
-        with self.db.session() as s:
-            return jobs.list_events(s, job_id)
-
-    def wait(self, job_id: uuid.UUID, done: Callable[[Job], bool], timeout: float = 90.0) -> Job:
-        deadline = time.monotonic() + timeout
-        while True:
-            job = self.job(job_id)
-            if done(job):
-                return job
-            if time.monotonic() > deadline:
-                logs = "\n".join(f"--- {w.name}\n{w.log_tail()}" for w in self.workers)
-                raise AssertionError(f"job {job_id} stuck in {job.state} ({job.stage}, attempt {job.attempt_count})"
-                                     f"; events: {[(e.state, e.stage, e.message) for e in self.events(job_id)]}\n"
-                                     f"{logs}")
-            time.sleep(0.1)
-
-    def wait_state(self, job_id: uuid.UUID, *states: str, timeout: float = 90.0) -> Job:
-        return self.wait(job_id, lambda j: j.state in states, timeout)
-
-    def keys_under(self, prefix: str) -> list[str]:
-        root = self.store.root / prefix
-        return sorted(str(p.relative_to(self.store.root)) for p in root.rglob("*") if p.is_file()) \
-            if root.exists() else []
-
-    def close(self) -> None:
-        for worker in self.workers:
-            worker.stop()
-        self.celery.close()
-        self.db.dispose()
-        if self.embedded:
-            return
-        client = redis.Redis.from_url(REDIS_URL)
-        keys = list(client.scan_iter(match=f"{self.prefix}*", count=1000))
-        if keys:
-            client.delete(*keys)
-        client.close()
-
-
-class WorkerProc:
-    """A real worker: `celery worker --pool prefork -c 1` in its own process group."""
-
-    def __init__(self, name: str, stack: Stack, metrics_port: int, queue: str, extra_env: dict[str, str]) -> None:
-        self.name = name
-        self.metrics_port = metrics_port
-        self.log_path = stack.data_dir / f"worker-{name}.log"
-        self.metrics_dir = stack.data_dir / f"metrics-{name}"
-        env = stack.env(PRUNERY_METRICS_PORT=str(metrics_port), PRUNERY_METRICS_ADDR="127.0.0.1",
-                        PROMETHEUS_MULTIPROC_DIR=str(self.metrics_dir), **extra_env)
-        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "prunery.worker.app", "worker", "--pool", "prefork", "-c", "1",
-             "-Q", queue, "-n", f"{name}-{uuid.uuid4().hex[:6]}@%h", "--without-gossip", "--without-mingle",
-             "--without-heartbeat", "-l", "INFO"],
-            env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
-
-    def wait_ready(self, timeout: float = 90.0) -> WorkerProc:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"worker {self.name} exited with {self.proc.returncode}:\n{self.log_tail()}")
-            if b" ready." in self.log_path.read_bytes():
-                return self
-            time.sleep(0.1)
-        raise AssertionError(f"worker {self.name} not ready after {timeout}s:\n{self.log_tail()}")
-
-    def owns(self, pid: int) -> bool:
-        """Whether process `pid` (a job process) belongs to this worker's process group."""
-        try:
-            return os.getpgid(pid) == self.proc.pid
-        except ProcessLookupError:
-            return False
-
-    def log_tail(self, n: int = 6000) -> str:
-        return self.log_path.read_bytes()[-n:].decode(errors="replace")
-
-    def metrics(self) -> str:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10) as resp:
-            return resp.read().decode()
-
-    def metric(self, sample: str) -> float:
-        """The value of one sample, e.g. `prunery_jobs_finished_total{state="FAILED"}` (0 if absent)."""
-        found = re.search(rf"^{re.escape(sample)} (\S+)$", self.metrics(), re.M)
-        return float(found.group(1)) if found else 0.0
-
-    def wait_metric(self, sample: str, ok: Callable[[float], bool], timeout: float = 10.0) -> float:
-        deadline = time.monotonic() + timeout
-        while not ok(value := self.metric(sample)):
-            assert time.monotonic() < deadline, f"{sample} = {value}"
-            time.sleep(0.2)
-        return value
-
-    def kill(self) -> None:
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        self.proc.wait(10)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            try:
-                os.killpg(self.proc.pid, signal.SIGTERM)
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.kill()
-            except ProcessLookupError:
-                pass
-        try:  # reap job processes left in the group
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        self._log.close()
-
-
-def _owner_pid(job: Job) -> int:
-    assert job.lease_owner is not None
-    return int(job.lease_owner.split(":")[-2])
-
+from tests.workers import REDIS_URL, TENANT, Stack, owner_pid
 
 
 @pytest.fixture(scope="module")
@@ -508,7 +286,7 @@ def test_sigkill_a_worker_mid_job_while_another_runs(conv1d_bytes: bytes, tmp_pa
         job_id = st.submit(st.upload(conv1d_bytes), labels={"prunery-test-delay": "prune=3"}, max_attempts=3)
         running = st.wait(job_id, lambda j: j.state == "RUNNING" and j.stage == "prune", timeout=60)
         first_owner = running.lease_owner
-        victim = next(w for w in (a, b) if w.owns(_owner_pid(running)))
+        victim = next(w for w in (a, b) if w.owns(owner_pid(running)))
         survivor = b if victim is a else a
         victim.kill()  # the whole process group: main process and job process, mid-job, no cleanup
 
@@ -606,14 +384,52 @@ def test_reaper_sweeps() -> None:
                 raise RuntimeError
             assert sent == [(retry, "a100")]
 
-            # a QUEUED job of this worker's queue whose message was lost is sent again, only when old enough and
-            # the queue is empty; another pool's jobs are that pool's reapers' business
+            # a QUEUED job of this worker's queue whose message was lost is sent again, only when sent long enough
+            # ago and missing from the broker; another pool's jobs are that pool's reapers' business
+            has_it = QueueView(frozenset({str(queued), str(retry)}), 2, listed=True)
+            empty = QueueView(frozenset(), 0, listed=True)
             with db.session() as s:
-                assert resend_lost(s, 3600, lambda: 0, "prunery", enqueue_fn=send) == []
+                assert resend_lost(s, 3600, lambda: empty, "prunery", confirm_s=0, enqueue_fn=send) == []
             with db.session() as s:
-                assert resend_lost(s, 0, lambda: 1, "prunery", enqueue_fn=send) == []
+                assert resend_lost(s, 0, lambda: has_it, "prunery", confirm_s=0, enqueue_fn=send) == []
+            # a broker that only counts its ready messages (AMQP): a resend only when the queue is empty
             with db.session() as s:
-                assert resend_lost(s, 0, lambda: 0, "prunery", enqueue_fn=send) == [queued]
+                counted = QueueView(frozenset(), 1, listed=False)
+                assert resend_lost(s, 0, lambda: counted, "prunery", confirm_s=0, enqueue_fn=send) == []
+            # missing once is not enough: missing again at least confirm_s later
+            suspects: dict[uuid.UUID, float] = {}
+            with db.session() as s:
+                assert resend_lost(s, 0, lambda: empty, "prunery", missing_since=suspects, confirm_s=0.3,
+                                   enqueue_fn=send) == []
+            assert set(suspects) == {queued}
+            with db.session() as s:  # seen with its message in between: suspicion dropped
+                assert resend_lost(s, 0, lambda: has_it, "prunery", missing_since=suspects, confirm_s=0.3,
+                                   enqueue_fn=send) == []
+            assert suspects == {}
+            with db.session() as s:
+                assert resend_lost(s, 0, lambda: empty, "prunery", missing_since=suspects, confirm_s=0.3,
+                                   enqueue_fn=send) == []
+            time.sleep(0.35)
+            with db.session() as s:
+                assert resend_lost(s, 0, lambda: empty, "prunery", missing_since=suspects, confirm_s=0.3,
+                                   enqueue_fn=send) == [queued]
+                assert sent == [(retry, "a100")]  # not before the commit
             assert sent == [(retry, "a100"), (queued, "prunery")]
+            with db.session() as s:
+                job = jobs.get_job(s, queued)
+                assert job is not None and job.state == "QUEUED"
+                assert [e.message for e in jobs.list_events(s, queued)][-1] == jobs.RESENT
+            # just sent: not a candidate again until older_than_s has passed once more
+            with db.session() as s:
+                assert resend_lost(s, 30, lambda: empty, "prunery", confirm_s=0, enqueue_fn=send) == []
+
+            # two reapers at once: the second skips the row the first holds, and after the first's commit finds
+            # it sent since its cutoff; a job resent once per loss
+            time.sleep(0.05)
+            with db.session() as first:
+                assert resend_lost(first, 0, lambda: empty, "prunery", confirm_s=0, enqueue_fn=send) == [queued]
+                with db.session() as second:
+                    assert resend_lost(second, 0, lambda: empty, "prunery", confirm_s=0, enqueue_fn=send) == []
+            assert sent[-1] == (queued, "prunery") and len(sent) == 3
         finally:
             db.dispose()

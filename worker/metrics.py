@@ -15,8 +15,14 @@ Two chores keep that sound over thousands of jobs (`housekeeping()`, run by the 
   job process killed with SIGKILL does not count as running forever.
 
 `PROMETHEUS_MULTIPROC_DIR` must be private to one worker (its main process wipes it at start); when it is
-unset, the worker makes a fresh temporary one. It must be set before prometheus_client is imported, which
-is why this module sets it first.
+unset, the worker makes a fresh temporary one, `prunery-worker-metrics-{pid}-*` (the pid of the worker's main
+process), and removes it when it stops. A worker killed with SIGKILL cannot: `remove_orphaned_dirs()`, run by
+every starting worker and by the reaper, deletes such folders once their process and every process that wrote
+files in them (its job processes) are dead. It must be set before prometheus_client is imported, which is why
+this module sets it first.
+
+Gauges of the job states (`prunery_jobs_queued`, `prunery_jobs_running` per state) are the API's, read from
+the database at each scrape; a worker's `prunery_jobs_running` counts only its own running job processes.
 
 Metrics written by the worker's main process (the reaper thread) go through `parent_write`, a lock also
 taken around every fork, because prometheus-client's multiprocess values share one non-reentrant lock: a
@@ -28,12 +34,15 @@ from __future__ import annotations
 import contextlib
 import glob
 import os
+import shutil
 import tempfile
 import threading
 from collections.abc import Iterable, Iterator
 
+DIR_PREFIX = "prunery-worker-metrics-"  # + "{pid}-"; worker/app.py's _prepare_metrics_dir names them alike
+
 if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="prunery-worker-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix=f"{DIR_PREFIX}{os.getpid()}-")
 os.makedirs(os.environ["PROMETHEUS_MULTIPROC_DIR"], exist_ok=True)
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server  # noqa: E402
@@ -42,9 +51,9 @@ from prometheus_client.mmap_dict import MmapedDict  # noqa: E402
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead  # noqa: E402
 
 __all__ = [
-    "ARTIFACT_IN_BYTES", "ARTIFACT_OUT_BYTES", "JOBS_FINISHED", "JOBS_QUEUED", "JOBS_REQUEUED", "JOBS_RUNNING",
+    "ARTIFACT_IN_BYTES", "ARTIFACT_OUT_BYTES", "DIR_PREFIX", "JOBS_FINISHED", "JOBS_REQUEUED", "JOBS_RUNNING",
     "JOB_DURATION", "MetricsServer", "STAGE_DURATION", "UPLOADS_SWEPT", "collector", "housekeeping", "multiproc_dir",
-    "parent_write",
+    "parent_write", "pid_alive", "remove_orphaned_dirs",
 ]
 
 _DURATION_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 7200, 21600)
@@ -57,10 +66,9 @@ STAGE_DURATION = Histogram("prunery_stage_duration_seconds",
                            "Wall time of a job stage (load, prune, export, store; graph, select_and_remove and "
                            "reexport are the engine's parts of prune)", ["stage"], buckets=_DURATION_BUCKETS)
 JOBS_RUNNING = Gauge("prunery_jobs_running", "Jobs running in this worker now", multiprocess_mode="livesum")
-JOBS_QUEUED = Gauge("prunery_jobs_queued", "Jobs waiting in the QUEUED state (all queues), as last seen by the "
-                    "reaper", multiprocess_mode="livemostrecent")
 JOBS_REQUEUED = Counter("prunery_jobs_requeued_total",
-                        "Jobs put back in the queue by the reaper: expired lease, or a lost broker message",
+                        "Jobs sent to the queue again by the reaper: lease_expired (RUNNING, its worker stopped), "
+                        "message_lost (QUEUED, and its message is in neither the queue nor a worker's hands)",
                         ["reason"])
 UPLOADS_SWEPT = Counter("prunery_uploads_swept_total",
                         "Unfinished uploads (PENDING artifacts older than PRUNERY_PENDING_UPLOAD_TTL_S, left by a "
@@ -107,6 +115,30 @@ def _file_pid(path: str) -> int | None:
     stem = os.path.basename(path)[: -len(".db")]
     tail = stem.rsplit("_", 1)[-1]
     return int(tail) if tail.isdigit() else None
+
+
+def remove_orphaned_dirs(root: str | None = None) -> int:
+    """Delete the `prunery-worker-metrics-{pid}-*` folders in `root` (the system temp folder) left by workers
+    that died without removing theirs: the pid in the name is dead and so is every pid in the names of the
+    files inside (a killed worker's job processes may outlive it for a while). Returns how many went."""
+    root = root or tempfile.gettempdir()
+    removed = 0
+    try:
+        names = [n for n in os.listdir(root) if n.startswith(DIR_PREFIX)]
+    except OSError:
+        return 0
+    own = os.path.realpath(multiproc_dir())
+    for name in names:
+        pid = name[len(DIR_PREFIX):].split("-", 1)[0]
+        path = os.path.join(root, name)
+        if not pid.isdigit() or os.path.realpath(path) == own or pid_alive(int(pid)) or not os.path.isdir(path):
+            continue  # not named by us (older versions: no pid), ours, or its worker lives
+        writers = {p for p in map(_file_pid, glob.glob(os.path.join(path, "*.db"))) if p is not None}
+        if any(pid_alive(p) for p in writers):
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        removed += not os.path.exists(path)
+    return removed
 
 
 class _CompactingCollector:

@@ -2,7 +2,10 @@
 
 `run_job(job_id, worker_id)` first claims the job in the database (`jobs.claim`: a compare-and-set with a
 lease, counting the attempt). A task whose job is already finished, cancelled, or live under another
-worker's lease does nothing, so a redelivered or duplicated message is harmless. Then the stages, each
+worker's lease does nothing, so a redelivered or duplicated message is harmless. When the claim cannot be
+made now (the database, or anything before the claim, fails; or the job's tenant is at
+PRUNERY_TENANT_MAX_RUNNING), `run_job` raises ClaimDeferred and the Celery task retries itself later
+(worker/app.py): the job stays QUEUED, its retried message its one message, no attempt counted. Then the stages, each
 announced as a progress event (stage names as in the API's `Job.stage`), a cancel honoured between them:
 
     load    5%   fetch the model artifact to a temp file (size and sha256 checked against its row) and open
@@ -89,7 +92,7 @@ from prunery.service.objectstore import ObjectNotFound, ObjectStore, TooLarge, o
 from prunery.worker import metrics
 from prunery.worker.settings import WorkerSettings
 
-__all__ = ["STAGES", "JobFailure", "config_from_spec", "preload_engine", "run_job", "select_device"]
+__all__ = ["STAGES", "ClaimDeferred", "JobFailure", "config_from_spec", "preload_engine", "run_job", "select_device"]
 
 log = logging.getLogger("prunery.worker.pipeline")
 
@@ -109,6 +112,18 @@ class JobFailure(Exception):
     def __init__(self, code: int, reason: str, message: str, *, transient: bool = False) -> None:
         super().__init__(message)
         self.code, self.reason, self.message, self.transient = code, reason, message, transient
+
+
+class ClaimDeferred(Exception):
+    """The job could not be claimed now; its task should try again later. `reason`: UNAVAILABLE (the database,
+    or something else needed before the claim, failed) or TENANT_AT_LIMIT."""
+
+    def __init__(self, job_id: uuid.UUID | str, reason: str, message: str) -> None:
+        super().__init__(str(job_id), reason, message)  # all the args: it pickles (a job process sends it up)
+        self.job_id, self.reason, self.message = str(job_id), reason, message
+
+    def __str__(self) -> str:
+        return f"{self.reason}: {self.message}"
 
 
 class _Cancelled(Exception):
@@ -760,22 +775,37 @@ def run_job(job_id: str | uuid.UUID, worker_id: str, *, settings: WorkerSettings
             enqueue_fn: Callable[[uuid.UUID], None] | None = None) -> dict[str, Any]:
     """Claim job `job_id` for `worker_id` (unique per process) and run it to its end; return a summary.
 
-    Does nothing when the job is missing, finished, cancelled, or running under another live lease.
+    Does nothing when the job is missing, finished, cancelled, or running under another live lease. Raises
+    ClaimDeferred, having changed nothing, when the claim cannot be made now (see the module doc).
     `enqueue_fn` sends a job released after a transient failure back to the queue (default: the
     worker app's `enqueue`)."""
     settings = settings or WorkerSettings.from_env()
     enqueue_fn = enqueue_fn or _default_enqueue
-    db, store = _open(settings)
     try:
         jid = uuid.UUID(str(job_id))
     except ValueError:
         log.error("ignoring a message with an invalid job id %r", job_id)
         return {"job": str(job_id), "outcome": "invalid"}
-    with db.session() as s:
-        before = s.scalar(select(Job.state).where(Job.id == jid))
-        claimed = before is not None and jobs.claim(s, jid, worker_id, settings.lease_s)
-        row = s.get(Job, jid) if before is not None else None
-        view = _JobView.of(row) if row is not None else None
+    try:
+        db, store = _open(settings)
+        with db.session() as s:
+            before = s.scalar(select(Job.state).where(Job.id == jid))
+            claimed = before is not None and jobs.claim(s, jid, worker_id, settings.lease_s,
+                                                        tenant_max_running=settings.tenant_max_running)
+            row = s.get(Job, jid) if before is not None else None
+            view = _JobView.of(row) if row is not None else None
+    except jobs.TenantAtLimit as e:
+        # the retried message will be the job's message: say when it was sent, so no reaper takes it for lost
+        # while a worker holds it for its countdown (where the broker cannot show it: the filesystem broker)
+        try:
+            with db.session() as s:
+                jobs.mark_sent(s, jid)
+        except Exception:
+            log.warning("job %s: could not record its deferral", jid, exc_info=True)
+        raise ClaimDeferred(jid, "TENANT_AT_LIMIT", str(e)) from None
+    except Exception as e:
+        # nothing is claimed (a commit that failed after all leaves a lease no one renews: the reaper requeues it)
+        raise ClaimDeferred(jid, "UNAVAILABLE", _exc_line(e)) from e
     if not claimed or view is None:
         state = view.state if view is not None else None
         if state is not None and state != before and state in TERMINAL:  # claim ended it (attempts used up)

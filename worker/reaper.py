@@ -1,4 +1,4 @@
-"""The reaper: no job stays stuck because its worker died.
+"""The reaper: no job stays stuck because its worker died or its message was lost.
 
 How a job survives the death of its worker (the lease, the broker and the reaper together):
 
@@ -15,10 +15,29 @@ How a job survives the death of its worker (the lease, the broker and the reaper
   with TOO_MANY_ATTEMPTS once their attempts are used up, so a job that kills its worker every time ends
   instead of looping; CANCELLING jobs with an expired lease become CANCELLED. Requeued jobs go back to the
   queue they were created for (`jobs.queue`: one per worker pool, e.g. a GPU class), whichever pool the
-  reaper's worker serves. A job of the worker's own queue QUEUED for longer than `PRUNERY_RESEND_QUEUED_S`
-  while that queue is empty lost its message (e.g. the API died between commit and send): it is sent again.
+  reaper's worker serves.
 - Duplicates are harmless: every path goes through `jobs.claim`, so a job runs in one place at a time, and
   an attempt is counted per claim. Reapers of several workers may run at once: each job row is locked.
+
+Lost messages (`resend_lost`). A QUEUED job must have one message in the broker; it can lose it (the API died
+between its commit and its send, the broker lost it). Every path that sends a job's message first records when
+(`jobs.last_sent_at`: creation, a requeue, a release, a deferred claim, a resend). For the QUEUED jobs of its
+own queue sent more than `PRUNERY_RESEND_QUEUED_S` ago, the reaper asks the broker which jobs have a message
+outstanding (`prunery.worker.app.inspect_queue`): on Redis the queue's lists and kombu's unacked hash (a message
+a worker has taken, running or held for a retry's countdown, stays there until acked), read with the key prefix
+applied; on the filesystem broker the queue folder (plus the requests this worker holds); on another broker
+(AMQP) only the ready count, and then it resends only when that queue is empty. A job found without a message
+is a suspect; it is resent only if it is still without one at a reading at least `CONFIRM_S` later (which
+covers the instant between a worker's pop of a message and its record of it as unacked). The resend locks the
+row (SKIP LOCKED) and checks again that the job is still QUEUED there and was last sent before the cutoff,
+moves `last_sent_at` to now (with an event) and sends after the commit: a job claimed or sent again meanwhile is
+left alone, and two reapers never both resend one job. `prunery_jobs_requeued_total{reason="message_lost"}`
+counts these resends: true losses only.
+
+What it does not see: a worker killed while holding a message for a job it had not claimed yet (it popped it,
+or was holding a retry for its countdown). On Redis the message is in the unacked hash, so the job counts as
+having one until Redis restores it to the queue after `PRUNERY_VISIBILITY_TIMEOUT_S`; on the filesystem broker,
+another worker's held message is invisible, so such a job may be sent twice (harmless: the claim decides).
 
 The reaper also deletes what a crash of the API leaves of an upload (`sweep_pending_uploads`, at most every
 `UPLOAD_SWEEP_INTERVAL_S`). An upload first reserves a PENDING artifact row, then streams its object, then
@@ -40,22 +59,31 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import delete, event, func, select
+from sqlalchemy import delete, event, select
 from sqlalchemy.orm import Session
 
 from prunery.service import jobs
 from prunery.service.db import Artifact, ArtifactState, Database, Job, JobState, utcnow
 from prunery.service.objectstore import ObjectStore
-from prunery.worker.metrics import pid_alive
+from prunery.worker.metrics import pid_alive, remove_orphaned_dirs
 from prunery.worker.settings import WorkerSettings
+
+if TYPE_CHECKING:
+    from prunery.worker.app import QueueView
 
 __all__ = ["ReapResult", "Reaper", "UploadSweep", "reap_expired", "resend_lost", "sweep_pending_uploads"]
 
 log = logging.getLogger("prunery.worker.reaper")
 
 EnqueueFn = Callable[[uuid.UUID, str], None]  # (job id, its queue)
+
+# a job found without a message is resent only when a reading of the broker at least this much later finds it
+# without one too (a worker's pop and its record of the message as unacked are two steps)
+CONFIRM_S = 1.0
+# at most this many QUEUED jobs of the queue are compared with the broker per sweep (the oldest sent first)
+RESEND_SCAN_LIMIT = 10_000
 
 # the sweep scans the artifacts table for PENDING rows, and they age for hours: no need to look every tick
 UPLOAD_SWEEP_INTERVAL_S = 300.0
@@ -120,22 +148,45 @@ def reap_expired(session: Session, *, enqueue_fn: EnqueueFn | None = _default_en
     return result
 
 
-def resend_lost(session: Session, older_than_s: float, queue_depth: Callable[[], int], queue: str, *,
+def resend_lost(session: Session, older_than_s: float, inspect: Callable[[], QueueView], queue: str, *,
+                missing_since: dict[uuid.UUID, float] | None = None, confirm_s: float = CONFIRM_S,
                 enqueue_fn: EnqueueFn | None = _default_enqueue, limit: int = 100) -> list[uuid.UUID]:
-    """Send again the jobs of `queue` QUEUED for more than `older_than_s` (since their last event) while that
-    queue is empty (`queue_depth()`): their message was lost. Sent after the caller's commit. Returns their
-    ids."""
-    cutoff = utcnow() - timedelta(seconds=older_than_s)
-    stale = list(session.scalars(select(Job.id).where(Job.state == JobState.QUEUED.value, Job.queue == queue,
-                                                      Job.update_time < cutoff)
-                                 .order_by(Job.create_time).limit(limit)))
-    if not stale or queue_depth() > 0:
+    """Send again the jobs of `queue` that lost their message (see the module doc); return their ids.
+
+    Candidates: QUEUED on `queue`, last sent more than `older_than_s` ago. `inspect()` reads the broker. A
+    candidate without a message is resent once it has been without one for `confirm_s` across calls:
+    `missing_since` (job id -> time.monotonic() it was first found without one) carries that between calls and
+    belongs to the caller (the reaper keeps one); with confirm_s=0 the first reading suffices. At most `limit`
+    jobs are resent per call; their rows are updated in `session` and they are sent after its commit."""
+    suspects = {} if missing_since is None else missing_since
+    now = utcnow()
+    cutoff = now - timedelta(seconds=older_than_s)
+    stale = list(session.scalars(
+        select(Job.id).where(Job.state == JobState.QUEUED.value, Job.queue == queue, jobs.sent_time() < cutoff)
+        .order_by(jobs.sent_time(), Job.id).limit(RESEND_SCAN_LIMIT)))
+    if not stale:
+        suspects.clear()
         return []
-    log.warning("%d job(s) queued for over %.0fs with an empty queue (lost messages); sending again", len(stale),
-                older_than_s)
-    if enqueue_fn is not None:
-        _after_commit(session, lambda: [enqueue_fn(i, queue) for i in stale])
-    return stale
+    view = inspect()
+    if view.listed or view.ready == 0:  # a broker that cannot list its messages: only an empty queue tells
+        missing = [j for j in stale if str(j) not in view.job_ids]
+    else:
+        missing = []
+    t = time.monotonic()
+    for job_id in set(suspects) - set(missing):
+        del suspects[job_id]  # it has a message (or is no longer a candidate)
+    confirmed = [j for j in missing if t - suspects.setdefault(j, t) >= confirm_s]
+    if not confirmed:
+        return []
+    resent = jobs.record_resend(session, confirmed[:limit], queue=queue, sent_before=cutoff, now=now)
+    for job_id in resent:
+        suspects.pop(job_id, None)
+    if resent:
+        log.warning("%d job(s) of queue %s last sent over %.0fs ago have no message in the broker (lost); sending "
+                    "again: %s", len(resent), queue, older_than_s, ", ".join(map(str, resent)))
+        if enqueue_fn is not None:
+            _after_commit(session, lambda: [enqueue_fn(i, queue) for i in resent])
+    return resent
 
 
 @dataclass
@@ -193,6 +244,7 @@ class Reaper(threading.Thread):
         self._db: Database | None = None
         self._store: ObjectStore | None = None
         self._next_upload_sweep = 0.0  # time.monotonic() of the next sweep_pending_uploads
+        self._missing_since: dict[uuid.UUID, float] = {}  # resend_lost's suspects, across ticks
 
     def stop(self, timeout: float = 5.0) -> None:
         self._stop_event.set()
@@ -204,10 +256,10 @@ class Reaper(threading.Thread):
 
         enqueue(job_id, queue, celery=self.celery)
 
-    def _queue_depth(self) -> int:
-        from prunery.worker.app import queue_depth
+    def _inspect(self) -> QueueView:
+        from prunery.worker.app import inspect_queue
 
-        return queue_depth(self.celery)
+        return inspect_queue(self.celery, self.settings.queue)
 
     def run(self) -> None:
         # a random first delay spreads the sweeps of workers started together
@@ -240,10 +292,8 @@ class Reaper(threading.Thread):
         resent: list[uuid.UUID] = []
         if self.settings.resend_queued_s > 0:
             with self._db.session() as session:
-                resent = resend_lost(session, self.settings.resend_queued_s, self._queue_depth, self.settings.queue,
-                                     enqueue_fn=self._enqueue)
-        with self._db.session() as session:
-            queued = session.scalar(select(func.count()).select_from(Job).where(Job.state == JobState.QUEUED.value))
+                resent = resend_lost(session, self.settings.resend_queued_s, self._inspect, self.settings.queue,
+                                     missing_since=self._missing_since, enqueue_fn=self._enqueue)
         with metrics.parent_write():
             if result.requeued:
                 metrics.JOBS_REQUEUED.labels("lease_expired").inc(len(result.requeued))
@@ -253,11 +303,11 @@ class Reaper(threading.Thread):
                 metrics.JOBS_FINISHED.labels(JobState.FAILED.value).inc(len(result.failed))
             if result.cancelled:
                 metrics.JOBS_FINISHED.labels(JobState.CANCELLED.value).inc(len(result.cancelled))
-            metrics.JOBS_QUEUED.set(queued or 0)
         for job_id in result.failed + result.cancelled:  # their workers died: delete partial outputs
             self._delete_outputs(job_id)
         self._sweep_uploads()
         metrics.housekeeping()
+        remove_orphaned_dirs()  # metrics folders of workers killed on this host
         self._prune_processed_messages()
         self._prune_job_tmpdirs()
         return result

@@ -7,13 +7,19 @@ Imports neither torch nor Celery, so the API can read the same settings (broker 
 - PRUNERY_STORE_URL (`file://{data}/objects`): object store; `s3://bucket/prefix?endpoint_url=...`.
 - PRUNERY_BROKER_URL (`filesystem://`, folders under `{data}/broker`): Celery broker; `redis://...` in production.
 - PRUNERY_QUEUE (`prunery`): the queue jobs are sent to and consumed from (one per GPU class).
-- PRUNERY_BROKER_KEYPREFIX (none): Redis `global_keyprefix`, isolating several deployments on one Redis.
+- PRUNERY_BROKER_KEYPREFIX (none): Redis `global_keyprefix`, isolating several deployments on one Redis (the
+  reaper's reading of the queue applies it too).
 - PRUNERY_VISIBILITY_TIMEOUT_S (3600): Redis hands an unacked message to another worker after this long.
 - PRUNERY_LEASE_S (30) and PRUNERY_HEARTBEAT_S (5, at most half the lease): a job's lease in the database and
   how often its process renews it (each renewal also notices a cancel request).
 - PRUNERY_REAPER_INTERVAL_S (10): how often a worker's main process sweeps for expired leases.
-- PRUNERY_RESEND_QUEUED_S (120; 0: never): a job QUEUED this long while the queue is empty lost its message
-  and is sent again.
+- PRUNERY_RESEND_QUEUED_S (120; 0: never): a QUEUED job whose message was last sent (`jobs.last_sent_at`) this
+  long ago is looked for in the broker (its queue, and the messages workers hold unacked); when it has no message
+  there in two readings of the broker a second or more apart, it lost it and is sent again, once. See reaper.py.
+- PRUNERY_TENANT_MAX_RUNNING (0: no limit): at most this many RUNNING (or CANCELLING) jobs per tenant. A worker
+  whose job's tenant is at the limit does not claim it; its task retries later (with the backoff of a claim
+  that found the database down: 1, 2, 4 ... 30 s with jitter, at most half the visibility timeout), the
+  retried message remaining the job's one message.
 - PRUNERY_PENDING_UPLOAD_TTL_S (21600, 6 hours): an upload still PENDING after this long was cut off by a
   crash of the API: the reaper deletes its row and object. Must exceed the longest upload.
 - PRUNERY_CANCEL_GRACE_S (10): a cancel the running stage has not honoured by then ends the job's process.
@@ -24,8 +30,10 @@ Imports neither torch nor Celery, so the API can read the same settings (broker 
   (RLIMIT_DATA: heap and anonymous mappings). A job past it FAILS with RESOURCE_EXHAUSTED (JOB_MEMORY_LIMIT)
   instead of taking the host down with it.
 - PRUNERY_METRICS_PORT (0: off) and PRUNERY_METRICS_ADDR (0.0.0.0): the worker's Prometheus `/metrics`.
-- PROMETHEUS_MULTIPROC_DIR (a fresh temporary folder): per-process metric files (see metrics.py); private to
-  one worker, emptied when it starts.
+- PROMETHEUS_MULTIPROC_DIR (a fresh temporary folder, `prunery-worker-metrics-{pid}-*` in the system temp folder):
+  per-process metric files (see metrics.py); private to one worker, emptied when it starts. A worker removes its
+  own temporary folder when it stops; folders left by a killed worker (its pid, and those of its job processes,
+  dead) are removed by the next worker to start on the host and by every worker's reaper.
 - PRUNERY_TMP_DIR (the system temp folder): scratch space of running jobs (the fetched model, the result).
 - PRUNERY_WORKER_PRELOAD (1): import the engine (torch) once in the worker's main process, so each forked job
   process starts without importing it again (CUDA is not touched there).
@@ -73,6 +81,7 @@ class WorkerSettings:
     heartbeat_s: float = 5.0
     reaper_interval_s: float = 10.0
     resend_queued_s: float = 120.0
+    tenant_max_running: int = 0
     pending_upload_ttl_s: float = 6 * 3600.0
     cancel_grace_s: float = 10.0
     max_result_bytes: int = 16 << 30
@@ -102,6 +111,7 @@ class WorkerSettings:
             heartbeat_s=heartbeat_s,
             reaper_interval_s=_float("PRUNERY_REAPER_INTERVAL_S", 10.0, 0.1),
             resend_queued_s=_float("PRUNERY_RESEND_QUEUED_S", 120.0),
+            tenant_max_running=_int("PRUNERY_TENANT_MAX_RUNNING", 0),
             pending_upload_ttl_s=_float("PRUNERY_PENDING_UPLOAD_TTL_S", 6 * 3600.0, 1.0),
             cancel_grace_s=_float("PRUNERY_CANCEL_GRACE_S", 10.0, 0.1),
             max_result_bytes=_int("PRUNERY_MAX_RESULT_BYTES", 16 << 30, 1),

@@ -1,0 +1,429 @@
+"""The reaper's resend of lost messages, the claim's retry, and the worker's housekeeping, on real parts (issue 10).
+
+Real Postgres databases (and, to take one away from a worker, a Postgres cluster of our own), the shared Redis
+under a unique key prefix per stack (`PRUNERY_BROKER_KEYPREFIX`), the embedded filesystem broker, and real
+`celery worker` processes (tests/workers.py). What the broker holds is read in the tests with their own code
+(`redis_outstanding`, `_folder_outstanding`), independently of the product's inspection.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import redis
+import torch
+
+from prunery import zoo
+from prunery.service.db import upgrade
+from prunery.service.testing import temporary_postgres_database
+from prunery.worker.app import enqueue, make_app, queue_depth
+from prunery.worker.settings import WorkerSettings
+from tests.workers import FINAL, REDIS_URL, Stack, postgres_cluster, redis_outstanding
+
+LOST = 'prunery_jobs_requeued_total{reason="message_lost"}'
+
+
+@pytest.fixture(scope="module")
+def conv1d_bytes() -> bytes:
+    buffer = io.BytesIO()
+    torch.export.save(zoo.export("conv1d"), buffer)
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def database_url() -> Iterator[str]:
+    with temporary_postgres_database(prefix="prunery_reaper_test") as url:
+        upgrade(url)
+        yield url
+
+
+@pytest.fixture
+def stack(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """A fresh queue and key prefix on the shared database; the test starts its workers."""
+    st = Stack(database_url, tmp_path_factory.mktemp("objects"), tmp_path_factory.mktemp("reaper"))
+    try:
+        yield st
+    finally:
+        st.close()
+
+
+class Sampler(threading.Thread):
+    """Reads what the broker holds for each job every `interval_s` while a test runs; keeps the most messages
+    seen at once for each job."""
+
+    def __init__(self, read: Callable[[], Counter[str]], interval_s: float = 0.05) -> None:
+        super().__init__(daemon=True)
+        self.read = read
+        self.interval_s = interval_s
+        self.most: Counter[str] = Counter()
+        self.samples = 0
+        self.error: BaseException | None = None
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        while not self._stop_event.is_set():
+            try:
+                for job, n in self.read().items():
+                    self.most[job] = max(self.most[job], n)
+                self.samples += 1
+            except BaseException as e:  # reported by stop()
+                self.error = e
+                return
+            self._stop_event.wait(self.interval_s)
+
+    def __enter__(self) -> Sampler:
+        self.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self._stop_event.set()
+        self.join(10)
+        if self.error is not None:
+            raise self.error
+
+
+def _redis_sampler(st: Stack) -> Sampler:
+    client = redis.Redis.from_url(REDIS_URL)
+    return Sampler(lambda: redis_outstanding(client, st.prefix, st.queue))
+
+
+def _folder_outstanding(st: Stack) -> Counter[str]:
+    """Messages per job id in the filesystem broker's queue folder (kombu: `{ms}_{uuid}.{queue}.msg`, JSON)."""
+    found: Counter[str] = Counter()
+    folder = st.settings.broker_dir / "queue"
+    for path in folder.glob(f"*.{st.settings.queue}.msg"):
+        try:
+            message = json.loads(path.read_bytes())
+        except (FileNotFoundError, ValueError):
+            continue  # taken meanwhile, or being written
+        args, _kwargs, _embed = json.loads(base64.b64decode(message["body"]))
+        found[str(args[0])] += 1
+    return found
+
+
+def _resends(st: Stack, job_id: uuid.UUID) -> int:
+    return sum("sent again" in e.message for e in st.events(job_id))
+
+
+def _settle(worker: object, sample: str, ticks_s: float = 1.5) -> float:
+    """The value of a metric once it has stopped moving for `ticks_s` (several reaper ticks)."""
+    value = worker.metric(sample)  # type: ignore[attr-defined]
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        time.sleep(ticks_s)
+        now = worker.metric(sample)  # type: ignore[attr-defined]
+        if now == value:
+            return now
+        value = now
+    raise AssertionError(f"{sample} keeps moving: {value}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The broker inspection, on its own
+# ---------------------------------------------------------------------------------------------------------
+
+def _redis_settings(tmp_path: Path, prefix: str) -> WorkerSettings:
+    return WorkerSettings(data_dir=tmp_path, database_url="sqlite://", store_url=tmp_path.as_uri(),
+                          broker_url=REDIS_URL, queue=f"q-{uuid.uuid4().hex[:10]}", broker_keyprefix=prefix)
+
+
+def test_queue_depth_counts_messages_under_a_key_prefix(tmp_path: Path) -> None:
+    """kombu's passive queue_declare does not apply `global_keyprefix` (it always answered 0 under a prefix)."""
+    settings = _redis_settings(tmp_path, f"prunery-test-{uuid.uuid4().hex[:10]}:")
+    celery = make_app(settings)
+    client = redis.Redis.from_url(REDIS_URL)
+    try:
+        for _ in range(3):
+            enqueue(uuid.uuid4(), celery=celery)
+        assert client.llen(settings.broker_keyprefix + settings.queue) == 3  # where kombu put them
+        assert queue_depth(celery) == 3
+    finally:
+        keys = list(client.scan_iter(match=f"{settings.broker_keyprefix}*"))
+        if keys:
+            client.delete(*keys)
+        celery.close()
+        client.close()
+
+
+@pytest.mark.parametrize("prefixed", [True, False], ids=["prefix", "no-prefix"])
+def test_redis_inspection_lists_queued_priority_and_unacked_messages(tmp_path: Path, prefixed: bool) -> None:
+    from prunery.worker.app import inspect_queue
+
+    prefix = f"prunery-test-{uuid.uuid4().hex[:10]}:" if prefixed else ""
+    settings = _redis_settings(tmp_path, prefix)
+    other_queue = f"other-{uuid.uuid4().hex[:10]}"
+    celery = make_app(settings)
+    client = redis.Redis.from_url(REDIS_URL)
+    plain, urgent, taken = (str(uuid.uuid4()) for _ in range(3))
+    message = None
+    try:
+        enqueue(plain, celery=celery)
+        celery.send_task("prunery.run_job", args=[urgent], queue=settings.queue, priority=9)  # kombu's priority list
+        enqueue(taken, celery=celery)
+        enqueue(uuid.uuid4(), queue=other_queue, celery=celery)  # another queue's message is not ours
+        assert client.llen(f"{prefix}{settings.queue}\x06\x169") == 1
+        view = inspect_queue(celery)
+        assert (view.listed, view.ready, view.job_ids) == (True, 3, {plain, urgent, taken})
+
+        # a consumer takes `taken` without acking it (kombu moves it to the unacked hash): still outstanding
+        with celery.connection_for_read() as conn, conn.channel() as channel:
+            for _ in range(3):
+                message = channel.basic_get(settings.queue, no_ack=False)
+                if message.decode()[0] == [taken]:
+                    break
+                message.reject(requeue=True)
+            else:
+                raise AssertionError("could not take the message of `taken`")
+            assert client.hlen(prefix + "unacked") >= 1
+            view = inspect_queue(celery)
+            assert (view.ready, view.job_ids) == (2, {plain, urgent, taken})
+            message.ack()
+            message = None
+            view = inspect_queue(celery)
+            assert (view.ready, view.job_ids) == (2, {plain, urgent})
+            assert queue_depth(celery) == 2
+    finally:
+        if message is not None:
+            message.ack()
+        keys = [k for pattern in (f"{prefix}*{settings.queue}*", f"{prefix}*{other_queue}*")
+                for k in client.scan_iter(match=pattern)]
+        if keys:
+            client.delete(*keys)
+        celery.close()
+        client.close()
+
+
+def test_filesystem_inspection_lists_the_queue_folder(tmp_path: Path) -> None:
+    from prunery.worker.app import inspect_queue
+
+    settings = WorkerSettings(data_dir=tmp_path, database_url="sqlite://", store_url=tmp_path.as_uri(),
+                              broker_url="filesystem://")
+    celery = make_app(settings)
+    try:
+        first, second = str(uuid.uuid4()), str(uuid.uuid4())
+        enqueue(first, celery=celery)
+        enqueue(second, celery=celery)
+        enqueue(str(uuid.uuid4()), queue="elsewhere", celery=celery)
+        view = inspect_queue(celery)
+        assert (view.listed, view.ready, view.job_ids) == (True, 2, {first, second})
+        (tmp_path / "broker" / "queue" / "~garbage.prunery.msg").write_text("{not json")  # ignored (sorts last)
+        with celery.connection_for_read() as conn, conn.channel() as channel:
+            taken = channel.basic_get(settings.queue, no_ack=True)  # renamed into processed/
+            assert taken is not None
+        view = inspect_queue(celery)
+        assert view.ready == 1 and len(view.job_ids) == 1 and view.job_ids <= {first, second}
+    finally:
+        celery.close()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Resending lost messages, with real workers
+# ---------------------------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_a_backlog_under_a_key_prefix_keeps_one_message_per_job(stack: Stack, conv1d_bytes: bytes) -> None:
+    """12 jobs for 1 worker, the first one slow: most wait far longer than PRUNERY_RESEND_QUEUED_S. The reaper
+    must see their messages (under the key prefix) and send none again."""
+    worker = stack.start_worker("one", PRUNERY_RESEND_QUEUED_S="2", PRUNERY_REAPER_INTERVAL_S="0.5",
+                                PRUNERY_VISIBILITY_TIMEOUT_S="30").wait_ready()
+    model = stack.upload(conv1d_bytes)
+    with _redis_sampler(stack) as sampler:
+        ids = [stack.submit(model, labels={"prunery-test-delay": "prune=2"})]
+        ids += [stack.submit(model) for _ in range(11)]
+        for job_id in ids:
+            stack.succeeded(job_id, timeout=120)
+    assert sampler.samples > 50
+    assert len(set(sampler.most) & {str(i) for i in ids}) >= 10  # the sampler saw them waiting
+    assert max(sampler.most.values()) == 1, {j: n for j, n in sampler.most.items() if n > 1}
+    for job_id in ids:
+        events = stack.events(job_id)
+        assert [e.state for e in events].count("SUCCEEDED") == 1
+        assert stack.job(job_id).attempt_count == 1
+        assert _resends(stack, job_id) == 0
+    assert _settle(worker, LOST) == 0
+    assert not redis_outstanding(redis.Redis.from_url(REDIS_URL), stack.prefix, stack.queue)
+
+
+@pytest.mark.slow
+def test_lost_messages_are_sent_again_exactly_once(stack: Stack, conv1d_bytes: bytes) -> None:
+    """Behind a slow job: one job's message deleted from the Redis list, one job row never sent; a third waits
+    with its message. The first two are sent again once each; the third is left alone."""
+    worker = stack.start_worker("one", PRUNERY_RESEND_QUEUED_S="2", PRUNERY_REAPER_INTERVAL_S="0.5",
+                                PRUNERY_VISIBILITY_TIMEOUT_S="30").wait_ready()
+    model = stack.upload(conv1d_bytes)
+    client = redis.Redis.from_url(REDIS_URL)
+    with _redis_sampler(stack) as sampler:
+        slow = stack.submit(model, labels={"prunery-test-delay": "prune=8"})
+        stack.wait(slow, lambda j: j.state == "RUNNING", timeout=60)
+        waiting = stack.submit(model)
+        deleted = stack.submit(model)
+        never_sent = stack.create(model)
+        key = stack.prefix + stack.queue
+        raw = next(m for m in client.lrange(key, 0, -1)
+                   if str(deleted) in base64.b64decode(json.loads(m)["body"]).decode())
+        assert client.lrem(key, 1, raw) == 1  # the broker lost it
+        for job_id in (slow, waiting, deleted, never_sent):
+            stack.succeeded(job_id, timeout=90)
+    assert max(sampler.most.values()) == 1, sampler.most
+    assert [_resends(stack, j) for j in (slow, waiting, deleted, never_sent)] == [0, 0, 1, 1]
+    for job_id in (slow, waiting, deleted, never_sent):
+        assert [e.state for e in stack.events(job_id)].count("SUCCEEDED") == 1
+    assert _settle(worker, LOST) == 2
+    # one gauge of queued jobs: the API's, measured from the database (the worker's read its last reaper tick)
+    assert "prunery_jobs_queued" not in worker.metrics()
+
+
+@pytest.mark.slow
+def test_filesystem_broker_sends_a_lost_message_again_exactly_once(conv1d_bytes: bytes, tmp_path: Path) -> None:
+    """The embedded stack (SQLite, folder store, filesystem broker): jobs waiting in the queue folder behind a
+    slow job are left alone; a job row whose message never came is sent again once."""
+    url = f"sqlite:///{tmp_path / 'prunery.db'}"
+    upgrade(url)
+    st = Stack(url, tmp_path / "objects", tmp_path, embedded=True)
+    try:
+        worker = st.start_worker("embedded", PRUNERY_RESEND_QUEUED_S="2", PRUNERY_REAPER_INTERVAL_S="0.5",
+                                 PRUNERY_DATABASE_URL=url).wait_ready()
+        model = st.upload(conv1d_bytes)
+        with Sampler(lambda: _folder_outstanding(st)) as sampler:
+            slow = st.submit(model, labels={"prunery-test-delay": "prune=8"})
+            st.wait(slow, lambda j: j.state == "RUNNING", timeout=60)
+            waiting = [st.submit(model) for _ in range(3)]
+            never_sent = st.create(model)
+            # sent again while the queue is not empty (the jobs behind the slow one wait in it)
+            deadline = time.monotonic() + 30
+            while not _resends(st, never_sent):
+                assert time.monotonic() < deadline, worker.log_tail()
+                time.sleep(0.1)
+            assert st.job(slow).state == "RUNNING" and all(st.job(j).state == "QUEUED" for j in waiting)
+            for job_id in (slow, *waiting, never_sent):
+                st.succeeded(job_id, timeout=90)
+        assert max(sampler.most.values()) == 1, sampler.most
+        assert [_resends(st, j) for j in (slow, *waiting, never_sent)] == [0, 0, 0, 0, 1]
+        assert _settle(worker, LOST) == 1
+    finally:
+        st.close()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The claim retries while the database is down
+# ---------------------------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_a_job_sent_while_the_database_is_down_runs_when_it_is_back(conv1d_bytes: bytes, tmp_path: Path) -> None:
+    """The task cannot claim its job: it retries itself with backoff (its retried message stays the job's one
+    outstanding message) and runs once Postgres is back, long before the reaper's resend (600 s here)."""
+    with postgres_cluster() as pg:
+        upgrade(pg.url)
+        st = Stack(pg.url, tmp_path / "objects", tmp_path)
+        try:
+            worker = st.start_worker("one", PRUNERY_RESEND_QUEUED_S="600").wait_ready()
+            job_id = st.create(st.upload(conv1d_bytes))
+            st.db.dispose()
+            pg.stop()
+            st.send(job_id)
+            # meanwhile the job keeps its message: in the list, or held unacked by the worker for its countdown
+            # (never missing from two readings in a row: a worker's pop and its unacked record are two steps)
+            client = redis.Redis.from_url(REDIS_URL)
+            deadline, misses, readings = time.monotonic() + 8, 0, 0
+            while time.monotonic() < deadline:
+                misses = 0 if redis_outstanding(client, st.prefix, st.queue)[str(job_id)] else misses + 1
+                readings += 1
+                assert misses < 2, worker.log_tail()
+                time.sleep(0.1)
+            assert readings > 40 and "not claimed now (UNAVAILABLE" in worker.log_tail(10**6)
+            pg.start()
+            t0 = time.monotonic()
+            job = st.succeeded(job_id, timeout=60)
+            assert time.monotonic() - t0 < 45
+            assert job.attempt_count == 1 and _resends(st, job_id) == 0
+            assert re.search(r"Retry in \d", worker.log_tail(10**6)), worker.log_tail()
+        finally:
+            st.close()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The worker's temporary metrics folder
+# ---------------------------------------------------------------------------------------------------------
+
+def _metrics_dirs(root: Path) -> list[Path]:
+    return sorted(root.glob("prunery-worker-metrics-*"))
+
+
+@pytest.mark.slow
+def test_the_metrics_folder_of_a_sigkilled_worker_is_removed(stack: Stack, tmp_path: Path) -> None:
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    first = stack.start_worker("first", own_metrics_dir=True, TMPDIR=str(tmp)).wait_ready()
+    [left] = _metrics_dirs(tmp)
+    assert left.name.startswith(f"prunery-worker-metrics-{first.proc.pid}-")  # named after its owner
+    first.kill()  # SIGKILL: no shutdown handler runs
+    assert left.exists()
+    # a folder of another dead process, and one of a live process (ours), next to it
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_dir = tmp / f"prunery-worker-metrics-{int(dead.stdout)}-abcdefgh"
+    live_dir = tmp / f"prunery-worker-metrics-{os.getpid()}-abcdefgh"
+    dead_dir.mkdir()
+    live_dir.mkdir()
+
+    second = stack.start_worker("second", own_metrics_dir=True, TMPDIR=str(tmp)).wait_ready()
+    deadline = time.monotonic() + 10
+    while left.exists() or dead_dir.exists():
+        assert time.monotonic() < deadline, _metrics_dirs(tmp)
+        time.sleep(0.2)
+    [own] = [p for p in _metrics_dirs(tmp) if p != live_dir]
+    assert own.name.startswith(f"prunery-worker-metrics-{second.proc.pid}-")
+    assert live_dir.exists()
+
+    # the reaper removes such folders too, not only a starting worker
+    later = tmp / f"prunery-worker-metrics-{int(dead.stdout)}-ijklmnop"
+    later.mkdir()
+    deadline = time.monotonic() + 10
+    while later.exists():
+        assert time.monotonic() < deadline, _metrics_dirs(tmp)
+        time.sleep(0.2)
+    second.stop()
+    assert not own.exists()  # a clean shutdown removes its own folder
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A limit on each tenant's running jobs
+# ---------------------------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_a_tenant_at_its_running_limit_waits_while_others_run(stack: Stack, conv1d_bytes: bytes) -> None:
+    env = {"PRUNERY_TENANT_MAX_RUNNING": "1", "PRUNERY_RESEND_QUEUED_S": "2", "PRUNERY_VISIBILITY_TIMEOUT_S": "30"}
+    a, b = stack.start_worker("a", **env), stack.start_worker("b", **env)
+    a.wait_ready()
+    b.wait_ready()
+    busy_model, other_model = stack.upload(conv1d_bytes, tenant="busy"), stack.upload(conv1d_bytes, tenant="other")
+    first = stack.submit(busy_model, tenant="busy", labels={"prunery-test-delay": "prune=6"})
+    stack.wait(first, lambda j: j.state == "RUNNING", timeout=60)
+    second = stack.submit(busy_model, tenant="busy")
+    other = stack.submit(other_model, tenant="other")
+
+    # while `first` runs, `second` waits (a worker is free), and the other tenant's job runs on that worker
+    most_running = 0
+    while stack.job(first).state == "RUNNING":
+        jobs_now = [stack.job(first), stack.job(second)]
+        most_running = max(most_running, sum(j.state in ("RUNNING", "CANCELLING") for j in jobs_now))
+        time.sleep(0.1)
+    assert most_running == 1
+    assert stack.job(other).state == "SUCCEEDED"
+    stack.succeeded(first)
+    job = stack.succeeded(second, timeout=60)
+    assert job.attempt_count == 1
+    assert [_resends(stack, j) for j in (first, second, other)] == [0, 0, 0]
+    assert not [e for e in stack.events(second) if e.state in FINAL and e.state != "SUCCEEDED"]
