@@ -218,10 +218,13 @@ def _demo_through_service(model: Path, pruned: Path, report: Path, ratio: float,
 
 
 def _client(args: argparse.Namespace):
-    from prunery.client import Client
+    from prunery.client import DEFAULT_RETRY_BUDGET_S, Client
+    from prunery.service.settings import env_number
 
+    budget = args.retry_budget if args.retry_budget is not None else \
+        env_number("PRUNERY_RETRY_BUDGET_S", DEFAULT_RETRY_BUDGET_S, 0.0)
     return Client(args.address or os.environ.get("PRUNERY_ADDRESS", ""),
-                  args.token or os.environ.get("PRUNERY_TOKEN", ""), timeout=args.timeout)
+                  args.token or os.environ.get("PRUNERY_TOKEN", ""), timeout=args.timeout, retry_budget_s=budget)
 
 
 def _state(job) -> str:
@@ -353,9 +356,16 @@ def cmd_tokens(args: argparse.Namespace) -> int:
     from prunery.service import tokens
     from prunery.service.settings import Settings
 
-    url = args.database_url or Settings.from_env().database_url
+    settings = Settings.from_env()
+    url = args.database_url or settings.database_url
+    default = tokens.sqlite_path(url)
+    if not (args.database_url or os.environ.get("PRUNERY_DATABASE_URL")) and default is not None \
+            and not default.exists():
+        # the embedded default under ./prunery-data: made by `prunery up`/`serve`, never by a token command
+        raise ValueError(f"no database: pass --database-url URL or set PRUNERY_DATABASE_URL (the default {default} "
+                         "does not exist)")
     if args.action == "create":
-        print(tokens.create(url, args.tenant))
+        print(tokens.create(url, args.tenant, migrate=settings.migrate))
     else:
         if not args.token_value:
             raise ValueError("`prunery tokens revoke` needs the token (or its id)")
@@ -389,6 +399,9 @@ def _add_client_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--address", help="server host:port (default: $PRUNERY_ADDRESS)")
     p.add_argument("--token", help="bearer token (default: $PRUNERY_TOKEN)")
     p.add_argument("--timeout", type=float, default=30.0, help="deadline of each call, seconds")
+    p.add_argument("--retry-budget", type=float, metavar="S",
+                   help="retry calls that fail while the server restarts (UNAVAILABLE, ...) for up to S seconds "
+                        "without progress (default: $PRUNERY_RETRY_BUDGET_S, else 60; 0: never retry)")
 
 
 def _add_prune_options(p: argparse.ArgumentParser) -> None:
@@ -502,7 +515,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_client_options(p)
     p.set_defaults(func=cmd_download)
 
-    p = sub.add_parser("tokens", help="create or revoke a tenant's API token (talks to the database)")
+    p = sub.add_parser(
+        "tokens", help="create or revoke a tenant's API token (talks to the database)",
+        description="create prints a new token for --tenant; revoke TOKEN revokes a token given it or its id. "
+                    "create first migrates the database to the schema's head, as `prunery serve` does by default, so "
+                    "the first token of a new deployment can be made before its first server starts (refusing would "
+                    "only add a step: serve migrates anyway). PRUNERY_MIGRATE=0 turns that off for both, for a shared "
+                    "database whose migrations are run on their own; an unmigrated database is then refused in one "
+                    "line. revoke never creates nor migrates a database. A command that fails leaves no database "
+                    "file behind.")
     p.add_argument("action", choices=["create", "revoke"])
     p.add_argument("token_value", nargs="?", metavar="TOKEN")
     p.add_argument("--tenant", default="default")

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import time
 import zipfile
 from pathlib import Path
 
@@ -18,9 +20,9 @@ REPORT_KEYS = {"params_before", "params_after", "macs_before", "macs_after", "nu
                "frozen_ops", "duration_s", "layers"}
 
 
-def run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+def run(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "prunery.cli", *args], capture_output=True, text=True,
-                          cwd=cwd, timeout=300)
+                          cwd=cwd, timeout=300, env=env)
 
 
 @pytest.fixture(scope="module")
@@ -142,3 +144,113 @@ def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     assert report["params_after"] < report["params_before"]
     assert (tmp_path / "demo" / "conv1d-pruned.pt2").is_file()
     assert "output shape (4, 10)" in proc.stdout
+
+
+# --- tokens and the client commands --------------------------------------------------------------------
+
+
+def _env(**extra: str) -> dict[str, str]:
+    """This environment without PRUNERY_* settings (a developer's own would change the defaults tested)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PRUNERY_")}
+    env.update(extra)
+    return env
+
+
+def _one_line_error(proc: subprocess.CompletedProcess) -> str:
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 1 and len(lines) == 1 and lines[0].startswith("prunery: error: "), proc.stderr
+    return lines[0]
+
+
+def _tables(url: str) -> set[str]:
+    from sqlalchemy import create_engine, inspect
+
+    engine = create_engine(url)
+    try:
+        return set(inspect(engine).get_table_names())
+    finally:
+        engine.dispose()
+
+
+def test_tokens_create_migrates_a_new_database_and_revoke_never_creates_one(tmp_path: Path) -> None:
+    from prunery.service import db, testing
+
+    with testing.temporary_postgres_database(prefix="prunery_cli") as url:
+        line = _one_line_error(run("tokens", "revoke", "prn_nothing", "--database-url", url, env=_env()))
+        assert "no Prunery schema" in line
+        assert _tables(url) == set()  # revoke neither migrates nor creates anything
+        proc = run("tokens", "create", "--tenant", "team-a", "--database-url", url, env=_env())
+        assert proc.returncode == 0, proc.stderr
+        token = proc.stdout.strip()
+        assert token.startswith("prn_") and len(proc.stdout.splitlines()) == 1
+        assert db.current_revision(url) is not None and {"tenants", "api_tokens", "jobs"} <= _tables(url)
+        database = db.Database(url)
+        try:
+            with database.session() as s:
+                assert db.authenticate(s, token) == "team-a"
+        finally:
+            database.dispose()
+        proc = run("tokens", "revoke", token, "--database-url", url, env=_env())
+        assert proc.returncode == 0 and proc.stdout.strip() == "revoked", proc.stderr
+        assert "no such token" in _one_line_error(run("tokens", "revoke", token, "--database-url", url, env=_env()))
+    sqlite = tmp_path / "new" / "prunery.db"  # a SQLite path that does not exist yet: created and migrated
+    proc = run("tokens", "create", "--database-url", str(sqlite), env=_env())
+    assert proc.returncode == 0 and proc.stdout.startswith("prn_"), proc.stderr
+    assert db.current_revision(str(sqlite)) is not None
+    assert run("tokens", "revoke", proc.stdout.strip(), "--database-url", f"sqlite:///{sqlite}",
+               env=_env()).stdout.strip() == "revoked"
+
+
+def test_token_commands_that_fail_leave_no_file_behind(tmp_path: Path) -> None:
+    work = tmp_path / "work"
+    work.mkdir()
+    # no database named and none at the default ./prunery-data/prunery.db: refused, nothing created there
+    for args in (("tokens", "create"), ("tokens", "revoke", "prn_x")):
+        line = _one_line_error(run(*args, cwd=work, env=_env()))
+        assert "--database-url" in line and "PRUNERY_DATABASE_URL" in line
+    assert list(work.iterdir()) == []
+    missing = work / "sub" / "x.db"
+    assert "no database at" in _one_line_error(run("tokens", "revoke", "prn_x", "--database-url", str(missing),
+                                                   env=_env()))
+    line = _one_line_error(run("tokens", "create", "--tenant", "Not A Tenant", "--database-url", str(missing),
+                               env=_env()))
+    assert "invalid tenant id" in line
+    # with migrations turned off (PRUNERY_MIGRATE=0, as for serve) a new database is refused, and removed again
+    line = _one_line_error(run("tokens", "create", "--database-url", str(missing), env=_env(PRUNERY_MIGRATE="0")))
+    assert "no Prunery schema" in line
+    line = _one_line_error(run("tokens", "create", "--database-url",
+                               "postgresql://postgres@127.0.0.1:5432/prunery_no_such_database", env=_env()))
+    assert "prunery_no_such_database" in line and "does not exist" in line
+    assert list(work.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_client_commands_wait_out_an_api_restart(tmp_path: Path) -> None:
+    from prunery.client import Client, spec_from_options
+    from prunery.service import db, testing, tokens
+    from tests.test_client import OUTAGE_S, ApiServer
+
+    with testing.temporary_postgres_database(prefix="prunery_cli") as url:
+        db.upgrade(url)
+        token = tokens.create(url, "cli")
+        api = ApiServer(url, tmp_path)
+        api.start()
+        try:
+            model = tmp_path / "m.pt2"
+            model.write_bytes(b"any bytes")
+            with Client(api.address, token) as client:
+                job = client.create_job(spec_from_options(client.upload(model).name, 0.5))
+            env = _env(PRUNERY_ADDRESS=api.address, PRUNERY_TOKEN=token)
+            api.kill()
+            started = time.monotonic()
+            line = _one_line_error(run("jobs", "get", job.name, env={**env, "PRUNERY_RETRY_BUDGET_S": "2"}))
+            assert line.startswith("prunery: error: UNAVAILABLE: ") and time.monotonic() - started < 6
+            restart = api.start_after(OUTAGE_S)
+            started = time.monotonic()
+            proc = run("jobs", "list", env=env)  # the default budget outlasts the restart
+            restart.join()
+            assert proc.returncode == 0, proc.stderr
+            assert proc.stdout.split()[:2] == [job.name, "QUEUED"]
+            assert time.monotonic() - started >= OUTAGE_S - 0.5
+        finally:
+            api.stop()
