@@ -77,7 +77,7 @@ def test_migrations_upgrade_an_empty_postgres_database_and_downgrade_to_nothing(
     with testing.temporary_postgres_database() as url:
         assert db.current_revision(url) is None
         db.upgrade(url)
-        assert db.current_revision(url) == "0003"
+        assert db.current_revision(url) == "0004"
         engine = db.make_engine(url)
 
         def triggers() -> set[str]:
