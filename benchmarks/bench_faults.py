@@ -2,11 +2,12 @@
 and whether it kept its promises through it.
 
 For each fault (SIGKILL of a worker mid-job, a Redis restart that loses every queued message, a Postgres restart,
-SIGKILL and restart of the API), with and without PRUNERY_BROKER_KEYPREFIX: a stack of its own (`prunery serve`, two
-`celery worker` processes, a Postgres cluster made with initdb and a `redis-server` on random ports, a folder
-store; fast leases and reaper), a batch of 10 jobs created and waited for by 10 caller threads through
-`prunery.client.Client` with its default settings, and the fault in the middle of the batch. The harness is the
-test suite's (`tests/test_faults.py: run_scenario`), so this measures exactly what the tests check.
+SIGKILL and restart of the API, each with and without PRUNERY_BROKER_KEYPREFIX; a 12 s Redis outage with it): a
+stack of its own (`prunery serve`, two `celery worker` processes, a Postgres cluster made with initdb and a
+`redis-server` on random ports, a folder store; fast leases and reaper), a batch of 10 jobs created and waited
+for by 10 caller threads through `prunery.client.Client` with its default settings, and the fault in the middle of
+the batch. The harness is the test suite's (`tests/test_faults.py: run_scenario`), so this measures exactly what
+the tests check.
 
 Printed per scenario: the time to recover, counted from the moment the dependency is back (the process restarted
 and accepting) to the first successful client call, the first job event and the first claim of a job, and until
@@ -21,8 +22,10 @@ MET or MISSED:
 
 Everything started is stopped and removed on the way out, on failure and on SIGTERM too.
 
-    python benchmarks/bench_faults.py [--fault worker_sigkill|redis_restart|postgres_restart|api_sigkill ...]
-                                      [--keyprefix both|on|off]
+    python benchmarks/bench_faults.py [--fault worker_sigkill|redis_restart|postgres_restart|api_sigkill|
+                                               redis_long_outage ...] [--keyprefix both|on|off]
+
+Without --fault and --keyprefix: the test suite's cases (`CASES`).
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root: `tests` is importable
 
-from tests.test_faults import FAULTS, ScenarioResult, export_model, run_scenario  # noqa: E402
+from tests.test_faults import CASES, FAULTS, ScenarioResult, export_model, run_scenario  # noqa: E402
 
 
 @dataclass
@@ -94,9 +97,10 @@ def show(result: ScenarioResult) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--fault", action="append", choices=FAULTS, help="run this fault (repeatable; default: all)")
-    p.add_argument("--keyprefix", choices=("both", "on", "off"), default="both",
-                   help="with PRUNERY_BROKER_KEYPREFIX set, without, or both (default)")
+    p.add_argument("--fault", action="append", choices=FAULTS,
+                   help="run this fault (repeatable; default: the test suite's cases)")
+    p.add_argument("--keyprefix", choices=("both", "on", "off"),
+                   help="with PRUNERY_BROKER_KEYPREFIX set, without, or both (default: as the test suite)")
     p.add_argument("--logs", action="store_true", help="print the processes' logs of a scenario that missed")
     args = p.parse_args(argv)
     if shutil.which("redis-server") is None:
@@ -106,28 +110,31 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(128 + signum)  # unwinds through every cleanup
 
     signal.signal(signal.SIGTERM, on_sigterm)
-    prefixes = {"both": (False, True), "on": (True,), "off": (False,)}[args.keyprefix]
+    if args.fault or args.keyprefix:
+        prefixes = {"both": (False, True), "on": (True,), "off": (False,)}[args.keyprefix or "both"]
+        cases = [(f, kp) for f in args.fault or FAULTS for kp in prefixes]
+    else:
+        cases = list(CASES)
     t_start = time.monotonic()
     failed: list[str] = []
     with tempfile.TemporaryDirectory(prefix="prunery-bench-faults-") as tmp:
         model = export_model(Path(tmp) / "conv1d.pt2")
-        for fault in args.fault or FAULTS:
-            for keyprefix in prefixes:
-                name = f"{fault}{' with PRUNERY_BROKER_KEYPREFIX' if keyprefix else ''}"
-                print(f"\n== {name} (load average {os.getloadavg()[0]:.2f}) ==", flush=True)
-                root = Path(tempfile.mkdtemp(prefix=f"{fault}-", dir=tmp))
-                try:
-                    result = run_scenario(fault, keyprefix=keyprefix, root=root, model_path=model,
-                                          say=lambda line: print(line, flush=True))
-                except Exception as e:
-                    failed.append(name)
-                    print(f"{name}: ERROR {type(e).__name__}: {e}", flush=True)
-                    continue
-                finally:
-                    shutil.rmtree(root, ignore_errors=True)
-                show(result)
-                if args.logs and not result.ok:
-                    print(result.logs, flush=True)
+        for fault, keyprefix in cases:
+            name = f"{fault}{' with PRUNERY_BROKER_KEYPREFIX' if keyprefix else ''}"
+            print(f"\n== {name} (load average {os.getloadavg()[0]:.2f}) ==", flush=True)
+            root = Path(tempfile.mkdtemp(prefix=f"{fault}-", dir=tmp))
+            try:
+                result = run_scenario(fault, keyprefix=keyprefix, root=root, model_path=model,
+                                      say=lambda line: print(line, flush=True))
+            except Exception as e:
+                failed.append(name)
+                print(f"{name}: ERROR {type(e).__name__}: {e}", flush=True)
+                continue
+            finally:
+                shutil.rmtree(root, ignore_errors=True)
+            show(result)
+            if args.logs and not result.ok:
+                print(result.logs, flush=True)
     print(f"\n== summary (wall {time.monotonic() - t_start:.0f} s, load average {os.getloadavg()[0]:.2f}, "
           f"{os.cpu_count()} cores) ==")
     for r in RESULTS:

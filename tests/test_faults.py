@@ -7,10 +7,13 @@ of the test's own (random ports, a temporary folder), a folder object store; a b
                    messages are LOST; the reaper has to send them again)
 - postgres_restart stop Postgres (immediate), start it again ~4 s later
 - api_sigkill      SIGKILL the API, start it again on the same port ~6 s later
+- redis_long_outage  as redis_restart, Redis away for ~12 s: longer than the reaper's wait before it resends
+                   (PRUNERY_RESEND_QUEUED_S, 3 s here) and than the API's first retries of the sends that failed
 
 Every job must end SUCCEEDED exactly once (one SUCCEEDED event, one set of outputs: a MODEL and a REPORT artifact,
 READY, and exactly those objects in the store; no PENDING artifact left; no job created twice) and no caller may
-see any error. Each case runs with and without `PRUNERY_BROKER_KEYPREFIX`; throughout, the messages outstanding per
+see any error. Each case runs with and without `PRUNERY_BROKER_KEYPREFIX` (the long Redis outage with it only);
+throughout, the messages outstanding per
 job (queue lists + unacked hash, read independently of the product's code: `tests.workers.redis_outstanding`) are
 sampled every ~100 ms, and no job may ever have more than one.
 
@@ -57,7 +60,9 @@ from prunery.service.testing import free_port
 from prunery.v1 import prunery_pb2 as pb
 from tests.workers import FAST, PostgresCluster, WorkerProc, redis_outstanding
 
-FAULTS = ("worker_sigkill", "redis_restart", "postgres_restart", "api_sigkill")
+FAULTS = ("worker_sigkill", "redis_restart", "postgres_restart", "api_sigkill", "redis_long_outage")
+# (fault, with PRUNERY_BROKER_KEYPREFIX): the cases of the suite and, by default, of benchmarks/bench_faults.py
+CASES = [(f, kp) for f in FAULTS[:4] for kp in (False, True)] + [("redis_long_outage", True)]
 TENANT = "faults"
 QUEUE = "faults"
 N_JOBS = 10
@@ -68,7 +73,8 @@ SAMPLE_EVERY_S = 0.1
 # the suite's worker settings: FAST (short lease, heartbeat, reaper, visibility timeout) and a reaper that looks
 # for lost messages of jobs QUEUED for 3 s (production: 120 s)
 WORKER_ENV = {**FAST, "PRUNERY_RESEND_QUEUED_S": "3"}
-PAUSE_S = {"worker_sigkill": 1.0, "redis_restart": 3.0, "postgres_restart": 4.0, "api_sigkill": 6.0}
+PAUSE_S = {"worker_sigkill": 1.0, "redis_restart": 3.0, "postgres_restart": 4.0, "api_sigkill": 6.0,
+           "redis_long_outage": 12.0}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -478,7 +484,7 @@ def _inject(fault: str, stack: FaultStack, rec: _Recorder, result: ScenarioResul
         stack.start_worker("w1-restarted").wait_ready()
         result.back_at = time.time()
         result.notes.append(f"killed job: {_job_line(stack, victim[0].id)}")
-    elif fault == "redis_restart":
+    elif fault in ("redis_restart", "redis_long_outage"):
         probe = redis.Redis(port=stack.redis.port, socket_timeout=1)
 
         def messages_waiting() -> bool:
@@ -702,8 +708,8 @@ def model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("keyprefix", [False, True], ids=["no_keyprefix", "keyprefix"])
-@pytest.mark.parametrize("fault", FAULTS)
+@pytest.mark.parametrize(("fault", "keyprefix"), CASES,
+                         ids=[f"{f}-{'keyprefix' if kp else 'no_keyprefix'}" for f, kp in CASES])
 def test_every_job_succeeds_exactly_once_and_no_caller_sees_an_error_through_a_fault(
         fault: str, keyprefix: bool, model_path: Path) -> None:
     root = Path(tempfile.mkdtemp(prefix=f"prunery-faults-{fault}-"))
