@@ -487,12 +487,15 @@ def _inject(fault: str, stack: FaultStack, rec: _Recorder, result: ScenarioResul
     elif fault in ("redis_restart", "redis_long_outage"):
         probe = redis.Redis(port=stack.redis.port, socket_timeout=1)
 
+        # the long outage starts early in the batch: most jobs are created while Redis is away
+        need = 2 if fault == "redis_restart" else 1
+
         def messages_waiting() -> bool:
             n = probe.llen(stack.prefix + stack.queue)
-            return n >= 2 and sum(1 for j in _jobs(stack) if j.state == "RUNNING") >= 1
+            return n >= need and sum(1 for j in _jobs(stack) if j.state == "RUNNING") >= 1
 
         try:
-            _wait_for("two messages waiting in the queue and a job running", messages_waiting, 40, rec)
+            _wait_for(f"{need} message(s) waiting in the queue and a job running", messages_waiting, 40, rec)
             waiting = probe.llen(stack.prefix + stack.queue)
             held = probe.hlen(stack.prefix + "unacked")
         finally:
