@@ -16,6 +16,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any
 
 from prunery.service.settings import Settings
@@ -103,16 +104,26 @@ class CeleryEnqueuer:
                 self._app = None
 
 
+MayResend = Callable[[str, str, datetime], bool]  # (job id, queue, send failed at) -> whether to send it now
+
+
 class RetryingSender:
     """`sender(job_id, queue)` sends at once with `send`; when that fails (the broker is away), the job is
     sent again from one background thread with backoff (1 s doubling to 30 s, with jitter) for up to
     `give_up_s`, so a broker outage shorter than that only delays jobs, and the caller (CreateJob) answers
     at once. An API that dies meanwhile loses nothing either: the workers' reaper resends a QUEUED job whose
-    message is missing (`prunery.worker.reaper`)."""
+    message is missing (`prunery.worker.reaper`).
 
-    def __init__(self, send: Callable[[str, str], None], give_up_s: float = 600.0) -> None:
-        self.send, self.give_up_s = send, give_up_s
-        self._pending: list[tuple[float, float, int, str, str]] = []  # (due, give-up time, seq, job id, queue)
+    The reaper may find the same job without a message first. So that the two never both send it, each
+    background send first asks `may_resend(job_id, queue, failed_at)`: the API records the send under the
+    job's row lock (`jobs.record_resend`: still QUEUED, and not sent by anyone since the failure), exactly as
+    the reaper does, and only the first of them to commit sends."""
+
+    def __init__(self, send: Callable[[str, str], None], give_up_s: float = 600.0,
+                 may_resend: MayResend | None = None) -> None:
+        self.send, self.give_up_s, self.may_resend = send, give_up_s, may_resend
+        # (due, give-up time, seq, job id, queue, when its last send failed)
+        self._pending: list[tuple[float, float, int, str, str, datetime]] = []
         self._seq = 0
         self._wake = threading.Condition()
         self._thread: threading.Thread | None = None
@@ -124,18 +135,18 @@ class RetryingSender:
         except Exception as e:
             log.warning("could not send job %s to the broker (%s: %s); retrying in the background", job_id,
                         type(e).__name__, str(e).strip().splitlines()[0][:200] if str(e).strip() else "")
-            self._later(str(job_id), queue, 1.0, time.monotonic() + self.give_up_s)
+            self._later(str(job_id), queue, 1.0, time.monotonic() + self.give_up_s, datetime.now(UTC))
 
     @property
     def pending(self) -> int:
         return len(self._pending)
 
-    def _later(self, job_id: str, queue: str, delay: float, give_up: float) -> None:
+    def _later(self, job_id: str, queue: str, delay: float, give_up: float, failed_at: datetime) -> None:
         with self._wake:
             if self._closed:
                 return
             self._seq += 1
-            heapq.heappush(self._pending, (time.monotonic() + delay, give_up, self._seq, job_id, queue))
+            heapq.heappush(self._pending, (time.monotonic() + delay, give_up, self._seq, job_id, queue, failed_at))
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="prunery-resend", daemon=True)
                 self._thread.start()
@@ -149,8 +160,12 @@ class RetryingSender:
                     self._wake.wait(None if not self._pending else self._pending[0][0] - time.monotonic())
                 if self._closed:
                     return
-                _due, give_up, _seq, job_id, queue = heapq.heappop(self._pending)
+                _due, give_up, _seq, job_id, queue, failed_at = heapq.heappop(self._pending)
             try:
+                if self.may_resend is not None and not self.may_resend(job_id, queue, failed_at):
+                    delays.pop(job_id, None)
+                    log.info("job %s was sent (or started) by someone else meanwhile; not sending it", job_id)
+                    continue
                 self.send(job_id, queue)
                 delays.pop(job_id, None)
                 log.info("sent job %s to the broker after an earlier failure", job_id)
@@ -161,7 +176,7 @@ class RetryingSender:
                     delays.pop(job_id, None)
                     log.error("giving up sending job %s to the broker; the workers' reaper will resend it", job_id)
                 else:
-                    self._later(job_id, queue, delay * random.uniform(0.5, 1.0), give_up)
+                    self._later(job_id, queue, delay * random.uniform(0.5, 1.0), give_up, datetime.now(UTC))
 
     def close(self) -> None:
         with self._wake:

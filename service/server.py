@@ -23,11 +23,14 @@ imports torch.
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 import logging
 import signal
 import threading
+import uuid
 from collections.abc import Callable, Coroutine, Sequence
+from datetime import datetime
 from typing import Any, TypeVar
 
 import grpc
@@ -37,7 +40,7 @@ from grpc_health.v1 import health, health_pb2
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
-from prunery.service import db
+from prunery.service import db, jobs
 from prunery.service.api import ApiBackend, ArtifactService, JobService
 from prunery.service.auth import Authentication, Behavior, TokenAuthenticator
 from prunery.service.jobcache import JobCache
@@ -198,6 +201,13 @@ def add_service(server: grpc.aio.Server, servicer: object, service: ServiceDescr
     server.add_registered_method_handlers(service.full_name, handlers)
 
 
+def _record_resend(database: db.Database, job_id: str, queue: str, failed_at: datetime) -> bool:
+    """For the API's background sends: record the send as the reaper does (`jobs.record_resend`, under the row
+    lock); False when the job started, ended or was sent again since its send failed."""
+    with database.session() as s:
+        return bool(jobs.record_resend(s, [uuid.UUID(job_id)], queue=queue, sent_before=failed_at))
+
+
 def build_server(settings: Settings | None = None, *, database: db.Database | None = None,
                  store: ObjectStore | None = None, enqueue: Callable[[str, str], None] | None = None,
                  metrics: Metrics | None = None) -> PruneryServer:
@@ -220,7 +230,7 @@ def build_server(settings: Settings | None = None, *, database: db.Database | No
         enqueuer = CeleryEnqueuer(settings)
         cleanups.append(enqueuer.close)
         enqueue = enqueuer
-    sender = RetryingSender(enqueue)
+    sender = RetryingSender(enqueue, may_resend=functools.partial(_record_resend, database))
     cleanups.insert(0, sender.close)
     metrics = metrics or Metrics(database)
     job_cache = None

@@ -74,3 +74,42 @@ def test_past_its_time_the_sender_gives_up_and_leaves_the_job_to_the_reaper() ->
         assert broker.attempts == attempts and broker.sent == []  # no more tries
     finally:
         sender.close()
+
+
+def test_the_api_and_the_reaper_never_both_resend_a_job(pg_url: str) -> None:
+    """On a real database: of the API's background send and the reaper's resend (`jobs.record_resend`), only
+    the first to record the send under the job's row lock sends it."""
+    from datetime import UTC, datetime, timedelta
+
+    from prunery.service import db, jobs
+    from prunery.service.db import Job
+    from prunery.service.server import _record_resend
+
+    database = db.Database(pg_url)
+    try:
+        with database.session() as s:
+            db.ensure_tenant(s, "acme")
+            reaped, alone = (jobs.create_job(s, "acme", {"model": "artifacts/x"}, queue="prunery")[0].id
+                             for _ in range(2))
+        broker = FlakyBroker()
+        sender = RetryingSender(broker, may_resend=lambda j, q, t: _record_resend(database, j, q, t))
+        try:
+            sender(str(reaped), "prunery")
+            sender(str(alone), "prunery")
+            # the reaper finds `reaped` without a message first and resends it (as resend_lost does)
+            with database.session() as s:
+                assert jobs.record_resend(s, [reaped], queue="prunery",
+                                          sent_before=datetime.now(UTC) + timedelta(seconds=1)) == [reaped]
+            broker.up = True
+            assert wait_for(lambda: sender.pending == 0 and len(broker.sent) >= 1, 40.0)
+            time.sleep(0.5)
+            assert broker.sent == [(str(alone), "prunery")]  # `reaped` was the reaper's to send, not ours
+            with database.session() as s:
+                events = {job_id: [e.message for e in jobs.list_events(s, job_id)] for job_id in (reaped, alone)}
+                sent = {job_id: s.get(Job, job_id).last_sent_at for job_id in (reaped, alone)}
+            assert events[reaped].count(jobs.RESENT) == 1 and events[alone].count(jobs.RESENT) == 1
+            assert all(t is not None for t in sent.values())
+        finally:
+            sender.close()
+    finally:
+        database.dispose()
