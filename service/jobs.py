@@ -28,9 +28,10 @@ job race safely: exactly one wins. None of these functions commit: the caller ow
 
 Messages: each job should have one message outstanding in its queue while it is QUEUED. `last_sent_at` records
 when one was last sent: set by create_job() (the API sends right after the commit), release() and
-requeue_expired() (their callers send after the commit), mark_sent() (a worker deferring its claim, whose task
-retries itself) and record_resend() (the reaper, for a message it found lost). The reaper looks for lost
-messages only among jobs whose `last_sent_at` is old (`prunery.worker.reaper`).
+requeue_expired() (after the commit their callers send one, or, the reaper, give the job back the message a dead
+worker held), mark_sent() (a worker deferring its claim at the tenant limit, whose main process sends the job's
+next message after a delay) and record_resend() (the reaper, for a message it found lost). The reaper looks
+for lost messages only among jobs whose `last_sent_at` is old (`prunery.worker.reaper`).
 
 Leases use this host's UTC clock; keep worker and API clocks in sync (NTP) to well under the lease length.
 A worker id must be unique per worker process (e.g. "host:pid:uuid4"): ownership checks compare it.
@@ -374,8 +375,8 @@ def release(session: Session, job_id: uuid.UUID | str, worker_id: str, message: 
 
 def requeue_expired(session: Session, *, now: datetime | None = None, limit: int = 100) -> list[uuid.UUID]:
     """Sweep jobs whose worker stopped heartbeating: RUNNING -> QUEUED (or FAILED when the attempts are used
-    up), CANCELLING -> CANCELLED. Returns the ids put back in the queue, for the caller to enqueue again
-    (after committing)."""
+    up), CANCELLING -> CANCELLED. Returns the ids put back in the queue, for the caller to give a message again
+    after committing (the reaper restores the one a dead worker held, if the broker still has it)."""
     now = now or utcnow()
     ids = session.scalars(select(Job.id).where(Job.state.in_([S.RUNNING.value, S.CANCELLING.value]),
                                                Job.lease_expires_at < now).limit(limit)).all()
@@ -400,8 +401,8 @@ def requeue_expired(session: Session, *, now: datetime | None = None, limit: int
 
 
 def mark_sent(session: Session, job_id: uuid.UUID | str, *, now: datetime | None = None) -> bool:
-    """Record that a message of the QUEUED job was just sent (a worker deferring its claim retries its task with
-    a countdown: that retried message is the job's message now). False when the job is not QUEUED."""
+    """Record that a message of the QUEUED job is being sent (a worker deferring its claim hands its message back,
+    and the next one, sent after a short delay, is the job's message now). False when the job is not QUEUED."""
     job = _lock(session, job_id)
     if job is None or job.state != S.QUEUED:
         return False

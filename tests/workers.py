@@ -356,3 +356,33 @@ def postgres_cluster() -> Iterator[PostgresCluster]:
         yield cluster
     finally:
         cluster.close()
+
+
+@dataclass(frozen=True)
+class BrokerMessage:
+    """One message of ours in the Redis broker (`redis_messages`)."""
+
+    job: str
+    task_id: str | None
+    eta: str | None  # Celery's `eta` header: a retry's (or a countdown's) copy
+    where: str  # "queue", or "unacked:<delivery tag>"
+
+
+def redis_messages(client: redis.Redis, prefix: str, queue: str) -> list[BrokerMessage]:
+    """The messages of `redis_outstanding`, one by one with their task id, ETA and place, read the same way (one
+    MULTI/EXEC over the queue's lists and the unacked hash)."""
+    lists = [prefix + queue] + [f"{prefix}{queue}\x06\x16{p}" for p in (3, 6, 9)]
+    with client.pipeline(transaction=True) as pipe:
+        for key in lists:
+            pipe.lrange(key, 0, -1)
+        pipe.hgetall(prefix + "unacked")
+        *queued, unacked = pipe.execute()
+    found: list[BrokerMessage] = []
+    places = [("queue", json.loads(m)) for items in queued for m in items]
+    places += [(f"unacked:{tag.decode()}", json.loads(raw)[0]) for tag, raw in unacked.items()]
+    for where, message in places:
+        job = _job_of_kombu_message(json.dumps(message))
+        if job is not None:
+            headers = message.get("headers") or {}
+            found.append(BrokerMessage(job, headers.get("id"), headers.get("eta"), where))
+    return found

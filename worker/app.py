@@ -16,11 +16,31 @@ database (`prunery.service.jobs`), so a message may be delivered twice or lost w
 - a reaper thread in each worker's main process (`prunery.worker.reaper`) requeues jobs whose lease
   expired (their worker died and no redelivery came) or fails them once their attempts are used up, and sends
   again the messages of QUEUED jobs it finds missing from the broker (`inspect_queue`);
-- a task that cannot claim its job, because the database (or anything before the claim) is unavailable or the
-  job's tenant is at PRUNERY_TENANT_MAX_RUNNING, retries itself (`claim_retry_countdown`: 1, 2, 4 ... 30 s with
-  jitter, never more than half the visibility timeout, without limit on the count). Celery publishes the retry
-  (the same task id, an ETA) before it acks the message it runs, so the job is never without a message; a worker
-  holds a message with an ETA until it is due, unacked (on Redis: in the unacked hash, where the reaper sees it).
+- a task that cannot claim its job never uses Celery's `retry`, nor any message with an ETA (issue 10: never more
+  than one outstanding message per job). Celery publishes a retry (same task id, an ETA) before the worker's main
+  process acks the message being run (late acks: after the job process reports back): two messages for up to
+  ~100 ms. And any ETA message breaks the broker's view: a worker holding one gets one more prefetch credit, so
+  it BRPOPs; when the held task starts it takes that credit back, and kombu then keeps a message Redis has already
+  popped for that BRPOP unread in the socket until the credit returns (after a whole job): in neither the queue
+  nor the unacked hash, so the reaper finds that job without a message and sends it again. Instead:
+  - the database (or anything else before the claim) is unavailable: the task tries again inside the same
+    execution (`claim_retry_countdown` sleeps: 1, 2, 4 ... 30 s with +-25% jitter), holding its one message,
+    for up to `claim_hold_s` (min(300 s, half the visibility timeout): a message held that long would be handed
+    to another worker by Redis as well). The worker could run nothing else during an outage anyway (a warm
+    shutdown meanwhile waits for the task, as for a running job). Past that bound it hands the job back at once
+    (no delay: its backoff was spent holding the message), as below.
+  - the job's tenant is at PRUNERY_TENANT_MAX_RUNNING: the task hands the job back with a delay (the worker
+    stays free for other tenants' jobs; `jobs.mark_sent` has recorded the deferral).
+  To hand back, the task raises `HandBack` (a Celery `Ignore`); the worker's main process
+  (`HandBackRequest.on_failure`) first acks the message, then sends the job's next message (same task id, the
+  retry count + 1), at once or, for a delay (`hand_back_delay`: the claim backoff, at most half
+  PRUNERY_RESEND_QUEUED_S), from a timer of its own: the job has no message in the broker meanwhile, and no
+  reaper looks for one, its `last_sent_at` being that recent (this worker's own reaper counts the timer as the
+  job's message). A warm shutdown sends the pending ones at once. The job is never with two messages; between
+  the ack and the send it has none, and if the main process dies then, or the send fails, the job is QUEUED
+  without a message: a reaper's `resend_lost` finds it after PRUNERY_RESEND_QUEUED_S and sends it again. Should
+  the ack itself fail (the broker connection drops at that instant), the old message comes back after the
+  visibility timeout next to the new one: two messages, both harmless (the claim decides).
 
 The broker is `PRUNERY_BROKER_URL` (Redis in production). The embedded default is kombu's `filesystem://`
 transport with its folders under `PRUNERY_DATA_DIR/broker`: it needs no server and works across processes
@@ -48,18 +68,24 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
+from billiard.einfo import ExceptionWithTraceback
 from celery import Celery, Task, signals
+from celery.exceptions import Ignore
+from celery.worker.request import Request
 
 from prunery.service.queue import TASK_NAME, is_filesystem, is_redis, transport_options
 from prunery.worker.settings import WorkerSettings
 
-__all__ = ["CLAIM_RETRY_MAX_S", "TASK_NAME", "QueueView", "app", "broker_transport_options", "claim_retry_countdown",
-           "enqueue", "inspect_queue", "main", "make_app", "queue_depth", "worker_argv", "worker_id"]
+__all__ = ["CLAIM_HOLD_MAX_S", "CLAIM_RETRY_MAX_S", "TASK_NAME", "HandBack", "HandBackRequest", "QueueView", "app",
+           "broker_transport_options", "claim_hold_s", "claim_retry_countdown", "enqueue", "hand_back_delay",
+           "inspect_queue", "main", "make_app", "queue_depth", "restore_message", "worker_argv", "worker_id"]
 
 
 log = logging.getLogger("prunery.worker")
 
-CLAIM_RETRY_MAX_S = 30.0  # the longest countdown of a task retrying its claim
+CLAIM_RETRY_MAX_S = 30.0  # the longest wait between two tries of a claim
+CLAIM_HOLD_MAX_S = 300.0  # the longest a task keeps trying its claim while the database is unavailable
+_SEND_RETRY_POLICY = {"max_retries": 5, "interval_start": 0.2, "interval_step": 0.5, "interval_max": 2.0}
 
 
 def worker_id() -> str:
@@ -84,6 +110,123 @@ def _ensure_broker_dirs(settings: WorkerSettings) -> None:
     if is_filesystem(settings.broker_url):
         for key in ("data_folder_in", "control_folder", "processed_folder"):
             os.makedirs(broker_transport_options(settings)[key], exist_ok=True)
+
+
+def claim_retry_countdown(retries: int, settings: WorkerSettings | None = None) -> float:
+    """Seconds before a claim that could not be made is tried again: 1, 2, 4 ... up to CLAIM_RETRY_MAX_S, +-25%
+    jitter (so the jobs of one database outage do not all come back at once). The callers cap it by their own
+    bounds (`claim_hold_s`, `hand_back_delay`); `settings` is unused (kept for callers)."""
+    return round(min(CLAIM_RETRY_MAX_S, 2.0 ** min(retries, 16) * random.uniform(0.75, 1.25)), 2)
+
+
+def claim_hold_s(settings: WorkerSettings) -> float:
+    """How long a task keeps trying a claim the database refuses, holding its message, before it hands it back:
+    min(300 s, half the visibility timeout; past the timeout Redis would give the message to another worker too)."""
+    return min(CLAIM_HOLD_MAX_S, settings.visibility_timeout_s / 2)
+
+
+def hand_back_delay(retries: int, settings: WorkerSettings) -> float:
+    """The delay before a job handed back at its tenant's limit is sent again: `claim_retry_countdown`, at most half
+    PRUNERY_RESEND_QUEUED_S (the job has no message in the broker meanwhile, and its `last_sent_at`, just recorded,
+    must stay too recent for any reaper to look for one)."""
+    delay = claim_retry_countdown(retries, settings)
+    if settings.resend_queued_s > 0:
+        delay = min(delay, settings.resend_queued_s / 2)
+    return delay
+
+
+class HandBack(Ignore):
+    """Raised by the task whose job cannot be claimed now: the worker's main process acks its message, then sends
+    the job's next message, `countdown` seconds later (`HandBackRequest`). A Celery `Ignore`: no failure is
+    recorded."""
+
+    def __init__(self, job_id: str, countdown: float, reason: str) -> None:
+        super().__init__(job_id, countdown, reason)  # all the args: it pickles (the job process sends it up)
+        self.job_id, self.countdown, self.reason = job_id, countdown, reason
+
+    def __str__(self) -> str:
+        return f"job {self.job_id} handed back ({self.reason}); sent again in {self.countdown:.1f}s"
+
+
+class HandBackRequest(Request):
+    """The task's request in the worker's main process: after a `HandBack`, ack first, then send the next message.
+
+    Celery's base `on_failure` acks an `Ignore` (synchronously: on Redis, the HDEL of the unacked record has happened
+    when it returns); only then is the job's next message published from this process (as Celery itself does for
+    `task_retry_on_worker_lost`), at once or from a timer (`_send_later`). Nothing here raises into the worker's
+    event loop."""
+
+    def on_failure(self, exc_info: Any, send_failed_event: bool = True, return_ok: bool = False) -> None:
+        exc = getattr(exc_info, "exception", None)
+        if isinstance(exc, ExceptionWithTraceback):
+            exc = exc.exc
+        super().on_failure(exc_info, send_failed_event=send_failed_event, return_ok=return_ok)
+        if isinstance(exc, HandBack):
+            try:
+                target: Celery = self.task.app
+                queue = (self.delivery_info or {}).get("routing_key") or target.prunery_settings.queue  # type: ignore[attr-defined]
+                retries = int((self.request_dict or {}).get("retries") or 0) + 1
+                _send_later(_HandedBack(target, exc.job_id, queue, self.id, retries), exc.countdown)
+            except Exception:
+                log.exception("job %s: could not send its message again after handing it back; a reaper will send "
+                              "it once it finds the job without one", exc.job_id)
+
+
+@dataclass(frozen=True, eq=False)
+class _HandedBack:
+    """The next message of a job handed back, to send from the worker's main process."""
+
+    celery: Celery
+    job_id: str
+    queue: str
+    task_id: str
+    retries: int
+
+    def send(self) -> None:
+        try:
+            self.celery.send_task(TASK_NAME, args=[self.job_id], queue=self.queue, task_id=self.task_id,
+                                  retries=self.retries, retry=True, retry_policy=_SEND_RETRY_POLICY)
+        except Exception:
+            log.exception("job %s: could not send its message again after handing it back; a reaper will send it "
+                          "once it finds the job without one", self.job_id)
+
+
+_pending_lock = threading.Lock()
+_pending: dict[_HandedBack, threading.Timer] = {}  # hand-backs waiting for their delay in this main process
+
+
+def _send_later(handed: _HandedBack, delay: float) -> None:
+    """Send `handed` after `delay` seconds (at once if none) from a timer thread of this process."""
+    if delay <= 0:
+        handed.send()
+        return
+
+    def fire() -> None:
+        with _pending_lock:
+            if _pending.pop(handed, None) is None:
+                return  # sent by the shutdown's flush
+        handed.send()
+
+    timer = threading.Timer(delay, fire)
+    timer.daemon = True
+    with _pending_lock:
+        _pending[handed] = timer
+    timer.start()
+
+
+def _flush_pending() -> None:
+    """Send the hand-backs still waiting for their delay at once (the worker is shutting down)."""
+    with _pending_lock:
+        waiting = list(_pending.items())
+        _pending.clear()
+    for handed, timer in waiting:
+        timer.cancel()
+        handed.send()
+
+
+def _pending_jobs() -> set[str]:
+    with _pending_lock:
+        return {handed.job_id for handed in _pending}
 
 
 def make_app(settings: WorkerSettings | None = None, *, main: bool = False) -> Celery:
@@ -112,18 +255,30 @@ def make_app(settings: WorkerSettings | None = None, *, main: bool = False) -> C
     )
     celery.prunery_settings = settings  # type: ignore[attr-defined]
 
-    @celery.task(name=TASK_NAME, ignore_result=True, bind=True, max_retries=None)
+    @celery.task(name=TASK_NAME, ignore_result=True, bind=True, max_retries=None, Request=HandBackRequest)
     def run_job(self: Task, job_id: str) -> dict[str, Any]:
         # imported here: the engine (torch) loads in worker processes only, never in the API
         from prunery.worker import pipeline
 
-        try:
-            return pipeline.run_job(job_id, worker_id(), settings=settings,
-                                    enqueue_fn=lambda jid: enqueue(jid, celery=celery))
-        except pipeline.ClaimDeferred as deferred:
-            countdown = claim_retry_countdown(self.request.retries, settings)
-            log.warning("job %s: not claimed now (%s); trying again in %.1fs", job_id, deferred, countdown)
-            raise self.retry(exc=deferred, countdown=countdown, max_retries=None) from None
+        hold_until = time.monotonic() + claim_hold_s(settings)
+        tries = 0
+        while True:
+            try:
+                return pipeline.run_job(job_id, worker_id(), settings=settings,
+                                        enqueue_fn=lambda jid: enqueue(jid, celery=celery))
+            except pipeline.ClaimDeferred as deferred:
+                remaining = hold_until - time.monotonic()
+                if deferred.reason == "UNAVAILABLE" and remaining > 0:  # hold the message, try again here
+                    delay = min(claim_retry_countdown(tries, settings), remaining)
+                    log.warning("job %s: not claimed now (%s); trying again in %.1fs, holding its message", job_id,
+                                deferred, delay)
+                    time.sleep(delay)
+                    tries += 1
+                    continue
+                # hand it back: our main process acks this message, then sends the next one (HandBackRequest)
+                delay = 0.0 if deferred.reason == "UNAVAILABLE" else hand_back_delay(self.request.retries, settings)
+                log.warning("job %s: not claimed now (%s); sending it again in %.1fs", job_id, deferred, delay)
+                raise HandBack(str(job_id), delay, str(deferred)) from None
 
     return celery
 
@@ -140,17 +295,7 @@ def enqueue(job_id: uuid.UUID | str, queue: str | None = None, *, celery: Celery
     settings: WorkerSettings = target.prunery_settings  # type: ignore[attr-defined]
     _ensure_broker_dirs(settings)
     target.send_task(TASK_NAME, args=[str(job_id)], queue=queue or settings.queue, retry=True,
-                     retry_policy={"max_retries": 5, "interval_start": 0.2, "interval_step": 0.5,
-                                   "interval_max": 2.0})
-
-
-def claim_retry_countdown(retries: int, settings: WorkerSettings) -> float:
-    """Seconds before a task that could not claim its job tries again: 1, 2, 4 ... up to CLAIM_RETRY_MAX_S, +-25%
-    jitter (so the jobs of one database outage do not all come back at once), and never more than half the
-    visibility timeout (a worker holds the retried message unacked meanwhile; past the timeout, Redis would hand
-    it to another worker as well)."""
-    cap = min(CLAIM_RETRY_MAX_S, settings.visibility_timeout_s / 2)
-    return round(min(cap, 2.0 ** min(retries, 16) * random.uniform(0.75, 1.25)), 2)
+                     retry_policy=_SEND_RETRY_POLICY)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -242,13 +387,14 @@ def _filesystem_messages(settings: WorkerSettings, queue: str) -> list[Any]:
 
 def _held_here() -> set[str]:
     """Job ids of the task requests this process's Celery consumer holds (scheduled for an ETA, reserved, or
-    running): empty outside a worker's main process. On a broker without an unacked record (filesystem, AMQP's
-    message count) these are the taken messages the broker cannot show us."""
+    running), and of the jobs it handed back and sends again after a delay: empty outside a worker's main process.
+    On a broker without an unacked record (filesystem, AMQP's message count) these are the taken messages the
+    broker cannot show us; the delayed ones are nowhere in the broker."""
+    held = _pending_jobs()
     try:
         from celery.worker import state
     except ImportError:
-        return set()
-    held: set[str] = set()
+        return held
     for name in ("scheduled_requests", "reserved_requests", "active_requests"):
         group = getattr(state, name, None)
         if group is None:
@@ -275,7 +421,7 @@ def inspect_queue(celery: Celery | None = None, queue: str | None = None) -> Que
     """Which jobs have a message outstanding for `queue` (default: this app's), read from the broker.
 
     - Redis: the queue's lists (the plain one and kombu's priority lists) and kombu's unacked hash (messages
-      workers have taken and not acked: running, or held for a retry's countdown; values are JSON
+      workers have taken and not acked: running, or retrying the claim; values are JSON
       `[message, exchange, routing_key]`), with the key prefix applied, read in one MULTI/EXEC so a message
       moving between them is seen once. Exact, except for the instant between a worker's BRPOP and its HSET of
       the unacked record, when the message is in neither (the reaper reads twice before believing a loss).
@@ -309,6 +455,101 @@ def inspect_queue(celery: Celery | None = None, queue: str | None = None) -> Que
         except conn.channel_errors:
             ready = 0  # the queue does not exist (yet)
         return QueueView(frozenset(held), ready, False)
+
+
+def restore_message(job_id: uuid.UUID | str, queue: str | None = None, *, celery: Celery | None = None) -> bool:
+    """Give job `job_id` its message back in `queue` (the job's; default: this app's) without sending a new one, when
+    the broker still holds one: True when it does (now waiting in the queue), False when it holds none (the caller
+    sends a new message). For the reaper's requeue of a job whose lease expired (reaper.py).
+
+    - Redis: the queue's lists and kombu's unacked hash are read in one MULTI/EXEC. A message of the job already
+      waiting in a list: True, nothing moved. A message of the job in the unacked hash (a worker took it and died
+      holding it): moved back to the job's queue (RPUSH to the list kombu would restore it to: the first to be
+      taken) the way kombu's `QoS.restore_by_tag` does it, in one transaction under WATCH of the hash (HDEL of
+      the record and ZREM of its `unacked_index` entry, RPUSH of the message, flagged redelivered), so it is
+      never in both places nor in neither; a record acked, restored or changed meanwhile is read again. The
+      message gets a new delivery tag: kombu keeps a restored message's tag, and a worker that took it
+      would record it under the tag of the first holder; should that holder be alive after all and ack its old
+      delivery later (HDEL and ZREM of a tag no longer there), or reject it back to the queue when its job process
+      gives up (`task_reject_on_worker_lost`: kombu's restore_by_tag finds no record under that tag), nothing
+      changes, where the same tag would drop, or duplicate, the next holder's message. Several unacked records of
+      the job (should not happen): one is restored. With the key prefix applied throughout.
+    - filesystem: a taken message is gone (no acks); True only for one waiting in the queue folder.
+    - any other broker (AMQP): False (RabbitMQ itself requeues a dead consumer's unacked messages at once, and the
+      redelivered copy was dropped while the lease was live)."""
+    target, settings, queue = _settings_and_queue(celery, queue)
+    job = str(uuid.UUID(str(job_id)))
+    if is_filesystem(settings.broker_url):
+        return job in {_job_of(m) for m in _filesystem_messages(settings, queue)}
+    if not is_redis(settings.broker_url):
+        return False
+    with target.connection_for_write() as conn, conn.channel() as channel:
+        if not hasattr(channel, "pool"):
+            return False
+        return _restore_redis(channel, job, queue)
+
+
+RESTORE_TRIES = 20
+
+
+def _restore_redis(channel: Any, job: str, queue: str) -> bool:
+    import redis
+
+    lists, unacked = _redis_keys(channel, queue)
+    prefix = getattr(channel, "global_keyprefix", "") or ""
+    index = prefix + getattr(channel, "unacked_index_key", "unacked_index")
+    client = _redis_client(channel)
+    for _ in range(RESTORE_TRIES):
+        with client.pipeline(transaction=True) as pipe:
+            for key in lists:
+                pipe.lrange(key, 0, -1)
+            pipe.hgetall(unacked)
+            *waiting, taken = pipe.execute()
+        if any(_job_of(_loads(raw)) == job for items in waiting for raw in items):
+            return True
+        held = []
+        for tag, raw in taken.items():
+            entry = _loads(raw)  # [message, exchange, routing_key]
+            if isinstance(entry, list) and entry and _job_of(entry[0]) == job:
+                held.append((tag, raw, entry[0]))
+        if not held:
+            return False
+        if len(held) > 1:
+            log.warning("job %s: %d of its messages are held unacked; restoring one", job, len(held))
+        tag, raw, message = held[0]
+        try:
+            message["headers"]["redelivered"] = True  # as kombu's restore marks it
+            message["properties"]["delivery_info"]["redelivered"] = True
+        except (KeyError, TypeError):
+            pass
+        message.setdefault("properties", {})["delivery_tag"] = str(uuid.uuid4())
+        try:
+            with client.pipeline(transaction=True) as pipe:
+                pipe.watch(unacked)
+                if pipe.hget(unacked, tag) != raw:
+                    continue  # acked, restored or changed since we read it: read again
+                pipe.multi()
+                pipe.zrem(index, tag)
+                pipe.hdel(unacked, tag)
+                pipe.rpush(prefix + _queue_list(channel, queue, message), json.dumps(message))
+                pipe.execute()
+            log.warning("job %s: restored the message a worker took and never acked (delivery %s) to queue %s",
+                        job, tag.decode() if isinstance(tag, bytes) else tag, queue)
+            return True
+        except redis.WatchError:
+            continue
+    # the hash kept changing under us: leave the message where it is (Redis restores it after the visibility timeout)
+    log.warning("job %s: could not restore its message held unacked (the unacked hash kept changing); it comes "
+                "back after the visibility timeout", job)
+    return True
+
+
+def _queue_list(channel: Any, queue: str, message: Any) -> str:
+    """The list of `queue` kombu keeps a message of its priority in (without the key prefix)."""
+    try:
+        return str(channel._q_for_pri(queue, channel._get_message_priority(message, reverse=False)))
+    except Exception:  # another kombu: the plain list
+        return queue
 
 
 def _loads(raw: bytes | str) -> Any:
@@ -446,6 +687,7 @@ def _on_worker_ready(sender: Any = None, **_kwargs: Any) -> None:
 
 @signals.worker_shutdown.connect
 def _on_worker_shutdown(sender: Any = None, **_kwargs: Any) -> None:
+    _flush_pending()
     reaper = _main.pop("reaper", None)
     if reaper is not None:
         reaper.stop()

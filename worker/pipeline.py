@@ -4,8 +4,10 @@
 lease, counting the attempt). A task whose job is already finished, cancelled, or live under another
 worker's lease does nothing, so a redelivered or duplicated message is harmless. When the claim cannot be
 made now (the database, or anything before the claim, fails; or the job's tenant is at
-PRUNERY_TENANT_MAX_RUNNING), `run_job` raises ClaimDeferred and the Celery task retries itself later
-(worker/app.py): the job stays QUEUED, its retried message its one message, no attempt counted. Then the stages, each
+PRUNERY_TENANT_MAX_RUNNING), `run_job` raises ClaimDeferred, having changed nothing, and the task tries again
+(worker/app.py): the job stays QUEUED with its one message and no attempt counted; the task calls `run_job` again
+itself while the database is away (holding the message), or hands the message back to its worker's main process,
+which acks it and then sends the job's next message (after a delay, at the tenant limit). Then the stages, each
 announced as a progress event (stage names as in the API's `Job.stage`), a cancel honoured between them:
 
     load    5%   fetch the model artifact to a temp file (size and sha256 checked against its row) and open
@@ -795,8 +797,8 @@ def run_job(job_id: str | uuid.UUID, worker_id: str, *, settings: WorkerSettings
             row = s.get(Job, jid) if before is not None else None
             view = _JobView.of(row) if row is not None else None
     except jobs.TenantAtLimit as e:
-        # the retried message will be the job's message: say when it was sent, so no reaper takes it for lost
-        # while a worker holds it for its countdown (where the broker cannot show it: the filesystem broker)
+        # the task hands its message back and its worker's main process sends the next one after a delay: say when,
+        # so no reaper takes the job for lost meanwhile (the broker holds no message for it until then)
         try:
             with db.session() as s:
                 jobs.mark_sent(s, jid)

@@ -5,39 +5,62 @@ How a job survives the death of its worker (the lease, the broker and the reaper
 - A worker owns a job through a lease in the database (`jobs.claim`, a compare-and-set that also counts the
   attempt); the job process renews it every `PRUNERY_HEARTBEAT_S` for `PRUNERY_LEASE_S`.
 - When a job process dies, the worker's main process rejects its message back to the queue
-  (`task_reject_on_worker_lost`); when the whole worker dies, Redis hands the unacked message to another
-  worker after `PRUNERY_VISIBILITY_TIMEOUT_S`. Either way, the redelivered task claims the job only once the
-  lease has expired; while it is live (the job still runs elsewhere) the copy is acked and dropped.
+  (`task_reject_on_worker_lost`); when the whole worker dies, its message stays in Redis's unacked hash, and
+  Redis would hand it to another worker only after `PRUNERY_VISIBILITY_TIMEOUT_S` (1 h). A redelivered task
+  claims the job only once the lease has expired; while it is live (the job still runs elsewhere) the copy is
+  acked and dropped.
 - Redelivery is not enough: the copy may have been dropped while the job was still alive (and its worker
-  died later), the embedded broker has no redelivery at all, and a message can be lost outright. So every
-  worker's main process runs this reaper every `PRUNERY_REAPER_INTERVAL_S`: jobs RUNNING with an expired lease
-  go back to QUEUED and are sent again (`jobs.requeue_expired`, then `enqueue` after the commit), or FAIL
-  with TOO_MANY_ATTEMPTS once their attempts are used up, so a job that kills its worker every time ends
-  instead of looping; CANCELLING jobs with an expired lease become CANCELLED. Requeued jobs go back to the
-  queue they were created for (`jobs.queue`: one per worker pool, e.g. a GPU class), whichever pool the
-  reaper's worker serves.
+  died later), the embedded broker has no redelivery at all, a message can be lost outright, and an hour is too
+  long. So every worker's main process runs this reaper every `PRUNERY_REAPER_INTERVAL_S`: jobs RUNNING with an
+  expired lease go back to QUEUED (`jobs.requeue_expired`), or FAIL with TOO_MANY_ATTEMPTS once their attempts
+  are used up, so a job that kills its worker every time ends instead of looping; CANCELLING jobs with an
+  expired lease become CANCELLED. Requeued jobs go back to the queue they were created for (`jobs.queue`: one
+  per worker pool, e.g. a GPU class), whichever pool the reaper's worker serves.
+- A requeued job gets its own message back rather than a new one (after the commit; `requeue_message`): a job
+  must have at most one message outstanding (issue 10), and a worker SIGKILLed mid-job leaves the job's message
+  in Redis's unacked hash. Sending a new message would give the job two: the new one, and the stale one Redis
+  restores after the visibility timeout (then run again, or dropped by the claim, up to an hour later). So the
+  reaper first asks the broker (`prunery.worker.app.restore_message`): a message of the job held unacked is
+  moved back to the job's queue in one Redis transaction, exactly as kombu's own restore would do it an hour
+  later, and runs at once; a message already waiting in the queue is left there; only when the broker holds
+  none (the filesystem broker, which has no acks; AMQP, where RabbitMQ requeued a dead consumer's message at
+  once and the copy was dropped while the lease was live; a message truly lost) is a new one sent. The moved
+  message gets a new delivery tag, so a worker that was alive after all (it lost its lease, e.g. cut off from
+  the database) and acks or rejects its old delivery when its job process gives up changes nothing: kombu's ack
+  of a tag no longer in the unacked hash is a no-op (HDEL/ZREM of a missing field), its reject-to-requeue finds
+  no record to move, and the next holder's record stands.
+  Not covered: the instant between a worker's pop of a message (BRPOP) and its record as unacked (HSET), when
+  a message is in neither place; a job whose message is exactly there when the reaper looks (a redelivered
+  copy being taken) gets a new one too, a brief duplicate the claim makes harmless.
 - Duplicates are harmless: every path goes through `jobs.claim`, so a job runs in one place at a time, and
   an attempt is counted per claim. Reapers of several workers may run at once: each job row is locked.
 
 Lost messages (`resend_lost`). A QUEUED job must have one message in the broker; it can lose it (the API died
 between its commit and its send, the broker lost it). Every path that sends a job's message first records when
-(`jobs.last_sent_at`: creation, a requeue, a release, a deferred claim, a resend). For the QUEUED jobs of its
-own queue sent more than `PRUNERY_RESEND_QUEUED_S` ago, the reaper asks the broker which jobs have a message
-outstanding (`prunery.worker.app.inspect_queue`): on Redis the queue's lists and kombu's unacked hash (a message
-a worker has taken, running or held for a retry's countdown, stays there until acked), read with the key prefix
-applied; on the filesystem broker the queue folder (plus the requests this worker holds); on another broker
-(AMQP) only the ready count, and then it resends only when that queue is empty. A job found without a message
-is a suspect; it is resent only if it is still without one at a reading at least `CONFIRM_S` later (which
-covers the instant between a worker's pop of a message and its record of it as unacked). The resend locks the
-row (SKIP LOCKED) and checks again that the job is still QUEUED there and was last sent before the cutoff,
-moves `last_sent_at` to now (with an event) and sends after the commit: a job claimed or sent again meanwhile is
-left alone, and two reapers never both resend one job. `prunery_jobs_requeued_total{reason="message_lost"}`
-counts these resends: true losses only.
+(`jobs.last_sent_at`: creation, a requeue, a release, a claim deferred by the tenant limit, a resend). For the
+QUEUED jobs of its own queue sent more than `PRUNERY_RESEND_QUEUED_S` ago, the reaper asks the broker which jobs
+have a message outstanding (`prunery.worker.app.inspect_queue`): on Redis the queue's lists and kombu's unacked
+hash (a message a worker has taken, running or retrying its claim, stays there until acked), read with the key
+prefix applied; on the filesystem broker the queue folder (plus the requests this worker holds); on another broker
+(AMQP) only the ready count, and then it resends only when that queue is empty. A job found without a message is a
+suspect; it is resent only if it is still without one at a reading at least `CONFIRM_S` later (which covers the
+instant between a worker's pop of a message and its record of it as unacked). The resend locks the row (SKIP
+LOCKED) and checks again that the job is still QUEUED there and was last sent before the cutoff, moves
+`last_sent_at` to now (with an event) and sends after the commit: a job claimed or sent again meanwhile is left
+alone, and two reapers never both resend one job. `prunery_jobs_requeued_total{reason="message_lost"}` counts these
+resends: true losses only.
 
-What it does not see: a worker killed while holding a message for a job it had not claimed yet (it popped it,
-or was holding a retry for its countdown). On Redis the message is in the unacked hash, so the job counts as
-having one until Redis restores it to the queue after `PRUNERY_VISIBILITY_TIMEOUT_S`; on the filesystem broker,
-another worker's held message is invisible, so such a job may be sent twice (harmless: the claim decides).
+What it does not see: a worker killed while holding a message for a job it had not claimed yet (it popped it, or
+was retrying the claim while the database was away). The job is QUEUED, with no lease to expire, so nothing tells
+the reaper its holder is dead. On Redis the message is in the unacked hash, so the job counts as having one until
+Redis restores it to the queue after `PRUNERY_VISIBILITY_TIMEOUT_S`; on the filesystem broker, another worker's
+held message is invisible, so such a job may be sent twice (harmless: the claim decides). A job handed back at its
+tenant's limit has no message at all while its worker's main process waits to send the next one (at most half
+`PRUNERY_RESEND_QUEUED_S`, after `jobs.mark_sent`): too recent for this sweep, and that worker's own reaper counts
+it as held; if that process dies meanwhile, the message is lost and resent like any other. The workers never send
+a message with an ETA (see app.py): a worker holding one BRPOPs on extra credit, and kombu may then keep a message
+Redis popped for it unread for a whole job, in neither the queue nor the unacked hash, which this sweep would take
+for lost.
 
 The reaper also deletes what a crash of the API leaves of an upload (`sweep_pending_uploads`, at most every
 `UPLOAD_SWEEP_INTERVAL_S`). An upload first reserves a PENDING artifact row, then streams its object, then
@@ -73,7 +96,8 @@ from prunery.worker.settings import WorkerSettings
 if TYPE_CHECKING:
     from prunery.worker.app import QueueView
 
-__all__ = ["ReapResult", "Reaper", "UploadSweep", "reap_expired", "resend_lost", "sweep_pending_uploads"]
+__all__ = ["ReapResult", "Reaper", "UploadSweep", "reap_expired", "requeue_message", "resend_lost",
+           "sweep_pending_uploads"]
 
 log = logging.getLogger("prunery.worker.reaper")
 
@@ -114,12 +138,29 @@ def _default_enqueue(job_id: uuid.UUID, queue: str) -> None:
     enqueue(job_id, queue)
 
 
-def reap_expired(session: Session, *, enqueue_fn: EnqueueFn | None = _default_enqueue, limit: int = 100) -> ReapResult:
+def requeue_message(job_id: uuid.UUID, queue: str, celery: Any = None) -> bool:
+    """Give a job whose lease expired a message in `queue` (its own): its old one restored from the broker when it
+    still holds one (`restore_message`), else a new one. True when the old one was kept (see the module doc)."""
+    from prunery.worker.app import enqueue, restore_message
+
+    if restore_message(job_id, queue, celery=celery):
+        log.info("job %s: the broker still holds its message; no new one sent", job_id)
+        return True
+    enqueue(job_id, queue, celery=celery)
+    return False
+
+
+def _default_requeue(job_id: uuid.UUID, queue: str) -> None:
+    requeue_message(job_id, queue)
+
+
+def reap_expired(session: Session, *, enqueue_fn: EnqueueFn | None = _default_requeue, limit: int = 100) -> ReapResult:
     """Requeue (or fail, or finish cancelling) RUNNING/CANCELLING jobs whose lease expired.
 
-    The state changes are made in `session` (the caller commits); the requeued jobs are sent with
-    `enqueue_fn` to their own queues (whichever pool this reaper's worker serves) after that commit, so a
-    worker receiving one always finds it QUEUED."""
+    The state changes are made in `session` (the caller commits); after that commit each requeued job gets a
+    message in its own queue (whichever pool this reaper's worker serves) from `enqueue_fn`, so a worker receiving
+    one always finds it QUEUED. The default, `requeue_message`, restores the job's old message when the broker
+    still holds it (a dead worker's, unacked) and sends a new one only otherwise."""
     now = utcnow()
     expired = {
         job_id: state
@@ -256,6 +297,9 @@ class Reaper(threading.Thread):
 
         enqueue(job_id, queue, celery=self.celery)
 
+    def _requeue(self, job_id: uuid.UUID, queue: str) -> None:
+        requeue_message(job_id, queue, self.celery)
+
     def _inspect(self) -> QueueView:
         from prunery.worker.app import inspect_queue
 
@@ -288,7 +332,7 @@ class Reaper(threading.Thread):
         if self._db is None:
             self._db = Database(self.settings.database_url)
         with self._db.session() as session:
-            result = reap_expired(session, enqueue_fn=self._enqueue)
+            result = reap_expired(session, enqueue_fn=self._requeue)
         resent: list[uuid.UUID] = []
         if self.settings.resend_queued_s > 0:
             with self._db.session() as session:
