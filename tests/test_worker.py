@@ -293,8 +293,9 @@ def test_sigkill_a_worker_mid_job_while_another_runs(conv1d_bytes: bytes, tmp_pa
         job = _succeeded(st, job_id)
         assert job.lease_owner != first_owner and f"claimed by {job.lease_owner} " in survivor.log_tail(100_000)
         assert job.attempt_count == 2
-        # the killed worker's message comes back (Redis visibility timeout) after the job ended: wait until it
-        # has been taken and acked (queue and unacked set both empty), then nothing may have changed
+        # the killed worker's message went back to the queue when the reaper requeued the job (restored, not sent
+        # again): wait until the broker holds nothing (queue and unacked set both empty), then nothing may have
+        # changed
         client = redis.Redis.from_url(REDIS_URL)
         cleanup.callback(client.close)
         deadline = time.monotonic() + st.settings.visibility_timeout_s + 20

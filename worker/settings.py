@@ -17,9 +17,9 @@ Imports neither torch nor Celery, so the API can read the same settings (broker 
   long ago is looked for in the broker (its queue, and the messages workers hold unacked); when it has no message
   there in two readings of the broker a second or more apart, it lost it and is sent again, once. See reaper.py.
 - PRUNERY_TENANT_MAX_RUNNING (0: no limit): at most this many RUNNING (or CANCELLING) jobs per tenant. A worker
-  whose job's tenant is at the limit does not claim it; its task retries later (with the backoff of a claim
-  that found the database down: 1, 2, 4 ... 30 s with jitter, at most half the visibility timeout), the
-  retried message remaining the job's one message.
+  whose job's tenant is at the limit does not claim it: it hands the job back (its message is acked, then sent
+  again by the worker's main process after a short delay, at most half PRUNERY_RESEND_QUEUED_S), so the worker
+  is free for other tenants' jobs and the job never has two messages (`worker/app.py`).
 - PRUNERY_PENDING_UPLOAD_TTL_S (21600, 6 hours): an upload still PENDING after this long was cut off by a
   crash of the API: the reaper deletes its row and object. Must exceed the longest upload.
 - PRUNERY_CANCEL_GRACE_S (10): a cancel the running stage has not honoured by then ends the job's process.
