@@ -33,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import concurrent.futures
 import contextlib
 import functools
 import hashlib
@@ -465,12 +466,13 @@ def _cap_error(cap: int, used: int, size: int) -> ApiError:
 
 
 class _UploadVerifier:
-    """Checks the streamed bytes against the declared size and SHA-256 as they pass."""
+    """Checks the streamed bytes against the declared size as they pass, and at the end against the declared
+    SHA-256, which the object writer computes as it writes (one hashing pass, before anything is visible)."""
 
-    def __init__(self, size: int, sha256: str) -> None:
+    def __init__(self, size: int, sha256: str, writer: ObjectWriter) -> None:
         self.declared_size, self.declared_sha = size, sha256.lower()
         self.received = 0
-        self.hash = hashlib.sha256()
+        self.writer = writer
 
     def add(self, data: bytes) -> None:
         self.received += len(data)
@@ -479,7 +481,6 @@ class _UploadVerifier:
                 [("metadata.size_bytes", f"declared {self.declared_size} bytes, but more were sent")],
                 message=f"the upload is larger than its declared size of {self.declared_size} bytes",
                 reason=Reason.SIZE_MISMATCH)
-        self.hash.update(data)
 
     def finish(self) -> None:
         if self.received != self.declared_size:
@@ -487,11 +488,20 @@ class _UploadVerifier:
                 [("metadata.size_bytes", f"declared {self.declared_size} bytes, received {self.received}")],
                 message=f"the upload ended after {self.received} of its declared {self.declared_size} bytes",
                 reason=Reason.SIZE_MISMATCH)
-        actual = self.hash.hexdigest()
+        actual = self.writer.sha256_hex()
         if actual != self.declared_sha:
             raise errors.invalid(
                 [("metadata.sha256", f"declared {self.declared_sha}, the bytes received hash to {actual}")],
                 message="the uploaded bytes do not match the declared sha256", reason=Reason.SHA256_MISMATCH)
+
+
+def _next_chunk(body: Iterator[bytes]) -> bytes | None:
+    """The next chunk of a download, None at the end; a store that fails mid-stream is STORE_UNAVAILABLE."""
+    try:
+        return next(body, None)
+    except Exception as e:
+        log.warning("download: the object store failed mid-stream (%s: %s)", type(e).__name__, e)
+        raise errors.outage(Reason.STORE_UNAVAILABLE, "the object store") from None
 
 
 class ArtifactService(pb_grpc.ArtifactServiceServicer):
@@ -598,31 +608,39 @@ class ArtifactService(pb_grpc.ArtifactServiceServicer):
         key = artifact_name(artifact_id)
         # reserved (committed): from here on, any failure deletes the object and the PENDING row
         writer: ObjectWriter | None = None
+        writing: concurrent.futures.Future[None] | None = None  # the chunk being written while the next arrives
         try:
             writer = await pool.run(self._open_writer, key, meta.size_bytes)
-            verifier = _UploadVerifier(meta.size_bytes, meta.sha256)
+            verifier = _UploadVerifier(meta.size_bytes, meta.sha256, writer)
             async for req in stream:
                 if req.WhichOneof("payload") != "chunk":
                     raise errors.invalid([("metadata", "only the first message may carry metadata")],
                                          reason=Reason.INVALID_UPLOAD)
                 if req.chunk:
-                    await pool.run(self._write_chunk, writer, verifier, req.chunk)
+                    if writing is not None:
+                        await asyncio.wrap_future(writing)  # one write at a time, in order
+                    writing = pool.submit(self._write_chunk, writer, verifier, req.chunk)
                     self._bytes("in", len(req.chunk))
+            if writing is not None:
+                await asyncio.wrap_future(writing)
             result = await pool.run(self._finish_upload, artifact_id, writer, verifier)
         except asyncio.CancelledError:  # the client went away: clean up in a thread, without awaiting
-            pool.executor.submit(self._drop_pending, artifact_id, key, writer)
+            pool.executor.submit(self._drop_pending, artifact_id, key, writer, writing)
             raise
         except BaseException:  # the caller hears of the failure once nothing of the upload is left
             await asyncio.get_running_loop().run_in_executor(
-                pool.executor, self._drop_pending, artifact_id, key, writer)
+                pool.executor, self._drop_pending, artifact_id, key, writer, writing)
             raise
         log.info("tenant %s uploaded %s (%d bytes)", tenant, key, result.size_bytes)
         return result
 
-    def _drop_pending(self, artifact_id: uuid.UUID, key: str, writer: ObjectWriter | None) -> None:
-        """Undo a failed upload: what its writer wrote (or its object, once committed), then its PENDING row.
-        Never raises: what cannot be deleted now stays PENDING, and the reaper deletes it once the
-        pending-upload TTL has passed."""
+    def _drop_pending(self, artifact_id: uuid.UUID, key: str, writer: ObjectWriter | None,
+                      writing: concurrent.futures.Future[None] | None = None) -> None:
+        """Undo a failed upload: what its writer wrote (or its object, once committed), then its PENDING row,
+        once the chunk still being written (`writing`) is done. Never raises: what cannot be deleted now stays
+        PENDING, and the reaper deletes it once the pending-upload TTL has passed."""
+        if writing is not None:
+            concurrent.futures.wait([writing])
         if writer is not None and not writer.committed:
             try:
                 writer.abort()
@@ -749,14 +767,17 @@ class ArtifactService(pb_grpc.ArtifactServiceServicer):
     async def DownloadArtifact(self, request: pb.DownloadArtifactRequest,  # noqa: N802
                                context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ArtifactChunk]:
         # each chunk is read in the pool: a slow reader holds a coroutine, not a thread
-        meta, body = await self.b.pool.run(self._open_download, request)
+        pool = self.b.pool
+        meta, body = await pool.run(self._open_download, request)
         pos = request.offset
         first = True
+        reading = pool.submit(_next_chunk, body)
         try:
             while True:
-                data = await self.b.pool.run(next, body, None)
+                data = await asyncio.wrap_future(reading)
                 if data is None:
                     break
+                reading = pool.submit(_next_chunk, body)  # read the next chunk while this one is sent
                 msg = pb.ArtifactChunk(offset=pos, data=data)
                 if first:
                     msg.artifact.CopyFrom(meta)
@@ -768,8 +789,8 @@ class ArtifactService(pb_grpc.ArtifactServiceServicer):
                 yield pb.ArtifactChunk(offset=pos, artifact=meta)
         finally:
             close = getattr(body, "close", None)
-            if close is not None:
-                self.b.pool.executor.submit(close)  # a generator closes in a thread, never on the loop
+            if close is not None:  # a generator closes in a thread, never on the loop, once its read is done
+                reading.add_done_callback(lambda _f: pool.executor.submit(close))
 
 
 class JobService(pb_grpc.JobServiceServicer):

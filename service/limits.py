@@ -18,11 +18,10 @@ event loop thread, except the pool's steps themselves.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextvars
-import functools
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -119,21 +118,36 @@ class BlockingPool:
 
     def __init__(self, threads: int, max_pending: int) -> None:
         self.threads, self.max_pending = threads, max_pending
-        self.executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="prunery-api")
+        self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="prunery-api")
         self.in_flight = 0  # steps submitted and not finished (running + waiting)
 
     async def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        return await asyncio.wrap_future(self.submit(fn, *args, **kwargs))
+
+    def submit(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> concurrent.futures.Future[T]:
+        """Start `fn` on a pool thread (in a copy of the caller's context) and return its future at once: for a
+        step that overlaps the next one (a transfer's read-ahead, or its write while the next chunk arrives).
+        Sheds like `run`. Call from the event loop thread."""
         if self.in_flight - self.threads >= self.max_pending:
             raise ApiError(grpc.StatusCode.UNAVAILABLE,
                            f"the server is overloaded ({self.in_flight} steps in flight); retry shortly",
                            Reason.OVERLOADED, retry_after_s=0.5)
         self.in_flight += 1
-        try:
-            ctx = contextvars.copy_context()
-            return await asyncio.get_running_loop().run_in_executor(
-                self.executor, functools.partial(ctx.run, fn, *args, **kwargs))
-        finally:
-            self.in_flight -= 1
+        ctx = contextvars.copy_context()
+        future = self.executor.submit(ctx.run, fn, *args, **kwargs)
+        loop = asyncio.get_running_loop()
+        # the count changes on the loop thread only (the step may finish on a pool thread)
+        def done(_future: concurrent.futures.Future[T]) -> None:
+            try:
+                loop.call_soon_threadsafe(self._done)
+            except RuntimeError:  # the loop closed (the server stopped): nothing left to count
+                pass
+
+        future.add_done_callback(done)
+        return future
+
+    def _done(self) -> None:
+        self.in_flight -= 1
 
     def shutdown(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)

@@ -92,6 +92,10 @@ class ObjectWriter(ABC):
             self._counter.add(chunk)
             self._write(chunk)
 
+    def sha256_hex(self) -> str:
+        """The SHA-256 of what was written so far (before `commit`: to check it first)."""
+        return self._counter.hash.hexdigest()
+
     def commit(self) -> tuple[int, str]:
         """Make the object visible; return (size, sha256 hex)."""
         self._commit()
