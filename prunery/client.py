@@ -7,7 +7,7 @@ channel service config: 5 attempts, about 3 s in all) gave up sooner than that, 
 own loop instead (`Backoff`, `call_with_retries`):
 
 - what: `UNAVAILABLE` on every method (whatever its reason: DATABASE_UNAVAILABLE, STORE_UNAVAILABLE,
-  BROKER_UNAVAILABLE, OVERLOADED, or no server at all); `DEADLINE_EXCEEDED` on reads only (GetJob,
+  OVERLOADED, or no server at all); `DEADLINE_EXCEEDED` on reads only (GetJob,
   GetArtifact, ListJobs, ListArtifacts, and WatchJob/DownloadArtifact reconnects), since a write that timed
   out may have happened; `RESOURCE_EXHAUSTED` only for the reasons that pass with time (TENANT_RATE_LIMIT,
   TENANT_STREAM_LIMIT), never TENANT_JOB_LIMIT or TENANT_CAP_EXCEEDED.

@@ -65,7 +65,6 @@ class Reason:
     INTERNAL = "INTERNAL"
     STORE_UNAVAILABLE = "STORE_UNAVAILABLE"
     DATABASE_UNAVAILABLE = "DATABASE_UNAVAILABLE"
-    BROKER_UNAVAILABLE = "BROKER_UNAVAILABLE"
     OVERLOADED = "OVERLOADED"  # the server sheds work past its bound on calls in flight
 
 
