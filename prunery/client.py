@@ -84,7 +84,7 @@ class PruneryError(RuntimeError):
         self.code, self.message, self.reason, self.retry_delay_s = code, message, reason, retry_delay_s
 
 
-def _wrap(e: grpc.RpcError) -> PruneryError:
+def error_of(e: grpc.RpcError) -> PruneryError:
     """The PruneryError of a failed call, with the ErrorInfo reason and RetryInfo delay of its status."""
     code = e.code() if callable(getattr(e, "code", None)) else grpc.StatusCode.UNKNOWN
     message = (e.details() if callable(getattr(e, "details", None)) else None) or ""
@@ -263,7 +263,7 @@ class Client:
             try:
                 return method(request, timeout=deadline, metadata=self._metadata)
             except grpc.RpcError as e:
-                raise _wrap(e) from None
+                raise error_of(e) from None
 
         return call_with_retries(attempt, timeout or self.timeout, self._backoff(), read=read,
                                  missing_ok_on_retry=missing_ok_on_retry, sleep=self._sleep)
@@ -302,7 +302,7 @@ class Client:
             try:
                 return self.artifacts.UploadArtifact(requests(sent), timeout=timeout, metadata=self._metadata)
             except grpc.RpcError as e:
-                error = _wrap(e)
+                error = error_of(e)
             if sent[0] > furthest:  # this attempt got further: the transfer is progressing between restarts
                 furthest = sent[0]
                 backoff.progress()
@@ -355,7 +355,7 @@ class Client:
                     error = PruneryError(grpc.StatusCode.UNAVAILABLE,
                                          f"the download of {name} ended at byte {written} of {size}")
                 except grpc.RpcError as e:
-                    error = _wrap(e)
+                    error = error_of(e)
                 self._retry_or_raise(error, backoff, read=True)
         except BaseException:
             partial.unlink(missing_ok=True)
@@ -421,7 +421,7 @@ class Client:
                 finally:
                     stream.cancel()  # a caller that stops early must not leave the call open
             except grpc.RpcError as e:
-                error = _wrap(e)
+                error = error_of(e)
                 if error.code == grpc.StatusCode.NOT_FOUND and existed:
                     return  # deleted while the watch was reconnecting: it had ended
                 lasted = time.monotonic() - started

@@ -15,11 +15,10 @@ from collections.abc import AsyncIterator, Iterator
 
 import grpc
 import pytest
-from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_status import rpc_status
 from sqlalchemy import select, text
 
+from prunery.client import error_of
 from prunery.service import tokens
 from prunery.service.db import Artifact, ArtifactState, Database, Tenant
 from prunery.service.errors import ApiError, Reason
@@ -38,19 +37,9 @@ def md(token: str) -> tuple[tuple[str, str], ...]:
 
 
 def reason_and_delay(err: grpc.aio.AioRpcError | grpc.RpcError) -> tuple[str, float | None]:
-    status = rpc_status.from_call(err)  # type: ignore[arg-type]
-    assert status is not None, err
-    reason, delay = "", None
-    for d in status.details:
-        if d.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-            info = error_details_pb2.ErrorInfo()
-            d.Unpack(info)
-            reason = info.reason
-        elif d.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
-            retry = error_details_pb2.RetryInfo()
-            d.Unpack(retry)
-            delay = retry.retry_delay.ToTimedelta().total_seconds()
-    return reason, delay
+    """The ErrorInfo reason and RetryInfo delay, read as the client reads them."""
+    error = error_of(err)
+    return error.reason, error.retry_delay_s
 
 
 @pytest.fixture(scope="module")

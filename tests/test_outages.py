@@ -12,10 +12,9 @@ from collections.abc import Iterator
 
 import grpc
 import pytest
-from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_status import rpc_status
 
+from prunery.client import error_of
 from prunery.service import db, tokens
 from prunery.service.errors import Reason
 from prunery.service.objectstore import open_store
@@ -52,18 +51,9 @@ def md(token: str) -> tuple[tuple[str, str], ...]:
 
 
 def outage_answer(err: grpc.RpcError) -> tuple[Code, str, float | None, str]:
-    status = rpc_status.from_call(err)  # type: ignore[arg-type]
-    reason, delay = "", None
-    for d in status.details if status is not None else ():
-        if d.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-            info = error_details_pb2.ErrorInfo()
-            d.Unpack(info)
-            reason = info.reason
-        elif d.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
-            retry = error_details_pb2.RetryInfo()
-            d.Unpack(retry)
-            delay = retry.retry_delay.ToTimedelta().total_seconds()
-    return err.code(), reason, delay, err.details() or ""
+    """Code, ErrorInfo reason, RetryInfo delay and message, read as the client reads them."""
+    error = error_of(err)
+    return error.code, error.reason, error.retry_delay_s, error.message
 
 
 def test_every_call_answers_a_database_outage_with_unavailable_and_recovers(
