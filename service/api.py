@@ -380,20 +380,6 @@ def _unexpected(e: Exception, method: str) -> ApiError:
     return ApiError(grpc.StatusCode.INTERNAL, "internal error (logged on the server)", Reason.INTERNAL)
 
 
-def _blocking(fn: Callable[..., T]) -> Callable[..., Awaitable[T]]:
-    """An RPC method whose body `fn(self, request)` blocks (database, object store, broker): it runs in the
-    server's bounded pool, off the event loop. Errors become the call's status."""
-    @functools.wraps(fn)
-    async def call(self: Any, request: Any, context: grpc.aio.ServicerContext) -> T:
-        try:
-            return await self.b.pool.run(fn, self, request)
-        except ApiError as e:
-            await errors.abort(context, e)
-        except Exception as e:
-            await errors.abort(context, _unexpected(e, fn.__name__))
-    return call
-
-
 def _unary(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
     """An async RPC method (it runs its blocking steps in the pool itself). Errors become the call's status."""
     @functools.wraps(fn)
@@ -405,6 +391,15 @@ def _unary(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
         except Exception as e:
             await errors.abort(context, _unexpected(e, fn.__name__))
     return call
+
+
+def _blocking(fn: Callable[..., T]) -> Callable[..., Awaitable[T]]:
+    """An RPC method whose body `fn(self, request)` blocks (database, object store, broker): it runs in the
+    server's bounded pool, off the event loop. Errors become the call's status."""
+    @functools.wraps(fn)
+    async def in_pool(self: Any, request: Any, context: grpc.aio.ServicerContext) -> T:
+        return await self.b.pool.run(fn, self, request)
+    return _unary(in_pool)
 
 
 def _streaming(fn: Callable[..., AsyncIterator[T]]) -> Callable[..., AsyncIterator[T]]:
