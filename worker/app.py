@@ -112,10 +112,10 @@ def _ensure_broker_dirs(settings: WorkerSettings) -> None:
             os.makedirs(broker_transport_options(settings)[key], exist_ok=True)
 
 
-def claim_retry_countdown(retries: int, settings: WorkerSettings | None = None) -> float:
+def claim_retry_countdown(retries: int) -> float:
     """Seconds before a claim that could not be made is tried again: 1, 2, 4 ... up to CLAIM_RETRY_MAX_S, +-25%
     jitter (so the jobs of one database outage do not all come back at once). The callers cap it by their own
-    bounds (`claim_hold_s`, `hand_back_delay`); `settings` is unused (kept for callers)."""
+    bounds (`claim_hold_s`, `hand_back_delay`)."""
     return round(min(CLAIM_RETRY_MAX_S, 2.0 ** min(retries, 16) * random.uniform(0.75, 1.25)), 2)
 
 
@@ -129,7 +129,7 @@ def hand_back_delay(retries: int, settings: WorkerSettings) -> float:
     """The delay before a job handed back at its tenant's limit is sent again: `claim_retry_countdown`, at most half
     PRUNERY_RESEND_QUEUED_S (the job has no message in the broker meanwhile, and its `last_sent_at`, just recorded,
     must stay too recent for any reaper to look for one)."""
-    delay = claim_retry_countdown(retries, settings)
+    delay = claim_retry_countdown(retries)
     if settings.resend_queued_s > 0:
         delay = min(delay, settings.resend_queued_s / 2)
     return delay
@@ -269,7 +269,7 @@ def make_app(settings: WorkerSettings | None = None, *, main: bool = False) -> C
             except pipeline.ClaimDeferred as deferred:
                 remaining = hold_until - time.monotonic()
                 if deferred.reason == "UNAVAILABLE" and remaining > 0:  # hold the message, try again here
-                    delay = min(claim_retry_countdown(tries, settings), remaining)
+                    delay = min(claim_retry_countdown(tries), remaining)
                     log.warning("job %s: not claimed now (%s); trying again in %.1fs, holding its message", job_id,
                                 deferred, delay)
                     time.sleep(delay)
