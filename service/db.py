@@ -369,7 +369,7 @@ def current_revision(url: str) -> str | None:
 # Tenants and API tokens
 # ---------------------------------------------------------------------------------------------------------
 
-TENANT_ID_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
+TENANT_ID_RE = re.compile(r"[a-z0-9][a-z0-9_.-]{0,63}")  # the whole id (fullmatch: `$` would allow a newline)
 TOKEN_PREFIX = "prn_"
 
 
@@ -377,9 +377,14 @@ def hash_token(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
+def check_tenant_id(tenant_id: str) -> None:
+    """ValueError unless `tenant_id` is 1-64 of a-z 0-9 . _ - starting alphanumeric."""
+    if not TENANT_ID_RE.fullmatch(tenant_id):
+        raise ValueError(f"invalid tenant id {tenant_id[:80]!r}: use 1-64 of a-z 0-9 . _ - (starting alphanumeric)")
+
+
 def ensure_tenant(session: Session, tenant_id: str) -> Tenant:
-    if not TENANT_ID_RE.match(tenant_id):
-        raise ValueError(f"invalid tenant id {tenant_id!r}: use 1-64 of a-z 0-9 . _ - (starting alphanumeric)")
+    check_tenant_id(tenant_id)
     tenant = session.get(Tenant, tenant_id)
     if tenant is None:
         try:

@@ -92,8 +92,7 @@ def create(db_url: str, tenant: str, description: str = "", *, migrate: bool = F
 
 def create_with_id(db_url: str, tenant: str, description: str = "", *, migrate: bool = False) -> tuple[str, str]:
     """(token id, token): the id can revoke the token later without knowing it."""
-    if not db.TENANT_ID_RE.match(tenant):  # before touching the database
-        raise ValueError(f"invalid tenant id {tenant!r}: use 1-64 of a-z 0-9 . _ - (starting alphanumeric)")
+    db.check_tenant_id(tenant)  # before touching the database
     with _removed_if_new_and_failed(db_url), _one_line_errors(db_url):
         if migrate:
             db.upgrade(db_url)

@@ -146,8 +146,9 @@ def test_tokens_are_stored_hashed_and_can_be_revoked(database: Database, tenant:
     with database.session() as s:
         assert db.authenticate(s, token) is None and db.authenticate(s, other) is None
         assert s.get(ApiToken, token_id).revoke_time is not None
-    with pytest.raises(ValueError), database.session() as s:
-        db.ensure_tenant(s, "Bad Tenant!")
+    for bad in ("Bad Tenant!", "acme\n", "", "a" * 65):  # the id must match whole: no trailing newline
+        with pytest.raises(ValueError, match="invalid tenant id"), database.session() as s:
+            db.ensure_tenant(s, bad)
 
 
 # ---------------------------------------------------------------------------------------------------------
