@@ -45,7 +45,7 @@ __all__ = ["DEFAULT_CHUNK_SIZE", "FolderStore", "InvalidRange", "ObjectNotFound"
 DEFAULT_CHUNK_SIZE = 1 << 20  # what open_range yields; below gRPC's 4 MiB default message limit
 S3_PART_SIZE = 8 << 20  # multipart part size (S3's minimum is 5 MiB for all but the last part)
 
-_SEGMENT = re.compile(r"^[A-Za-z0-9_=+-][A-Za-z0-9._=+-]*$")
+_SEGMENT = re.compile(r"[A-Za-z0-9_=+-][A-Za-z0-9._=+-]*")  # a whole segment (fullmatch: `$` allows a newline)
 
 
 class ObjectStoreError(Exception):
@@ -72,7 +72,7 @@ def validate_key(key: str, *, prefix: bool = False) -> str:
     """Keys are '/'-separated segments of [A-Za-z0-9._=+-], none empty or starting with '.', so a key can
     never escape the store's folder. A prefix may end with '/'."""
     body = key[:-1] if prefix and key.endswith("/") else key
-    if not body or len(key) > 1024 or not all(_SEGMENT.match(s) for s in body.split("/")):
+    if not body or len(key) > 1024 or not all(_SEGMENT.fullmatch(s) for s in body.split("/")):
         raise ValueError(f"invalid object {'prefix' if prefix else 'key'} {key!r}")
     return key
 

@@ -159,7 +159,8 @@ def test_delete_prefix(store: ObjectStore) -> None:
     assert not store.exists("jobs/2/model.pt2")
 
 
-@pytest.mark.parametrize("key", ["", "/abs", "../escape", "a/../../b", "a//b", ".tmp/x", "a/.hidden", "a\\b", "a/b/"])
+@pytest.mark.parametrize("key", ["", "/abs", "../escape", "a/../../b", "a//b", ".tmp/x", "a/.hidden", "a\\b", "a/b/",
+                                 "a/b\n"])
 def test_invalid_keys_are_refused(store: ObjectStore, key: str) -> None:
     with pytest.raises(ValueError):
         store.put_bytes(key, b"x")
