@@ -12,9 +12,9 @@
              one grpc.aio channel): the asyncio layouts again, and the API process's RSS growth from
              before the streams opened to its peak while they were open. Targets (issue 10): >= 1500
              calls/s, p99 < 30 ms, RSS growth < 100 MB.
-             The API runs with PRUNERY_TENANT_RATE=0: these figures are the server's capacity, and one
-             tenant's 32 clients polling flat out would otherwise meet its own call-rate limit (2000/s
-             by default), as the last line of the section shows with the default limit.
+             The API runs with PRUNERY_TENANT_RATE=0: these figures are the server's capacity, which
+             a tenant's own call-rate limit (2000/s, bursts of 4000, by default) would otherwise cap; the
+             last line of the section runs the default limit and prints what it answered and refused.
              Several API processes on one port (grpc.so_reuseport) are NOT measured: `build_server`
              binds with `grpc.so_reuseport=0`, so a second process cannot share the port without a code
              change.
