@@ -963,6 +963,22 @@ def test_settings_from_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> N
     monkeypatch.setenv("PRUNERY_CHUNK_SIZE", str(64 * MiB))
     with pytest.raises(ValueError, match="PRUNERY_CHUNK_SIZE"):
         Settings.from_env()
+    monkeypatch.delenv("PRUNERY_CHUNK_SIZE")
+    # the admission limits (issue 10): defaults, overrides, and refusals naming the variable
+    s = Settings.from_env()
+    assert (s.tenant_rate, s.tenant_streams, s.tenant_max_queued, s.max_pending, s.max_message_bytes) == \
+        (2000.0, 1000, 1000, 256, 16 << 20)
+    for name, value in (("PRUNERY_TENANT_RATE", "0"), ("PRUNERY_TENANT_STREAMS", "500"),
+                        ("PRUNERY_TENANT_MAX_QUEUED", "3"), ("PRUNERY_MAX_PENDING", "8")):
+        monkeypatch.setenv(name, value)
+    s = Settings.from_env()
+    assert (s.tenant_rate, s.tenant_streams, s.tenant_max_queued, s.max_pending) == (0.0, 500, 3, 8)
+    for name, bad in (("PRUNERY_TENANT_RATE", "-1"), ("PRUNERY_TENANT_STREAMS", "many"), ("PRUNERY_MAX_PENDING", "0"),
+                      ("PRUNERY_MAX_MESSAGE_BYTES", str(1 << 20)), ("PRUNERY_MAX_STREAMS", "0")):
+        monkeypatch.setenv(name, bad)
+        with pytest.raises(ValueError, match=name):
+            Settings.from_env()
+        monkeypatch.delenv(name)
 
 
 def test_embedded_defaults_sqlite_folder_and_filesystem_broker(tmp_path: Path) -> None:
