@@ -20,10 +20,10 @@
              change.
 2. transfer  Upload and download of a --size-mib artifact (default 1 GiB, random bytes streamed to a temp
              file) through the client, against `prunery serve` in a subprocess (temporary Postgres, folder
-             store). MB/s (10^6 bytes) each way, end to end as a user sees it (the client's upload
-             includes its sha256 pass over the file); the API process's RSS growth over its RSS before the
-             transfer, from /proc/PID/status (VmRSS sampled every 10 ms, and VmHWM). Targets: >= 200 MB/s
-             each way, RSS growth < 100 MB.
+             store). MB/s (10^6 bytes) each way, end to end as a user sees it (the client hashes the file
+             as it sends it; the server hashes it and has it on disk, fsynced, before it answers); the API
+             process's RSS growth over its RSS before the transfer, from /proc/PID/status (VmRSS sampled
+             every 10 ms, and VmHWM). Targets: >= 200 MB/s each way, RSS growth < 100 MB.
 3. overhead  A `resnet_basic` job through the embedded stack (`prunery up --port 0`, SQLite, one worker)
              against the same prune run locally: local is load_program + prune + torch.export.save in this
              process (one warm-up, median of 3); service is upload + create + wait + download of the
@@ -572,8 +572,8 @@ def bench_transfer(args: argparse.Namespace) -> None:
             report("transfer", f"Upload: {up_rate:.0f} MB/s (target >= {TRANSFER_MB_S:.0f}), {size / 1e6:.0f} MB in "
                    f"{up_s:.2f}s, API RSS +{up_rss.growth_mb:.1f} MB (target < {TRANSFER_RSS_MB:.0f} MB)",
                    up_rate >= TRANSFER_MB_S and up_rss.growth_mb < TRANSFER_RSS_MB)
-            print(f"  {up_rss.describe()}; the client's own sha256 pass over the file is part of the upload time "
-                  f"(alone: {hash_s:.2f}s, {size / 1e6 / hash_s:.0f} MB/s)", flush=True)
+            print(f"  {up_rss.describe()}; the client hashes the file as it sends it (a sha256 pass alone: "
+                  f"{hash_s:.2f}s, {size / 1e6 / hash_s:.0f} MB/s)", flush=True)
 
             out = tmp / "big.out"
             with RssSampler(serve.pid) as down_rss:

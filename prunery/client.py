@@ -279,23 +279,23 @@ class Client:
     # --- artifacts ---------------------------------------------------------------------------
     def upload(self, path: str | os.PathLike, kind: int = pb.MODEL, labels: dict[str, str] | None = None,
                timeout: float = 3600.0) -> pb.Artifact:
-        """Stream a file up in chunks (sha256 and size declared first, checked by the server). An interrupted
-        upload is sent again from the start of the file; the budget counts from the failure of the last
-        attempt that got further than the ones before it."""
+        """Stream a file up in chunks: its size declared first, its SHA-256 (computed as the file is read, in one
+        pass) in the last message; the server stores the file only if both match. An interrupted upload is sent
+        again from the start of the file; the budget counts from the failure of the last attempt that got further
+        than the ones before it."""
         path = Path(path)
-        digest = hashlib.sha256()
-        for block in _file_chunks(path):
-            digest.update(block)
-        meta = pb.Artifact(display_name=path.name, kind=kind, labels=labels or {},
-                           size_bytes=path.stat().st_size, sha256=digest.hexdigest())
+        meta = pb.Artifact(display_name=path.name, kind=kind, labels=labels or {}, size_bytes=path.stat().st_size)
         backoff = self._backoff(started=False)
         furthest = -1  # bytes taken by the furthest attempt so far
 
         def requests(sent: list[int]) -> Iterator[pb.UploadArtifactRequest]:
+            digest = hashlib.sha256()
             yield pb.UploadArtifactRequest(metadata=meta)
             for block in _file_chunks(path):
+                digest.update(block)
                 sent[0] += len(block)  # taken by gRPC, so on its way to the server
                 yield pb.UploadArtifactRequest(chunk=block)
+            yield pb.UploadArtifactRequest(sha256=digest.hexdigest())
 
         while True:
             sent = [0]

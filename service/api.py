@@ -462,7 +462,8 @@ def _cap_error(cap: int, used: int, size: int) -> ApiError:
 
 class _UploadVerifier:
     """Checks the streamed bytes against the declared size as they pass, and at the end against the declared
-    SHA-256, which the object writer computes as it writes (one hashing pass, before anything is visible)."""
+    SHA-256 (in the metadata, or in the last message), which the object writer computes as it writes (one
+    hashing pass, before anything is visible)."""
 
     def __init__(self, size: int, sha256: str, writer: ObjectWriter) -> None:
         self.declared_size, self.declared_sha = size, sha256.lower()
@@ -477,17 +478,35 @@ class _UploadVerifier:
                 message=f"the upload is larger than its declared size of {self.declared_size} bytes",
                 reason=Reason.SIZE_MISMATCH)
 
-    def finish(self) -> None:
+    def finish(self, sha256_last: str | None) -> None:
+        """`sha256_last`: the SHA-256 the last message declared, if the metadata left it empty."""
         if self.received != self.declared_size:
             raise errors.invalid(
                 [("metadata.size_bytes", f"declared {self.declared_size} bytes, received {self.received}")],
                 message=f"the upload ended after {self.received} of its declared {self.declared_size} bytes",
                 reason=Reason.SIZE_MISMATCH)
-        actual = self.writer.sha256_hex()
-        if actual != self.declared_sha:
+        field, declared = ("sha256", sha256_last.lower()) if sha256_last is not None else (
+            "metadata.sha256", self.declared_sha)
+        if not declared:
             raise errors.invalid(
-                [("metadata.sha256", f"declared {self.declared_sha}, the bytes received hash to {actual}")],
+                [("sha256", "the upload ended without its SHA-256: declare it in metadata.sha256, or send it as the "
+                            "last message")], reason=Reason.INVALID_UPLOAD)
+        actual = self.writer.sha256_hex()
+        if actual != declared:
+            raise errors.invalid(
+                [(field, f"declared {declared}, the bytes received hash to {actual}")],
                 message="the uploaded bytes do not match the declared sha256", reason=Reason.SHA256_MISMATCH)
+
+
+def _sha256_last(meta: pb.Artifact, sha256: str) -> str:
+    """The SHA-256 an upload's last message declares, checked: only when the metadata left it empty."""
+    if meta.sha256:
+        raise errors.invalid([("sha256", "declared in metadata.sha256 already: send it once")],
+                             reason=Reason.INVALID_UPLOAD)
+    if not SHA256_RE.fullmatch(sha256):
+        raise errors.invalid([("sha256", f"must be the 64 hex digits of the file's SHA-256; got "
+                                         f"{errors.quote(sha256)}")])
+    return sha256
 
 
 def _next_chunk(body: Iterator[bytes]) -> bytes | None:
@@ -527,8 +546,9 @@ class ArtifactService(pb_grpc.ArtifactServiceServicer):
             violations.append(("metadata.kind", "must be MODEL or DATASET"))
         if meta.size_bytes < 0:
             violations.append(("metadata.size_bytes", "must be the file's size in bytes (not negative)"))
-        if not SHA256_RE.fullmatch(meta.sha256):
-            violations.append(("metadata.sha256", "must be the 64 hex digits of the file's SHA-256"))
+        if meta.sha256 and not SHA256_RE.fullmatch(meta.sha256):
+            violations.append(("metadata.sha256", "must be the 64 hex digits of the file's SHA-256 (or empty, to "
+                                                  "send them as the last message)"))
         if len(meta.display_name) > MAX_DISPLAY_NAME:
             violations.append(("metadata.display_name", f"at most {MAX_DISPLAY_NAME} characters; got "
                                                         f"{len(meta.display_name)}"))
@@ -567,10 +587,10 @@ class ArtifactService(pb_grpc.ArtifactServiceServicer):
             log.warning("upload: the object store failed (%s: %s)", type(e).__name__, e)
             raise errors.outage(Reason.STORE_UNAVAILABLE, "the object store") from None
 
-    def _finish_upload(self, artifact_id: uuid.UUID, writer: ObjectWriter, verifier: _UploadVerifier
-                       ) -> pb.Artifact:
+    def _finish_upload(self, artifact_id: uuid.UUID, writer: ObjectWriter, verifier: _UploadVerifier,
+                       sha256_last: str | None) -> pb.Artifact:
         """Verify, store, and make the row READY."""
-        verifier.finish()
+        verifier.finish(sha256_last)
         key = artifact_name(artifact_id)
         try:
             size, sha256 = writer.commit()
@@ -607,8 +627,16 @@ class ArtifactService(pb_grpc.ArtifactServiceServicer):
         try:
             writer = await pool.run(self._open_writer, key, meta.size_bytes)
             verifier = _UploadVerifier(meta.size_bytes, meta.sha256, writer)
+            sha256_last: str | None = None  # the last message's, when the metadata left it empty
             async for req in stream:
-                if req.WhichOneof("payload") != "chunk":
+                payload = req.WhichOneof("payload")
+                if sha256_last is not None:
+                    raise errors.invalid([("sha256", "must be the last message; nothing may follow it")],
+                                         reason=Reason.INVALID_UPLOAD)
+                if payload == "sha256":
+                    sha256_last = _sha256_last(meta, req.sha256)
+                    continue
+                if payload != "chunk":
                     raise errors.invalid([("metadata", "only the first message may carry metadata")],
                                          reason=Reason.INVALID_UPLOAD)
                 if req.chunk:
@@ -618,7 +646,7 @@ class ArtifactService(pb_grpc.ArtifactServiceServicer):
                     self._bytes("in", len(req.chunk))
             if writing is not None:
                 await asyncio.wrap_future(writing)
-            result = await pool.run(self._finish_upload, artifact_id, writer, verifier)
+            result = await pool.run(self._finish_upload, artifact_id, writer, verifier, sha256_last)
         except asyncio.CancelledError:  # the client went away: clean up in a thread, without awaiting
             pool.executor.submit(self._drop_pending, artifact_id, key, writer, writing)
             raise

@@ -26,6 +26,7 @@ path by default when an endpoint is given).
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import hashlib
 import os
 import re
@@ -190,6 +191,32 @@ def _iter_file(f: BinaryIO, chunk_size: int) -> Iterator[bytes]:
             yield chunk
 
 
+_WRITEBACK_BYTES = 8 << 20  # a folder writer asks the kernel to start writing each such stretch to disk
+
+
+def _load_sync_file_range() -> Any:
+    """Linux's sync_file_range(2) from the C library, or None where there is none."""
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_sync_file_range = _load_sync_file_range()
+_SYNC_FILE_RANGE_WRITE = 2  # start writeback of the range's dirty pages; do not wait
+
+
+def _start_writeback(fd: int, offset: int, nbytes: int) -> None:
+    """Start writing a range of a file to disk without waiting (as RocksDB's `bytes_per_sync`), so the fsync at
+    commit finds little left to write and a large upload's disk writes overlap its transfer instead of following
+    it. Nothing where the call does not exist; a failure only loses the head start."""
+    if _sync_file_range is not None:
+        _sync_file_range(fd, offset, nbytes, _SYNC_FILE_RANGE_WRITE)
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -205,10 +232,16 @@ class _FolderWriter(ObjectWriter):
         tmp_dir.mkdir(exist_ok=True)
         fd, self.tmp = tempfile.mkstemp(dir=tmp_dir, prefix="upload-")
         self.file: BinaryIO | None = os.fdopen(fd, "wb")
+        self.written = self.written_back = 0  # bytes written; bytes whose writeback has been started
 
     def _write(self, chunk: bytes) -> None:
         assert self.file is not None, "write after commit or abort"
         self.file.write(chunk)
+        self.written += len(chunk)
+        if self.written - self.written_back >= _WRITEBACK_BYTES:
+            self.file.flush()
+            _start_writeback(self.file.fileno(), self.written_back, self.written - self.written_back)
+            self.written_back = self.written
 
     def _commit(self) -> None:
         assert self.file is not None, "commit after commit or abort"

@@ -158,13 +158,20 @@ def tenant(pg_url: str) -> Tenant:
 
 def upload_requests(data: bytes, *, kind: int = pb.MODEL, labels: dict[str, str] | None = None,
                     size: int | None = None, sha256: str | None = None, chunk: int = 256 * KiB,
-                    display_name: str = "model.pt2") -> Iterator[pb.UploadArtifactRequest]:
+                    display_name: str = "model.pt2", sha256_last: str | None = None
+                    ) -> Iterator[pb.UploadArtifactRequest]:
+    """The messages of an upload: `sha256` (default: the data's) in the metadata, or with `sha256_last` set,
+    none there (unless `sha256` is given too) and `sha256_last` as the last message ("data": the data's)."""
+    if sha256 is None:
+        sha256 = "" if sha256_last is not None else hashlib.sha256(data).hexdigest()
     yield pb.UploadArtifactRequest(metadata=pb.Artifact(
         display_name=display_name, kind=kind, labels=labels or {},
-        size_bytes=len(data) if size is None else size,
-        sha256=hashlib.sha256(data).hexdigest() if sha256 is None else sha256))
+        size_bytes=len(data) if size is None else size, sha256=sha256))
     for i in range(0, len(data), chunk):
         yield pb.UploadArtifactRequest(chunk=data[i:i + chunk])
+    if sha256_last is not None:
+        yield pb.UploadArtifactRequest(sha256=hashlib.sha256(data).hexdigest() if sha256_last == "data"
+                                       else sha256_last)
 
 
 def upload(api: Api, t: Tenant, data: bytes, **kw: Any) -> pb.Artifact:
@@ -329,6 +336,44 @@ def test_bad_upload_leaves_nothing(api: Api, tenant: Tenant, case: str) -> None:
     d = expect(err, code, reason, field_)
     assert d.message  # a sentence a person can act on
     assert_nothing_left(api, tenant)
+
+
+def test_upload_with_its_sha256_last(api: Api, tenant: Tenant) -> None:
+    """A client that hashes as it sends leaves metadata.sha256 empty and sends the digest as the last message:
+    stored and described as when declared first."""
+    data = os.urandom(api.big + 777)
+    art = upload(api, tenant, data, sha256_last="data")
+    assert (art.size_bytes, art.sha256) == (len(data), hashlib.sha256(data).hexdigest())
+    assert download(api, tenant, art.name)[1] == data
+    api.artifacts.DeleteArtifact(pb.DeleteArtifactRequest(name=art.name), metadata=tenant.md)
+    assert_nothing_left(api, tenant)
+
+
+BAD_LAST_SHA256 = {
+    # name: (upload_requests' arguments, reason, field)
+    "mismatch": ({"sha256_last": "0" * 64}, "SHA256_MISMATCH", "sha256"),
+    "nowhere": ({"sha256": ""}, "INVALID_UPLOAD", "sha256"),
+    "twice": ({"sha256_last": "data", "sha256": None}, "INVALID_UPLOAD", "sha256"),
+    "not hex": ({"sha256_last": "z" * 64}, "INVALID_FIELD", "sha256"),
+    "a chunk after it": ({"sha256_last": "data", "then": b"more"}, "INVALID_UPLOAD", "sha256"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_LAST_SHA256))
+def test_bad_last_sha256_leaves_nothing(folder_api: Api, tenant: Tenant, case: str) -> None:
+    kwargs, reason, field_ = BAD_LAST_SHA256[case]
+    data = os.urandom(300 * KiB)
+    kwargs = dict(kwargs)
+    then = kwargs.pop("then", None)
+    if "sha256" in kwargs and kwargs["sha256"] is None:  # declared in the metadata and sent last
+        kwargs["sha256"] = hashlib.sha256(data).hexdigest()
+    reqs = list(upload_requests(data, **kwargs))
+    if then is not None:
+        reqs.append(pb.UploadArtifactRequest(chunk=then))
+    d = expect(rpc_error(folder_api.artifacts.UploadArtifact, iter(reqs), metadata=tenant.md, timeout=60),
+               Code.INVALID_ARGUMENT, reason, field_)
+    assert d.message
+    assert_nothing_left(folder_api, tenant)
 
 
 def test_upload_must_start_with_metadata(folder_api: Api, tenant: Tenant) -> None:

@@ -118,12 +118,14 @@ class Artifact(_message.Message):
     def __init__(self, name: _Optional[str] = ..., display_name: _Optional[str] = ..., kind: _Optional[_Union[ArtifactKind, str]] = ..., size_bytes: _Optional[int] = ..., sha256: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., labels: _Optional[_Mapping[str, str]] = ..., producer_job: _Optional[str] = ...) -> None: ...
 
 class UploadArtifactRequest(_message.Message):
-    __slots__ = ("metadata", "chunk")
+    __slots__ = ("metadata", "chunk", "sha256")
     METADATA_FIELD_NUMBER: _ClassVar[int]
     CHUNK_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
     metadata: Artifact
     chunk: bytes
-    def __init__(self, metadata: _Optional[_Union[Artifact, _Mapping]] = ..., chunk: _Optional[bytes] = ...) -> None: ...
+    sha256: str
+    def __init__(self, metadata: _Optional[_Union[Artifact, _Mapping]] = ..., chunk: _Optional[bytes] = ..., sha256: _Optional[str] = ...) -> None: ...
 
 class GetArtifactRequest(_message.Message):
     __slots__ = ("name",)
