@@ -32,11 +32,12 @@ import torch.utils._pytree as pytree
 from torch.export import ExportedProgram
 from torch.fx import Node
 
+from .spec import DISTILL_LOSSES
+
 __all__ = ["DISTILL_LOSSES", "OUTPUT_KINDS", "HiddenDistillation", "distill_loss_for", "layer_outputs", "metric_for",
            "output_kinds", "shared_layer_outputs", "tree_distill"]
 
 OUTPUT_KINDS = ("logits", "embedding", "hidden", "values")
-DISTILL_LOSSES = ("kl", "mse", "cosine")
 LOSS_FOR_KIND = {"logits": "kl", "embedding": "cosine", "hidden": "mse", "values": "mse"}
 METRIC_FOR_KIND = {"logits": "agreement", "embedding": "cosine", "hidden": "cosine", "values": "neg_loss"}
 

@@ -20,9 +20,7 @@ import numpy as np
 import torch
 
 from .graph import DependencyGraph, Group
-
-IMPORTANCES = ("l1", "l2", "bn", "random")
-DATA_IMPORTANCES = ("taylor", "fisher")  # from gradients on a dataset: core/train.py, through core/recipe.py
+from .spec import IMPORTANCES
 
 
 def group_scores(

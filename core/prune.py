@@ -8,6 +8,7 @@ dynamic dims, so the result is a valid ExportedProgram by construction.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Sequence
@@ -20,9 +21,10 @@ from torch.export import Dim, ExportedProgram
 from torch.export.graph_signature import InputKind
 
 from .counting import Counts, count, count_macs, traced_size
-from .graph import ATTENTION_MODES, DependencyGraph
-from .importance import DATA_IMPORTANCES, IMPORTANCES, group_scores, relative
+from .graph import DependencyGraph
+from .importance import group_scores, relative
 from .program_module import NodeCall, ProgramModule, call_specs, supported
+from .spec import DATA_IMPORTANCES, JobSpec, first_problem
 from .tensors import program_tensors, tied_names
 
 
@@ -32,32 +34,31 @@ class PruneError(ValueError):
 
 @dataclass(frozen=True)
 class PruneConfig:
-    ratio: float = 0.5
-    importance: str = "l2"
-    global_pruning: bool = False
-    round_to: int | None = None
-    max_ratio: float = 1.0
+    """The structural options of a job spec (`core/spec.py` says what each does; the defaults are its own)."""
+
+    ratio: float = 0.5  # with a target (`core/targets.py`), only where the search starts
+    importance: str = JobSpec.importance
+    global_pruning: bool = JobSpec.global_pruning
+    round_to: int | None = JobSpec.round_to
+    max_ratio: float = JobSpec.max_ratio
     ignore: tuple[str, ...] = ()
-    seed: int = 0
-    # attention dims that may go: "heads" (whole heads, with their Q/K/V rows and output-projection columns),
-    # "head-dim" (the same dims inside every head) or "none"
-    attention: str = "heads"
-    # the residual stream width (the dims every LayerNorm/RMSNorm normalises, with the embeddings feeding
-    # them): left whole unless asked
-    prune_hidden: bool = False
+    seed: int = JobSpec.seed
+    attention: str = JobSpec.attention
+    prune_hidden: bool = JobSpec.prune_hidden
+
+    @classmethod
+    def from_spec(cls, spec: JobSpec) -> PruneConfig:
+        return cls(**{f.name: getattr(spec, f.name) for f in dataclasses.fields(cls) if f.name != "ratio"},
+                   ratio=spec.ratio if spec.ratio is not None else cls.ratio)
+
+    def as_spec(self) -> JobSpec:
+        return JobSpec(**{f.name: getattr(self, f.name) for f in dataclasses.fields(self)})
 
     def validate(self) -> None:
-        if not 0.0 < self.ratio < 1.0:
-            raise PruneError(f"ratio must be in (0, 1), got {self.ratio}")
-        if self.importance not in IMPORTANCES + DATA_IMPORTANCES:
-            raise PruneError(f"unknown importance {self.importance!r}; choose one of "
-                             f"{', '.join(IMPORTANCES + DATA_IMPORTANCES)}")
-        if not 0.0 < self.max_ratio <= 1.0:
-            raise PruneError(f"max ratio must be in (0, 1], got {self.max_ratio}")
-        if self.round_to is not None and self.round_to < 1:
-            raise PruneError(f"round-to must be a positive integer, got {self.round_to}")
-        if self.attention not in ATTENTION_MODES:
-            raise PruneError(f"attention must be one of {', '.join(ATTENTION_MODES)}, got {self.attention!r}")
+        """PruneError with the spec's first problem (the data an importance needs is the recipe's to check)."""
+        problems = self.as_spec().problems(data_given=True)
+        if problems:
+            raise PruneError(first_problem(problems))
 
 
 @dataclass

@@ -39,15 +39,14 @@ import torch
 from torch.export import ExportedProgram
 
 from .data import Dataset, DatasetError, fit_to_program
-from .distill import DISTILL_LOSSES, output_kinds, shared_layer_outputs
+from .distill import output_kinds, shared_layer_outputs
 from .graph import DependencyGraph
-from .importance import DATA_IMPORTANCES
 from .latency import compare_latency, measure_ms
 from .program_module import has_batch_norm
 from .prune import PruneConfig, PruneError, PruneResult, example_inputs, prune
+from .spec import DATA_IMPORTANCES, TARGET_FIELDS, JobSpec, fields_of, first_problem
 from .targets import Target, prune_to_target
 from .train import (
-    OPTIMIZERS,
     default_device,
     evaluate,
     finetune,
@@ -65,69 +64,69 @@ Progress = Callable[[str, float, str], None]
 
 @dataclass(frozen=True)
 class Recipe:
-    """What happens around the structural pruning. Steps of 0 skip a stage."""
+    """What happens around the structural pruning: the job spec's data-driven options (`core/spec.py` says
+    what each does; the defaults are its own), with the dataset itself, the target as a `Target`, and the
+    engine's own settings. Steps of 0 skip a stage."""
 
     dataset: Dataset | None = None
-    held_out: float = 0.1  # fraction of the dataset kept aside for the best checkpoint and the evaluation
-    batch_size: int = 64
-    sparse_steps: int = 0
-    reg: float = 1e-4  # the regulariser's weight (lambda)
-    alpha: float = 4.0  # its strength for the least important index: up to 2 ** alpha
-    lr: float | None = None  # sparse training's learning rate (None: `training_defaults`)
-    finetune_steps: int = 0
-    finetune_epochs: float = 0.0  # instead of steps: passes over the training part
-    finetune_lr: float | None = None  # (None: `training_defaults`)
-    optimizer: str | None = None  # "sgd" (momentum 0.9), "adam", "adamw" (None: `training_defaults`)
-    warmup: float = 0.05  # share of each training run's steps with a linearly rising learning rate
-    clip_grad: float = 1.0  # the gradient's global L2 norm is clipped to this (0: not clipped)
-    distill: bool = False
-    distill_loss: str | None = None  # "kl", "mse", "cosine" for every output (None: per output, `core/distill.py`)
-    teacher_weight: float = 0.5  # with class-id targets: the share of KL from the unpruned program in the loss
-    hidden_weight: float = 1.0  # weight of hidden-state distillation at the layer outputs both programs share
-    recalibrate_batches: int = 20  # batches the batch norms' statistics are recomputed on after pruning (0: not)
+    held_out: float = JobSpec.held_out
+    batch_size: int = JobSpec.batch_size
+    sparse_steps: int = JobSpec.sparse_steps
+    reg: float = JobSpec.reg
+    alpha: float = JobSpec.alpha
+    lr: float | None = JobSpec.lr
+    finetune_steps: int = JobSpec.finetune_steps
+    finetune_epochs: float = JobSpec.finetune_epochs
+    finetune_lr: float | None = JobSpec.finetune_lr
+    optimizer: str | None = JobSpec.optimizer
+    warmup: float = JobSpec.warmup
+    clip_grad: float = JobSpec.clip_grad
+    distill: bool = JobSpec.distill
+    distill_loss: str | None = JobSpec.distill_loss
+    teacher_weight: float = JobSpec.teacher_weight
+    hidden_weight: float = JobSpec.hidden_weight
     target: Target | None = None
-    target_steps: int = 4
+    target_steps: int = JobSpec.target_steps
+    seed: int = JobSpec.seed
+    # the engine's own (not job options)
+    recalibrate_batches: int = 20  # batches the batch norms' statistics are recomputed on after pruning (0: not)
     score_batches: int = 8  # batches Taylor / Fisher scores are accumulated over
     latency_batch: int = 32  # the larger batch latency is measured at (and batch 1)
     device: str | None = None
-    seed: int = 0
+
+    @classmethod
+    def from_spec(cls, spec: JobSpec, dataset: Dataset | None, device: str | None = None) -> Recipe | None:
+        """The recipe of a spec, with its dataset loaded; None when the spec asks for nothing but pruning."""
+        if not (spec.has_recipe() or dataset is not None):
+            return None
+        target = spec.target()
+        options = {f.name: getattr(spec, f.name) for f in dataclasses.fields(cls) if f.name in _SPEC_FIELDS}
+        return cls(dataset=dataset, target=Target(*target) if target else None, device=device, **options)
+
+    def as_spec(self, config: PruneConfig) -> JobSpec:
+        """The job spec this recipe and `config` make (the dataset marked as given, not named)."""
+        target = {} if self.target is None else {_TARGET_FIELD[self.target.metric]: self.target.value}
+        return dataclasses.replace(
+            config.as_spec(), **{name: getattr(self, name) for name in _SPEC_FIELDS if name != "seed"}, **target)
 
     def validate(self, config: PruneConfig) -> None:
-        needs_data = [name for name, on in (
-            ("sparse training", self.sparse_steps > 0),
-            ("recovery fine-tuning", self.finetune_steps > 0 or self.finetune_epochs > 0),
-            ("distillation", self.distill), (f"{config.importance} importance", config.importance in DATA_IMPORTANCES),
-        ) if on]
-        if needs_data and self.dataset is None:
-            raise PruneError(f"{' and '.join(needs_data)} need a dataset (--dataset FILE)")
-        if not 0.0 < self.held_out < 1.0:
-            raise PruneError(f"held-out fraction must be in (0, 1), got {self.held_out}")
-        for name in ("batch_size", "score_batches", "latency_batch", "target_steps"):
-            if getattr(self, name) < 1:
-                raise PruneError(f"{name.replace('_', ' ')} must be at least 1, got {getattr(self, name)}")
-        for name in ("sparse_steps", "finetune_steps"):
-            if getattr(self, name) < 0:
-                raise PruneError(f"{name.replace('_', ' ')} must not be negative, got {getattr(self, name)}")
-        if self.finetune_steps and self.finetune_epochs:
-            raise PruneError("give fine-tuning steps or epochs, not both")
-        for name in ("reg", "lr", "finetune_lr", "finetune_epochs", "clip_grad"):
-            value = getattr(self, name)
-            if value is not None and not (value >= 0 and math.isfinite(value)):
-                raise PruneError(f"{name} must be a finite non-negative number, got {value}")
-        if not (self.hidden_weight >= 0 and math.isfinite(self.hidden_weight)):
-            raise PruneError(f"hidden weight must be a finite non-negative number, got {self.hidden_weight}")
-        if not 0.0 <= self.teacher_weight <= 1.0:
-            raise PruneError(f"teacher weight must be in [0, 1], got {self.teacher_weight}")
-        if not 0.0 <= self.warmup < 1.0:
-            raise PruneError(f"warmup is a share of the training steps in [0, 1), got {self.warmup}")
-        if self.recalibrate_batches < 0:
-            raise PruneError(f"recalibrate batches must not be negative, got {self.recalibrate_batches}")
-        if self.optimizer is not None and self.optimizer not in OPTIMIZERS:
-            raise PruneError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
-        if self.distill_loss is not None and self.distill_loss not in DISTILL_LOSSES:
-            raise PruneError(f"distill loss must be one of {', '.join(DISTILL_LOSSES)}, got {self.distill_loss!r}")
+        """PruneError with the first problem of the spec (`core/spec.py`) or of the engine's own settings."""
         if self.target is not None:
             self.target.validate()
+        problems = self.as_spec(config).problems(data_given=self.dataset is not None)
+        for name in ("score_batches", "latency_batch"):
+            if getattr(self, name) < 1:
+                problems.append((name, f"{name} must be at least 1, got {getattr(self, name)}"))
+        if self.recalibrate_batches < 0:
+            problems.append(("recalibrate_batches", f"recalibrate_batches must not be negative, got "
+                                                    f"{self.recalibrate_batches}"))
+        if problems:
+            raise PruneError(first_problem(problems))
+
+
+# the job options a recipe carries as they are (the dataset and the target it holds as objects)
+_SPEC_FIELDS = {f.name for f in fields_of()} & {f.name for f in dataclasses.fields(Recipe)} - {"dataset"}
+_TARGET_FIELD = {metric: name for name, metric in TARGET_FIELDS.items()}
 
 
 # (optimizer, learning rate) by architecture. Transformers: AdamW as the reference fine-tuning recipes; the rate

@@ -62,6 +62,7 @@ from torch.export import ExportedProgram
 from .distill import OUTPUT_KINDS, HiddenDistillation, distill_loss_for, metric_for, single_loss, tree_distill
 from .graph import DependencyGraph, Group
 from .program_module import BATCH_NORM_OPS, ProgramModule, has_batch_norm, supported
+from .spec import OPTIMIZERS
 from .tensors import program_tensors, tied_names
 
 __all__ = [
@@ -72,7 +73,6 @@ __all__ = [
 
 LOSS_KINDS = ("ce", "kl", "mse", "cosine")
 SCHEDULES = ("cosine", "linear", "constant")
-OPTIMIZERS = ("sgd", "adam", "adamw")
 BATCHNORM_MODES = ("train", "frozen")
 METRICS = ("accuracy", "agreement", "cosine", "neg_loss")
 LOGIT_KINDS = ("logits", "classes")  # output kinds with a class dim (the last one)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -34,25 +35,18 @@ def _write_json(data: dict, out: Path) -> None:
     os.replace(tmp, out)
 
 
-def _config_from(args: argparse.Namespace):
-    from prunery.core import PruneConfig
+def _spec_from(args: argparse.Namespace, model: str, dataset: str = ""):
+    """The job spec of the command's options (`prunery.core.spec`), checked: ValueError with its first
+    problem."""
+    from prunery.core.spec import JobSpec, fields_of, first_problem
 
-    if args.ratio is None and not any(getattr(args, f"target_{m}", None) is not None
-                                      for m in ("macs", "params", "latency")):
-        raise ValueError("give --ratio R (the fraction of each group to remove)"
-                         + (" or a target: --target-macs, --target-params, --target-latency"
-                            if hasattr(args, "target_macs") else ""))
-    return PruneConfig(
-        ratio=args.ratio if args.ratio is not None else 0.5,  # a target decides how much goes
-        importance=args.importance,
-        global_pruning=args.global_pruning,
-        round_to=args.round_to,
-        max_ratio=args.max_ratio,
-        ignore=tuple(args.ignore or ()),
-        seed=args.seed,
-        attention=args.attention,
-        prune_hidden=args.prune_hidden,
-    )
+    values = {f.name: getattr(args, f.name) for f in fields_of() if f.metadata["cli"] and hasattr(args, f.name)}
+    values.update(ignore=tuple(values.get("ignore") or ()), dataset=dataset)
+    spec = JobSpec(model=model, **values)
+    problems = spec.problems()
+    if problems:
+        raise ValueError(first_problem(problems))
+    return spec
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
@@ -102,43 +96,18 @@ def _print_summary(report: dict, out: Path) -> None:
         print(f"warning: {warning}")
 
 
-def _recipe_from(args: argparse.Namespace):
-    """The recipe around the pruning (`core/recipe.py`) from the options; None when only pruning is asked."""
-    from prunery.core.data import load_dataset
-    from prunery.core.recipe import Recipe
-    from prunery.core.targets import Target
-
-    targets = [Target(metric, value) for metric, value in (
-        ("macs", args.target_macs), ("params", args.target_params), ("latency_ms", args.target_latency))
-        if value is not None]
-    if len(targets) > 1:
-        raise ValueError("give one target: --target-macs, --target-params or --target-latency")
-    data_driven = args.importance in ("taylor", "fisher")
-    if not (args.dataset or targets or data_driven or args.sparse_steps or args.finetune_steps
-            or args.finetune_epochs or args.distill):
-        return None
-    return Recipe(
-        dataset=load_dataset(args.dataset) if args.dataset else None, held_out=args.held_out,
-        batch_size=args.batch_size, sparse_steps=args.sparse_steps, reg=args.reg, alpha=args.alpha, lr=args.lr,
-        finetune_steps=args.finetune_steps, finetune_epochs=args.finetune_epochs, finetune_lr=args.finetune_lr,
-        optimizer=args.optimizer, warmup=args.warmup, clip_grad=args.clip_grad, distill=args.distill,
-        distill_loss=args.distill_loss, teacher_weight=args.teacher_weight, hidden_weight=args.hidden_weight,
-        target=targets[0] if targets else None,
-        target_steps=args.target_steps,
-        device=args.device, seed=args.seed)
-
-
 def _print_progress(stage: str, fraction: float, message: str) -> None:
     print(f"[{stage}] {message}", flush=True)
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
-    from prunery.core import load_program, prune
-    from prunery.core.recipe import run_recipe
+    from prunery.core import PruneConfig, load_program, prune
+    from prunery.core.data import load_dataset
+    from prunery.core.recipe import Recipe, run_recipe
 
-    config = _config_from(args)
-    config.validate()
-    recipe = _recipe_from(args)
+    spec = _spec_from(args, args.model, args.dataset or "")
+    config = PruneConfig.from_spec(spec)
+    recipe = Recipe.from_spec(spec, load_dataset(args.dataset) if args.dataset else None, args.device)
     if recipe is not None:
         recipe.validate(config)
     ep = load_program(args.model)
@@ -276,11 +245,10 @@ def _download_results(client, job, output: str | None, report: str | None) -> No
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    from prunery.client import spec_from_options
+    from prunery.spec_proto import spec_to_proto
     from prunery.v1 import prunery_pb2 as pb
 
-    config = _config_from(args)
-    config.validate()  # refuse a bad spec before uploading anything
+    spec = _spec_from(args, args.model, args.dataset or "")  # refuse a bad spec before uploading anything
     if args.dataset:  # a dataset the workers would refuse (a missing input, a wrong dtype) is refused before upload
         from prunery.core import load_program
         from prunery.core.data import fit_to_program, load_dataset
@@ -290,16 +258,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
         artifact = client.upload(args.model, labels=dict(args.label or []))
         dataset = client.upload(args.dataset, kind=pb.DATASET, labels=dict(args.label or [])).name \
             if args.dataset else None
-        spec = spec_from_options(
-            artifact.name, args.ratio or 0.0, args.importance, args.global_pruning, args.round_to, args.max_ratio,
-            args.ignore, args.seed, args.attention, args.prune_hidden, dataset=dataset, held_out=args.held_out,
-            batch_size=args.batch_size, sparse_steps=args.sparse_steps, reg=args.reg, alpha=args.alpha, lr=args.lr,
-            finetune_steps=args.finetune_steps, finetune_epochs=args.finetune_epochs, finetune_lr=args.finetune_lr,
-            optimizer=args.optimizer, warmup=args.warmup, clip_grad=args.clip_grad, distill=args.distill,
-            distill_loss=args.distill_loss, teacher_weight=args.teacher_weight, hidden_weight=args.hidden_weight,
-            target_macs=args.target_macs,
-            target_params=args.target_params, target_latency_ms=args.target_latency,
-            target_steps=args.target_steps)
+        spec = spec_to_proto(spec.replace(model=artifact.name, dataset=dataset or ""))
         job = client.create_job(spec, labels=dict(args.label or []), queue=args.queue)
         print(job.name)
         if not args.wait:
@@ -404,58 +363,33 @@ def _add_client_options(p: argparse.ArgumentParser) -> None:
                         "without progress (default: $PRUNERY_RETRY_BUDGET_S, else 60; 0: never retry)")
 
 
-def _add_prune_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--ratio", type=float, help="fraction of each group's channels to remove (or give a target)")
-    p.add_argument("--importance", default="l2", choices=["l1", "l2", "bn", "random", "taylor", "fisher"],
-                   help="magnitude criteria, or from data (with --dataset): first-order Taylor, Fisher")
-    p.add_argument("--global", dest="global_pruning", action="store_true",
-                   help="one threshold across groups on the relative score")
-    p.add_argument("--round-to", type=int, default=None, help="keep channel counts multiples of N")
-    p.add_argument("--max-ratio", type=float, default=1.0, help="never remove more than this from a group")
-    p.add_argument("--ignore", nargs="+", metavar="GLOB", help="parameter-name globs to leave untouched")
-    p.add_argument("--seed", type=int, default=0, help="seed for --importance random")
-    p.add_argument("--attention", default="heads", choices=["heads", "head-dim", "none"],
-                   help="what attention may lose: whole heads (Q/K/V rows and output-projection columns together), "
-                        "the same dims inside every head, or nothing")
-    p.add_argument("--prune-hidden", action="store_true",
-                   help="also prune the residual stream width (hidden size) of transformers; left whole by default")
+def _add_spec_options(p: argparse.ArgumentParser, group: str, device: bool = True) -> None:
+    """The job spec's options of `group` (`prunery.core.spec`): flags, defaults, choices and help are its
+    fields'. `device`: the local device option too (a service job runs on its worker's device)."""
+    from prunery.core.spec import PRUNE_GROUP, fields_of
+
+    target = p if group == PRUNE_GROUP else p.add_argument_group("data, sparse training, targets and recovery")
+    for f in fields_of(group):
+        if not f.metadata["cli"]:
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        flag = f.metadata["flag"] or "--" + f.name.replace("_", "-")
+        options: dict = {"dest": f.name, "help": f.metadata["help"]}
+        if isinstance(default, bool):
+            options["action"] = "store_true"
+        else:
+            options.update(default=default if default != () else None, metavar=f.metadata["metavar"],
+                           type=_OPTION_TYPES[str(f.type).split(" |")[0]])
+            if f.metadata["choices"]:
+                options["choices"] = f.metadata["choices"]
+            if isinstance(default, tuple):
+                options["nargs"] = "+"
+        target.add_argument(flag, **options)
+    if group != PRUNE_GROUP and device:
+        target.add_argument("--device", help="cuda or cpu (default: cuda when available)")
 
 
-def _add_recipe_options(p: argparse.ArgumentParser, device: bool = True) -> None:
-    g = p.add_argument_group("data, sparse training, targets and recovery")
-    g.add_argument("--dataset", metavar="FILE", help=".safetensors or .npz: a tensor per program input, named after "
-                   "it (or 'inputs', 'inputs.0', ...), and optional 'targets'")
-    g.add_argument("--held-out", type=float, default=0.1, help="fraction kept aside for checkpoints and evaluation")
-    g.add_argument("--batch-size", type=int, default=64)
-    g.add_argument("--sparse-steps", type=int, default=0, help="steps of group-regularised sparse training first")
-    g.add_argument("--reg", type=float, default=1e-4, help="the regulariser's weight (lambda)")
-    g.add_argument("--alpha", type=float, default=4.0, help="regularisation up to 2**alpha for the weakest indices")
-    g.add_argument("--lr", type=float, default=None, help="sparse training's learning rate (default: 6e-4 for "
-                   "models with attention, 1e-3 otherwise)")
-    g.add_argument("--finetune-steps", type=int, default=0, help="steps of recovery fine-tuning after pruning")
-    g.add_argument("--finetune-epochs", type=float, default=0.0, help="or recover for this many passes over the data")
-    g.add_argument("--finetune-lr", type=float, default=None, help="recovery's peak learning rate (default as --lr)")
-    g.add_argument("--optimizer", choices=["sgd", "adam", "adamw"], default=None,
-                   help="for sparse training and recovery (default: adamw for models with attention, adam otherwise)")
-    g.add_argument("--warmup", type=float, default=0.05, help="share of training steps with a rising learning rate")
-    g.add_argument("--clip-grad", type=float, default=1.0, help="clip the gradient's L2 norm to this (0: off)")
-    g.add_argument("--distill", action="store_true", help="recover by distillation from the unpruned model "
-                   "(the default when the dataset has no targets)")
-    g.add_argument("--distill-loss", choices=["kl", "mse", "cosine"], default=None,
-                   help="distillation loss for every output (default: per output: KL on logits, cosine on "
-                        "embeddings, MSE on hidden states)")
-    g.add_argument("--teacher-weight", type=float, default=0.5,
-                   help="with class-id targets: the share of distillation from the unpruned model in the loss "
-                        "beside cross-entropy (0: the targets alone)")
-    g.add_argument("--hidden-weight", type=float, default=1.0,
-                   help="distillation: weight of the hidden states at the layer outputs the pruned and original "
-                        "models share (transformer blocks on a residual stream left whole; 0: off)")
-    g.add_argument("--target-macs", type=float, help="prune to this many MACs (a fraction in (0, 1), or a count)")
-    g.add_argument("--target-params", type=float, help="prune to this many parameters (fraction or count)")
-    g.add_argument("--target-latency", type=float, metavar="MS", help="prune to this latency on --device")
-    g.add_argument("--target-steps", type=int, default=4, help="rounds toward a target, scores recomputed between")
-    if device:  # a service job runs on its worker's device
-        g.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+_OPTION_TYPES = {"float": float, "int": int, "str": str, "tuple[str, ...]": str}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -472,8 +406,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model")
     p.add_argument("-o", "--output", required=True)
     p.add_argument("--report", help="write the JSON report here")
-    _add_prune_options(p)
-    _add_recipe_options(p)
+    _add_spec_options(p, "prune")
+    _add_spec_options(p, "recipe")
     p.set_defaults(func=cmd_prune)
 
     p = sub.add_parser("up", help="the embedded stack: API and one worker, SQLite, a folder store, no servers")
@@ -495,8 +429,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--label", nargs="+", type=lambda kv: tuple(kv.split("=", 1)), metavar="KEY=VALUE")
     p.add_argument("--queue", default="", help="worker pool (GPU class) to run on, one of the server's queues "
                    "(default: the server's default queue)")
-    _add_prune_options(p)
-    _add_recipe_options(p, device=False)
+    _add_spec_options(p, "prune")
+    _add_spec_options(p, "recipe", device=False)
     _add_client_options(p)
     p.set_defaults(func=cmd_submit)
 

@@ -48,14 +48,12 @@ import grpc
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
+from prunery.core.spec import JobSpec
+from prunery.spec_proto import spec_to_proto
 from prunery.v1 import prunery_pb2 as pb
 from prunery.v1 import prunery_pb2_grpc as pb_grpc
 
 CHUNK = 1 << 20
-IMPORTANCE = {"l1": pb.L1, "l2": pb.L2, "bn": pb.BN, "random": pb.RANDOM, "taylor": pb.TAYLOR, "fisher": pb.FISHER}
-ATTENTION = {"heads": pb.ATTENTION_HEADS, "head-dim": pb.ATTENTION_HEAD_DIM, "none": pb.ATTENTION_NONE}
-OPTIMIZER = {"sgd": pb.OPTIMIZER_SGD, "adam": pb.OPTIMIZER_ADAM, "adamw": pb.OPTIMIZER_ADAMW}
-DISTILL_LOSS = {"kl": pb.DISTILL_LOSS_KL, "mse": pb.DISTILL_LOSS_MSE, "cosine": pb.DISTILL_LOSS_COSINE}
 TERMINAL = {pb.SUCCEEDED, pb.FAILED, pb.CANCELLED}
 
 DEFAULT_RETRY_BUDGET_S = 60.0
@@ -192,26 +190,18 @@ def job_name(job: str) -> str:
     return job if job.startswith("jobs/") else f"jobs/{job}"
 
 
-def spec_from_options(model: str, ratio: float, importance: str = "l2", global_pruning: bool = False,
-                      round_to: int | None = None, max_ratio: float = 1.0, ignore: list[str] | None = None,
-                      seed: int = 0, attention: str = "heads", prune_hidden: bool = False,
-                      **recipe: Any) -> pb.PruneSpec:
-    """The job spec for the same options `prunery prune` takes; `recipe`: the data-driven fields of
-    `PruneSpec` by name (dataset="artifacts/...", sparse_steps=..., target_macs=..., ...; optimizer and
-    distill_loss by the engine's names, "adamw", "cosine", ...). None leaves a field unset."""
-    for field, names in (("optimizer", OPTIMIZER), ("distill_loss", DISTILL_LOSS)):
-        if recipe.get(field) is not None:
-            if recipe[field] not in names:
-                raise ValueError(f"unknown {field} {recipe[field]!r}; choose one of {', '.join(names)}")
-            recipe[field] = names[recipe[field]]
-    if importance not in IMPORTANCE:
-        raise ValueError(f"unknown importance {importance!r}; choose one of {', '.join(IMPORTANCE)}")
-    if attention not in ATTENTION:
-        raise ValueError(f"unknown attention mode {attention!r}; choose one of {', '.join(ATTENTION)}")
-    return pb.PruneSpec(model=model, ratio=ratio, importance=IMPORTANCE[importance], global_pruning=global_pruning,
-                        round_to=round_to or 0, max_ratio=max_ratio, ignore=list(ignore or []), seed=seed,
-                        attention=ATTENTION[attention], prune_hidden=prune_hidden,
-                        **{k: v for k, v in recipe.items() if v is not None})
+def spec_from_options(model: str, ratio: float | None = None, importance: str = JobSpec.importance,
+                      **options: Any) -> pb.PruneSpec:
+    """The job spec for the same options `prunery prune` takes: the fields of `prunery.core.spec.JobSpec` by
+    name (dataset="artifacts/...", sparse_steps=..., target_macs=..., optimizer="adamw", ...; None leaves a
+    field to its default). Unknown options and names: ValueError; the values are checked by the server."""
+    unknown = sorted(set(options) - set(JobSpec.__dataclass_fields__))
+    if unknown:
+        raise ValueError(f"unknown option {unknown[0]!r}; the options are the fields of prunery.core.spec.JobSpec")
+    values = {name: value for name, value in options.items() if value is not None}
+    if "ignore" in values:
+        values["ignore"] = tuple(values["ignore"])
+    return spec_to_proto(JobSpec(model=model, ratio=ratio or None, importance=importance, **values))
 
 
 class Client:

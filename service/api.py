@@ -23,9 +23,10 @@ complete and verified the row becomes READY; a failed upload deletes its object 
 nothing. Every read ignores PENDING rows. What a crash of the API leaves (a PENDING row, maybe its object)
 is deleted by the workers' reaper after `PRUNERY_PENDING_UPLOAD_TTL_S` (`worker/reaper.py`).
 
-The job spec is stored as a JSON object with the PruneSpec's field names and defaults filled in:
-`{"model": "artifacts/{id}", "ratio": 0.5, "importance": "L2", "global_pruning": false, "round_to": 0,
-"max_ratio": 1.0, "ignore": [], "seed": 0}` (importance is the enum name; `max_ratio` 0 becomes 1.0).
+A job's spec is a `prunery.core.spec.JobSpec` (the one definition of every option, its default and its checks;
+`prunery/spec_proto.py` reads it off the request), stored as `JobSpec.to_dict()`: every field, the engine's
+names, null where the engine chooses. Only the checks that need the database (the model and dataset artifacts),
+the labels and the queue are written here.
 """
 
 from __future__ import annotations
@@ -39,7 +40,6 @@ import functools
 import hashlib
 import json
 import logging
-import math
 import re
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
@@ -52,6 +52,7 @@ from sqlalchemy import and_, delete, func, or_, select, update
 from sqlalchemy.engine import Connection, Row
 from sqlalchemy.orm import Session
 
+from prunery.core.spec import JobSpec
 from prunery.service import errors, jobs
 from prunery.service.auth import current_tenant
 from prunery.service.db import (
@@ -71,11 +72,12 @@ from prunery.service.limits import BlockingPool
 from prunery.service.metrics import Metrics
 from prunery.service.objectstore import InvalidRange, ObjectNotFound, ObjectStore, ObjectWriter, TooLarge
 from prunery.service.settings import Settings
+from prunery.spec_proto import spec_from_proto, spec_to_proto
 from prunery.v1 import prunery_pb2 as pb
 from prunery.v1 import prunery_pb2_grpc as pb_grpc
 
 __all__ = ["ApiBackend", "ArtifactService", "JobService", "artifact_proto", "job_proto", "parse_filter",
-           "spec_from_dict", "spec_to_dict"]
+           ]
 
 log = logging.getLogger(__name__)
 
@@ -254,72 +256,28 @@ def artifact_proto(a: Artifact | Row[Any]) -> pb.Artifact:
 def _same_request(job: Job, requested: pb.Job) -> bool:
     """Whether a CreateJob retry asks for the job that its request_id already created."""
     try:
-        return (spec_to_dict(requested.spec) == {**SPEC_DEFAULTS, **job.spec}
+        spec, unreadable = spec_from_proto(requested.spec)
+        return (not unreadable and _stored_spec(spec) == _stored_spec(JobSpec.from_dict(job.spec or {}))
                 and dict(requested.labels) == (job.labels or {}) and requested.queue in ("", job.queue))
-    except errors.ApiError:
+    except (errors.ApiError, TypeError, ValueError):
         return False
 
 
-def spec_to_dict(spec: pb.PruneSpec) -> dict[str, Any]:
-    """The stored form of a (validated) spec, defaults made explicit."""
-    return {
-        "model": artifact_name(parse_artifact_name(spec.model, "job.spec.model")),
-        "ratio": float(spec.ratio),
-        "importance": pb.Importance.Name(spec.importance or pb.L2),
-        "global_pruning": bool(spec.global_pruning),
-        "round_to": int(spec.round_to),
-        "max_ratio": float(spec.max_ratio) if spec.max_ratio else 1.0,
-        "ignore": list(spec.ignore),
-        "seed": int(spec.seed),
-        "attention": _ATTENTION_NAMES.get(spec.attention, "heads"),
-        "prune_hidden": bool(spec.prune_hidden),
-        **{name: getattr(spec, name) or default for name, default in RECIPE_DEFAULTS.items()},
-        "dataset": artifact_name(parse_artifact_name(spec.dataset, "job.spec.dataset")) if spec.dataset else "",
-        "optimizer": _OPTIMIZER_NAMES.get(spec.optimizer, ""),
-        "distill_loss": _DISTILL_LOSS_NAMES.get(spec.distill_loss, ""),
-        **{name: getattr(spec, name) if spec.HasField(name) else default
-           for name, default in PRESENCE_DEFAULTS.items()},
-    }
+def _stored_spec(spec: JobSpec) -> dict[str, Any]:
+    """The stored form of a (validated) spec: `JobSpec.to_dict`, artifact names in their canonical form."""
+    spec = spec.replace(model=artifact_name(parse_artifact_name(spec.model, "job.spec.model")),
+                        dataset=artifact_name(parse_artifact_name(spec.dataset, "job.spec.dataset"))
+                        if spec.dataset else "")
+    return spec.to_dict()
 
 
-# the data-driven fields of a spec and the engine's defaults for them (0 / empty in a request means the default)
-# (learning rates of 0: chosen by the engine from the architecture)
-RECIPE_DEFAULTS: dict[str, Any] = {
-    "held_out": 0.1, "batch_size": 64, "sparse_steps": 0, "reg": 1e-4, "alpha": 4.0, "lr": 0.0,
-    "finetune_steps": 0, "finetune_epochs": 0.0, "finetune_lr": 0.0, "distill": False, "target_macs": 0.0,
-    "target_params": 0.0, "target_latency_ms": 0.0, "target_steps": 4}
-TARGET_FIELDS = ("target_macs", "target_params", "target_latency_ms")
-# fields with presence (`optional`: 0 is a value) and the engine's defaults when unset
-PRESENCE_DEFAULTS: dict[str, float] = {"warmup": 0.05, "clip_grad": 1.0, "teacher_weight": 0.5, "hidden_weight": 1.0}
-# Optimizer and DistillLoss values as the engine names them ("": chosen by the engine)
-_OPTIMIZER_NAMES = {pb.OPTIMIZER_UNSPECIFIED: "", pb.OPTIMIZER_SGD: "sgd", pb.OPTIMIZER_ADAM: "adam",
-                    pb.OPTIMIZER_ADAMW: "adamw"}
-_DISTILL_LOSS_NAMES = {pb.DISTILL_LOSS_UNSPECIFIED: "", pb.DISTILL_LOSS_KL: "kl", pb.DISTILL_LOSS_MSE: "mse",
-                       pb.DISTILL_LOSS_COSINE: "cosine"}
-
-
-# AttentionPruning values as the engine names them (stored specs use the engine's names)
-_ATTENTION_NAMES = {pb.ATTENTION_PRUNING_UNSPECIFIED: "heads", pb.ATTENTION_HEADS: "heads",
-                    pb.ATTENTION_HEAD_DIM: "head-dim", pb.ATTENTION_NONE: "none"}
-_ATTENTION_VALUES = {"heads": pb.ATTENTION_HEADS, "head-dim": pb.ATTENTION_HEAD_DIM, "none": pb.ATTENTION_NONE}
-# fields added after jobs were first stored
-SPEC_DEFAULTS = {"attention": "heads", "prune_hidden": False, "dataset": "", "optimizer": "", "distill_loss": "",
-                 **RECIPE_DEFAULTS, **PRESENCE_DEFAULTS}
-
-
-def spec_from_dict(d: Mapping[str, Any]) -> pb.PruneSpec:
-    importance = str(d.get("importance") or "L2").upper()
-    return pb.PruneSpec(
-        model=str(d.get("model", "")), ratio=float(d.get("ratio", 0.0)),
-        importance=pb.Importance.Value(importance) if importance in pb.Importance.keys() else 0,
-        global_pruning=bool(d.get("global_pruning", False)), round_to=int(d.get("round_to", 0)),
-        max_ratio=float(d.get("max_ratio", 0.0)), ignore=[str(g) for g in d.get("ignore", [])],
-        seed=int(d.get("seed", 0)), attention=_ATTENTION_VALUES.get(str(d.get("attention", "heads")), 0),
-        prune_hidden=bool(d.get("prune_hidden", False)), dataset=str(d.get("dataset") or ""),
-        optimizer={v: k for k, v in _OPTIMIZER_NAMES.items()}.get(str(d.get("optimizer") or ""), 0),
-        distill_loss={v: k for k, v in _DISTILL_LOSS_NAMES.items()}.get(str(d.get("distill_loss") or ""), 0),
-        **{name: float(d.get(name, default)) for name, default in PRESENCE_DEFAULTS.items()},
-        **{name: type(default)(d.get(name, default)) for name, default in RECIPE_DEFAULTS.items()})
+def _spec_message(stored: Mapping[str, Any]) -> pb.PruneSpec:
+    """A stored spec on the wire (`JobSpec.from_dict` also reads the forms stored before it)."""
+    try:
+        return spec_to_proto(JobSpec.from_dict(stored))
+    except (TypeError, ValueError) as e:  # a row written by hand, or by a newer server: show what can be shown
+        log.warning("a stored job spec cannot be read (%s: %s)", type(e).__name__, e)
+        return pb.PruneSpec(model=str(stored.get("model", "")))
 
 
 def _result_names(job: Job | Row[Any]) -> list[str]:
@@ -328,7 +286,7 @@ def _result_names(job: Job | Row[Any]) -> list[str]:
 
 def job_proto(j: Job | Row[Any]) -> pb.Job:
     """From an ORM object or a Core row of the jobs table."""
-    msg = pb.Job(name=job_name(j.id), spec=spec_from_dict(j.spec or {}), state=pb.JobState.Value(j.state),
+    msg = pb.Job(name=job_name(j.id), spec=_spec_message(j.spec or {}), state=pb.JobState.Value(j.state),
                  progress=j.progress, attempt_count=j.attempt_count, result_artifacts=_result_names(j),
                  labels=dict(j.labels or {}), stage=j.stage or "", queue=j.queue)
     msg.create_time.FromDatetime(j.create_time)
@@ -820,114 +778,46 @@ class JobService(pb_grpc.JobServiceServicer):
     def __init__(self, backend: ApiBackend) -> None:
         self.b = backend
 
-    def _recipe_violations(self, session: Session, tenant: str, spec: pb.PruneSpec,
-                           targets: list[str]) -> list[Violation]:
-        """The data-driven fields: ranges, at most one target, a DATASET artifact of this tenant where needed."""
-        v: list[Violation] = []
-        for name in ("held_out", "reg", "alpha", "lr", "finetune_lr", "finetune_epochs", *TARGET_FIELDS):
-            value = getattr(spec, name)
-            if not (math.isfinite(value) and value >= 0):
-                v.append((f"job.spec.{name}", f"must be a finite number >= 0 (0: the default); got {value}"))
-        if spec.held_out >= 1:
-            v.append(("job.spec.held_out", f"must be a fraction below 1; got {spec.held_out}"))
-        if spec.HasField("warmup") and not 0 <= spec.warmup < 1:
-            v.append(("job.spec.warmup", f"must be a share of the training steps in [0, 1); got {spec.warmup}"))
-        if spec.HasField("teacher_weight") and not 0 <= spec.teacher_weight <= 1:
-            v.append(("job.spec.teacher_weight", f"must be a share in [0, 1]; got {spec.teacher_weight}"))
-        for name in ("clip_grad", "hidden_weight"):
-            value = getattr(spec, name)
-            if spec.HasField(name) and not (math.isfinite(value) and value >= 0):
-                v.append((f"job.spec.{name}", f"must be a finite number >= 0 (0: off); got {value}"))
-        if spec.optimizer not in _OPTIMIZER_NAMES:
-            v.append(("job.spec.optimizer", f"unknown optimizer {spec.optimizer}; use OPTIMIZER_SGD, OPTIMIZER_ADAM "
-                                            "or OPTIMIZER_ADAMW"))
-        if spec.distill_loss not in _DISTILL_LOSS_NAMES:
-            v.append(("job.spec.distill_loss", f"unknown distillation loss {spec.distill_loss}; use "
-                                               "DISTILL_LOSS_KL, DISTILL_LOSS_MSE or DISTILL_LOSS_COSINE"))
-        for name, limit in (("batch_size", 1 << 16), ("sparse_steps", 1_000_000), ("finetune_steps", 1_000_000),
-                            ("target_steps", 100)):
-            value = getattr(spec, name)
-            if not 0 <= value <= limit:
-                v.append((f"job.spec.{name}", f"must be between 0 and {limit}; got {value}"))
-        if len(targets) > 1:
-            v.append((f"job.spec.{targets[1]}", f"one target at a time: {', '.join(targets)} are all set"))
-        if spec.finetune_steps and spec.finetune_epochs:
-            v.append(("job.spec.finetune_epochs", "give finetune_steps or finetune_epochs, not both"))
-        for name in ("target_macs", "target_params"):
-            if getattr(spec, name) == 1:
-                v.append((f"job.spec.{name}", "a fraction in (0, 1) or a count above 1; 1 is neither"))
-        needs = [what for what, on in (("sparse_steps", spec.sparse_steps > 0),
-                                       ("finetune_steps", spec.finetune_steps > 0),
-                                       ("finetune_epochs", spec.finetune_epochs > 0), ("distill", spec.distill),
-                                       ("importance", spec.importance in (pb.TAYLOR, pb.FISHER))) if on]
-        if not spec.dataset:
-            if needs:
-                v.append(("job.spec.dataset", f"required by {', '.join(needs)}: the name 'artifacts/{{id}}' of an "
-                                              "uploaded DATASET"))
-            return v
-        m = ARTIFACT_NAME_RE.fullmatch(spec.dataset)
-        if m is None:
-            v.append(("job.spec.dataset", f"must be an artifact name like 'artifacts/{{uuid}}', got "
-                                          f"{quote(spec.dataset)}"))
-            return v
-        artifact = session.scalars(select(Artifact).where(
-            Artifact.id == uuid.UUID(m.group(1)), Artifact.tenant_id == tenant,
-            Artifact.state == ArtifactState.READY.value).with_for_update(read=True)).one_or_none()
-        if artifact is None:
-            v.append(("job.spec.dataset", f"artifact {quote(spec.dataset)} not found"))
-        elif artifact.kind != ArtifactKind.DATASET.value:
-            v.append(("job.spec.dataset", f"artifact {quote(spec.dataset)} is a {artifact.kind}; upload the data as a "
-                                          "DATASET"))
-        return v
-
-    def _spec_violations(self, session: Session, tenant: str, job: pb.Job) -> list[Violation]:
-        spec = job.spec
-        v: list[Violation] = []
-        model_id: uuid.UUID | None = None
-        if not spec.model:
-            v.append(("job.spec.model", "required: the name 'artifacts/{id}' of an uploaded MODEL"))
-        else:
-            m = ARTIFACT_NAME_RE.fullmatch(spec.model)
-            if m is None:
-                v.append(("job.spec.model", f"must be an artifact name like 'artifacts/{{uuid}}', got "
-                                            f"{quote(spec.model)}"))
-            else:
-                model_id = uuid.UUID(m.group(1))
-        targets = [name for name in TARGET_FIELDS if getattr(spec, name)]
-        if not (0.0 < spec.ratio < 1.0) and not (targets and spec.ratio == 0):
-            v.append(("job.spec.ratio", f"must be between 0 and 1, both excluded (or 0 with a target); "
-                                        f"got {spec.ratio}"))
-        v += self._recipe_violations(session, tenant, spec, targets)
-        if spec.importance not in pb.Importance.values():
-            v.append(("job.spec.importance", f"unknown importance {spec.importance}; use L1, L2, BN or RANDOM"))
-        if spec.attention not in _ATTENTION_NAMES:
-            v.append(("job.spec.attention", f"unknown attention mode {spec.attention}; use ATTENTION_HEADS, "
-                      "ATTENTION_HEAD_DIM or ATTENTION_NONE"))
-        if spec.round_to < 0:
-            v.append(("job.spec.round_to", f"must be 0 (no rounding) or positive; got {spec.round_to}"))
-        if not (0.0 <= spec.max_ratio <= 1.0) or math.isnan(spec.max_ratio):
-            v.append(("job.spec.max_ratio", f"must be between 0 and 1 (0 means 1); got {spec.max_ratio}"))
-        if len(spec.ignore) > MAX_IGNORE:
-            v.append(("job.spec.ignore", f"at most {MAX_IGNORE} globs; got {len(spec.ignore)}"))
-        else:
-            v += [(f"job.spec.ignore[{i}]", f"globs are 1-512 characters; got {len(glob)}")
-                  for i, glob in enumerate(spec.ignore) if not glob or len(glob) > 512]
+    def _spec_violations(self, session: Session, tenant: str, job: pb.Job) -> tuple[JobSpec, list[Violation]]:
+        """The spec of a CreateJob request and everything wrong with it: what the spec itself says
+        (`JobSpec.problems`), then what needs the database (the model and dataset artifacts of this tenant),
+        the labels and the queue."""
+        spec, v = spec_from_proto(job.spec)
+        if len(job.spec.ignore) > MAX_IGNORE:  # bounded before anything looks at the globs
+            return spec, [("job.spec.ignore", f"at most {MAX_IGNORE} globs; got {len(job.spec.ignore)}")]
+        v = [(f"job.spec.{name}", message) for name, message in v + spec.problems(data_given=True)]
+        v += self._artifact_violations(session, tenant, "model", spec.model, ArtifactKind.MODEL, required=True)
+        needs = spec.needs_data()
+        if needs and not spec.dataset:
+            v.append(("job.spec.dataset", f"required by {', '.join(needs)}: the name 'artifacts/{{id}}' of an "
+                                          "uploaded DATASET"))
+        v += self._artifact_violations(session, tenant, "dataset", spec.dataset, ArtifactKind.DATASET)
         v += _label_violations(job.labels, "job.labels")
         queues = self.b.settings.queues
         if job.queue and job.queue not in queues:
             v.append(("job.queue", f"unknown queue {quote(job.queue, 80)}; this server sends jobs to "
                                    f"{', '.join(queues)}"))
-        if model_id is not None:
-            # FOR SHARE: a concurrent DeleteArtifact (FOR UPDATE) waits for this job to exist, then sees it
-            artifact = session.scalars(select(Artifact).where(
-                Artifact.id == model_id, Artifact.tenant_id == tenant, Artifact.state == ArtifactState.READY.value,
-            ).with_for_update(read=True)).one_or_none()
-            if artifact is None:
-                v.append(("job.spec.model", f"artifact {quote(spec.model)} not found"))
-            elif artifact.kind != ArtifactKind.MODEL.value:
-                v.append(("job.spec.model", f"artifact {quote(spec.model)} is a {artifact.kind}; a job needs a "
-                                            "MODEL"))
-        return v
+        return spec, v
+
+    @staticmethod
+    def _artifact_violations(session: Session, tenant: str, field: str, name: str, kind: ArtifactKind,
+                             required: bool = False) -> list[Violation]:
+        """A READY artifact of this tenant and kind under `name` (locked FOR SHARE: a concurrent DeleteArtifact,
+        FOR UPDATE, waits for the job to exist, then sees it)."""
+        path = f"job.spec.{field}"
+        if not name:
+            return [(path, f"required: the name 'artifacts/{{id}}' of an uploaded {kind.value}")] if required else []
+        m = ARTIFACT_NAME_RE.fullmatch(name)
+        if m is None:
+            return [(path, f"must be an artifact name like 'artifacts/{{uuid}}', got {quote(name)}")]
+        artifact = session.scalars(select(Artifact).where(
+            Artifact.id == uuid.UUID(m.group(1)), Artifact.tenant_id == tenant,
+            Artifact.state == ArtifactState.READY.value).with_for_update(read=True)).one_or_none()
+        if artifact is None:
+            return [(path, f"artifact {quote(name)} not found")]
+        if artifact.kind != kind.value:
+            return [(path, f"artifact {quote(name)} is a {artifact.kind}; upload it as a {kind.value}")]
+        return []
 
     def _check_job_quota(self, session: Session, tenant: str) -> None:
         """RESOURCE_EXHAUSTED TENANT_JOB_LIMIT when the tenant already has its maximum of QUEUED jobs (under
@@ -965,11 +855,11 @@ class JobService(pb_grpc.JobServiceServicer):
                     return job_proto(existing)
             if not request.HasField("job"):
                 raise errors.invalid([("job", "required: the job's spec (and labels)")])
-            violations = self._spec_violations(s, tenant, request.job)
+            spec, violations = self._spec_violations(s, tenant, request.job)
             if violations:
                 raise errors.invalid(violations)
             self._check_job_quota(s, tenant)
-            job, created = jobs.create_job(s, tenant, spec_to_dict(request.job.spec), dict(request.job.labels),
+            job, created = jobs.create_job(s, tenant, _stored_spec(spec), dict(request.job.labels),
                                            request_id, queue=request.job.queue or self.b.settings.queue)
             result = job_proto(job)
         # committed: a worker receiving the id finds the job

@@ -78,7 +78,7 @@ def test_what_needs_data_without_data_is_refused(trained) -> None:
     ep, x, y = trained
     for recipe, config in [(Recipe(sparse_steps=5), PruneConfig()), (Recipe(finetune_steps=5), PruneConfig()),
                            (Recipe(), PruneConfig(importance="fisher"))]:
-        with pytest.raises(PruneError, match="need a dataset"):
+        with pytest.raises(PruneError, match="dataset is required by"):
             run_recipe(ep, config, recipe)
     with pytest.raises(ValueError, match="rows are .* but the program takes"):
         run_recipe(ep, PruneConfig(), Recipe(dataset=Dataset(torch.randn(50, 31), None), finetune_steps=1))
@@ -112,19 +112,19 @@ def test_prune_command_with_a_dataset_and_a_target(trained, tmp_path: Path) -> N
 
 
 @pytest.mark.parametrize(("recipe", "match"), [
-    (Recipe(held_out=1.5), "held-out fraction"),
-    (Recipe(batch_size=0), "batch size"),
-    (Recipe(sparse_steps=-1), "sparse steps"),
+    (Recipe(held_out=1.5), "held_out must be a fraction"),
+    (Recipe(batch_size=0), "batch_size must be between 1"),
+    (Recipe(sparse_steps=-1), "sparse_steps must be between 0"),
     (Recipe(reg=float("nan")), "reg must be"),
-    (Recipe(finetune_steps=5, finetune_epochs=1.0), "steps or epochs"),
-    (Recipe(target=Target("macs", 1.0)), "target macs"),
+    (Recipe(finetune_steps=5, finetune_epochs=1.0), "finetune_steps or finetune_epochs, not both"),
+    (Recipe(target=Target("macs", 1.0)), "target macs must be a fraction"),
     (Recipe(optimizer="lion"), "optimizer must be one of sgd, adam, adamw"),
-    (Recipe(distill_loss="l1"), "distill loss must be one of kl, mse, cosine"),
-    (Recipe(warmup=1.0), "warmup is a share"),
-    (Recipe(teacher_weight=1.5), "teacher weight"),
-    (Recipe(hidden_weight=-1.0), "hidden weight"),
+    (Recipe(distill_loss="l1"), "distill_loss must be one of kl, mse, cosine"),
+    (Recipe(warmup=1.0), "warmup must be a share"),
+    (Recipe(teacher_weight=1.5), "teacher_weight must be a share"),
+    (Recipe(hidden_weight=-1.0), "hidden_weight must be a finite number"),
     (Recipe(clip_grad=float("inf")), "clip_grad must be"),
-    (Recipe(recalibrate_batches=-1), "recalibrate batches"),
+    (Recipe(recalibrate_batches=-1), "recalibrate_batches must not be negative"),
 ])
 def test_bad_recipe_values_are_refused_with_their_reason(recipe: Recipe, match: str) -> None:
     dataset = Dataset(torch.randn(20, 32), None)

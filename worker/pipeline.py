@@ -53,7 +53,6 @@ that many bytes at the start of the stage.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import importlib
 import json
@@ -79,7 +78,6 @@ from prunery.core import (
     ArchiveLoadError,
     DependencyGraph,
     PruneConfig,
-    PruneError,
     UnsafeArchiveError,
     load_program,
     prune,
@@ -87,22 +85,20 @@ from prunery.core import (
 )
 from prunery.core.data import Dataset, DatasetError, load_dataset
 from prunery.core.recipe import Recipe, run_recipe
-from prunery.core.targets import Target
+from prunery.core.spec import JobSpec, first_problem
 from prunery.service import jobs
 from prunery.service.db import Artifact, ArtifactKind, ArtifactState, Database, Job, JobState, utcnow
 from prunery.service.objectstore import ObjectNotFound, ObjectStore, TooLarge, open_store
 from prunery.worker import metrics
 from prunery.worker.settings import WorkerSettings
 
-__all__ = ["STAGES", "ClaimDeferred", "JobFailure", "config_from_spec", "preload_engine", "run_job", "select_device"]
+__all__ = ["STAGES", "ClaimDeferred", "JobFailure", "spec_of", "preload_engine", "run_job", "select_device"]
 
 log = logging.getLogger("prunery.worker.pipeline")
 
 # each stage's share of the progress bar starts here (the data-driven stages run only when the spec asks)
 STAGES: dict[str, float] = {"load": 0.05, "graph": 0.15, "sparse": 0.2, "prune": 0.4, "finetune": 0.5,
                             "evaluate": 0.8, "export": 0.85, "store": 0.92}
-_IMPORTANCE_ENUM = {0: "l2", 1: "l1", 2: "l2", 3: "bn", 4: "random", 5: "taylor", 6: "fisher"}  # prunery.v1 numbers
-_TARGETS = {"target_macs": "macs", "target_params": "params", "target_latency_ms": "latency_ms"}
 _CHUNK = 1 << 20
 TERMINAL = {JobState.SUCCEEDED.value, JobState.FAILED.value, JobState.CANCELLED.value}
 
@@ -176,66 +172,18 @@ def _spec_error(message: str) -> JobFailure:
     return JobFailure(code_pb2.INVALID_ARGUMENT, "INVALID_SPEC", f"invalid spec: {message}")
 
 
-def config_from_spec(spec: Mapping[str, Any]) -> PruneConfig:
-    """The engine config of a job spec, with the API's conventions: importance by name (any case) or
-    `prunery.v1.Importance` number (0: l2), `round_to` 0 = none, `max_ratio` 0 = 1.0; `global_pruning`
-    (or `global`). Raises JobFailure(INVALID_SPEC)."""
-    targeted = any(spec.get(name) for name in _TARGETS)
-    if "ratio" not in spec and not targeted:
-        raise _spec_error("no ratio")
+def spec_of(stored: Mapping[str, Any]) -> JobSpec:
+    """The job's spec from its row (`JobSpec.from_dict`, which reads the forms stored before it too); a spec
+    that cannot be read or cannot run fails the job with INVALID_SPEC (the API refuses such specs; a row written
+    some other way may still hold one)."""
     try:
-        importance = spec.get("importance") or "l2"
-        if isinstance(importance, int):
-            importance = _IMPORTANCE_ENUM.get(importance, str(importance))
-        importance = str(importance).lower()
-        if importance == "importance_unspecified":
-            importance = "l2"
-        ignore = spec.get("ignore") or []
-        if isinstance(ignore, str) or not all(isinstance(g, str) for g in ignore):
-            raise _spec_error("ignore must be a list of glob strings")
-        config = PruneConfig(
-            ratio=float(spec.get("ratio") or 0.5) if targeted else float(spec["ratio"]),
-            importance=importance,
-            global_pruning=bool(spec.get("global_pruning", spec.get("global", False))),
-            round_to=int(spec["round_to"]) if spec.get("round_to") else None,
-            max_ratio=float(spec.get("max_ratio") or 1.0),
-            ignore=tuple(ignore),
-            seed=int(spec.get("seed") or 0),
-            attention=str(spec.get("attention") or "heads"),
-            prune_hidden=bool(spec.get("prune_hidden", False)),
-        )
-        config.validate()
-    except PruneError as e:
-        raise _spec_error(_one_line(e)) from None
+        spec = JobSpec.from_dict(stored)
     except (TypeError, ValueError) as e:
         raise _spec_error(_exc_line(e)) from None
-    return config
-
-
-def recipe_from_spec(spec: Mapping[str, Any], dataset: Dataset | None, device: str) -> Recipe | None:
-    """The recipe around the pruning (`prunery.core.recipe`), None when the spec asks for none of it."""
-    targets = [Target(metric, float(spec[name])) for name, metric in _TARGETS.items() if spec.get(name)]
-    config_importance = str(spec.get("importance") or "").lower()
-    if not (dataset is not None or targets or spec.get("sparse_steps") or spec.get("finetune_steps")
-            or spec.get("finetune_epochs") or spec.get("distill")
-            or config_importance in ("taylor", "fisher", "5", "6")):
-        return None
-    if len(targets) > 1:
-        raise _spec_error("one target at a time")
-
-    # the spec's numbers as the recipe's fields; 0 or absent leaves the engine's default (Recipe's own);
-    # warmup and clip_grad have presence (0 is a value), optimizer and distill_loss are names ("": the default)
-    kinds = {f.name: int if f.type in (int, "int") else float for f in dataclasses.fields(Recipe)}
-    numbers = {name: kinds[name](spec[name]) for name in _RECIPE_NUMBERS if spec.get(name)}
-    numbers.update({name: float(spec[name]) for name in ("warmup", "clip_grad", "teacher_weight", "hidden_weight")
-                    if spec.get(name) is not None})
-    names = {name: str(spec[name]) for name in ("optimizer", "distill_loss") if spec.get(name)}
-    return Recipe(dataset=dataset, distill=bool(spec.get("distill")), target=targets[0] if targets else None,
-                  device=device, seed=int(spec.get("seed") or 0), **numbers, **names)
-
-
-_RECIPE_NUMBERS = ("held_out", "batch_size", "sparse_steps", "reg", "alpha", "lr", "finetune_steps",
-                   "finetune_epochs", "finetune_lr", "target_steps")
+    problems = spec.problems()
+    if problems:
+        raise _spec_error(_one_line(first_problem(problems)))
+    return spec
 
 
 def _artifact_ref(spec: Mapping[str, Any], field: str) -> uuid.UUID:
@@ -587,14 +535,15 @@ class _Run:
         return (JobState.FAILED.value if ok else None), "failed"
 
     def stages(self) -> None:
-        config = config_from_spec(self.job.spec)
+        spec = spec_of(self.job.spec)
+        config = PruneConfig.from_spec(spec)
         with self.stage_("load", "fetching the model and opening it through the safe intake"):
             source = self._input()
             path = self._fetch(source)
             program = self._load(path, source)
-            dataset = self._dataset() if self.job.spec.get("dataset") else None
+            dataset = self._dataset() if spec.dataset else None
         device = select_device()
-        recipe = recipe_from_spec(self.job.spec, dataset, device)
+        recipe = Recipe.from_spec(spec, dataset, device)
         if recipe is not None:  # data, sparse training, targets, recovery: stages reported as the recipe goes
             result = self._engine(run_recipe, program, config, recipe, self.progress)
         else:
