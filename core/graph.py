@@ -1,7 +1,7 @@
 """The dependency graph: which parameter slices must be removed together.
 
 Model (DepGraph, refined to index level): every dimension of every tensor in the program is a
-*slot*; each index of a slot is an *element*. Op rules (`rules.py`) state how the elements of an
+*slot*; each index of a slot is an *element*. Op rules (`rules/`) state how the elements of an
 op's input dims map to the elements of its output dims (identity, concat offsets, split ranges,
 flatten blocks, grouped-conv group structure, ...). The transitive closure of those couplings is
 computed once, as connected components over all elements (scipy, linear time). A component is one
@@ -18,10 +18,9 @@ group costs time linear in the group, never a re-walk of the graph.
 from __future__ import annotations
 
 import fnmatch
-import math
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -31,9 +30,10 @@ from scipy.sparse.csgraph import connected_components
 from torch.export import ExportedProgram
 from torch.export.graph_signature import InputKind, OutputKind
 
+from .builder import FROZEN, Builder
+from .rules import apply_rule
 from .tensors import program_tensors, tied_names
 
-FROZEN = 0  # sentinel element id
 ATTENTION_MODES = ("heads", "head-dim", "none")  # what attention dims may lose: whole heads, dims inside heads
 
 
@@ -67,193 +67,17 @@ class Group:
         return int(len(self.components))
 
 
-class Builder:
-    """Collects slots and element couplings while the op rules walk the graph."""
-
-    def __init__(self) -> None:
-        self.slot_off: list[int] = []
-        self.slot_size: list[int] = []
-        self.slot_symbolic: list[bool] = []
-        self.slot_frozen_hint: list[bool] = []  # eager, slot-level guess used only to choose factors
-        self.n_elems = 1  # element 0 is FROZEN
-        self.edges_a: list[np.ndarray] = []
-        self.edges_b: list[np.ndarray] = []
-        self.handled: set[int] = set()
-        # node name -> rewrite(kept_count, kept_indices) -> None; filled by rules that carry literals
-        self.rewrites: dict[str, Callable] = {}
-        self.roles: dict[int, str] = {}  # slot -> role of the parameter dim it belongs to
-        # slot identity classes (union-find over slots joined by `union`), to recognise one dim seen by several
-        # ops; rules mark attention head dims and normalised (residual stream) dims on them
-        self._slot_parent: list[int] = []
-        self.head_slots: set[int] = set()
-        self.head_links: list[tuple[int, int]] = []  # (a, b): b's heads are a's, repeated (grouped-query attention)
-        self.norm_slots: set[int] = set()  # dims a LayerNorm/RMSNorm normalises
-        self.residual_slots: set[int] = set()  # dims two operands of an add share (skip connections)
-        # split/merge of a dim into factors (reshape), decided when the graph is complete: which factor stays
-        # free depends on what the factors turn out to be (attention heads, head dims, channels)
-        self.factor_splits: list[tuple[int, list[int], list[int]]] = []
-
-    # --- slots -----------------------------------------------------------------------------
-    def new(self, size: int | torch.SymInt) -> int:
-        sid = len(self.slot_off)
-        concrete = isinstance(size, int)
-        n = int(size) if concrete else 1
-        self.slot_off.append(self.n_elems)
-        self.slot_size.append(n)
-        self.slot_symbolic.append(not concrete)
-        self.slot_frozen_hint.append(False)
-        self._slot_parent.append(sid)
-        self.n_elems += n
-        if not concrete:
-            self.freeze(sid)
-        return sid
-
-    def new_like(self, shape: Sequence) -> list[int]:
-        return [self.new(s) for s in shape]
-
-    def size(self, slot: int) -> int:
-        return self.slot_size[slot]
-
-    def elems(self, slot: int) -> np.ndarray:
-        off = self.slot_off[slot]
-        return np.arange(off, off + self.slot_size[slot], dtype=np.int64)
-
-    # --- couplings -------------------------------------------------------------------------
-    def _pairs(self, a: np.ndarray, b: np.ndarray) -> None:
-        self.edges_a.append(np.asarray(a, dtype=np.int64))
-        self.edges_b.append(np.asarray(b, dtype=np.int64))
-
-    def freeze(self, slot: int) -> None:
-        self.handled.add(slot)
-        self.slot_frozen_hint[slot] = True
-        e = self.elems(slot)
-        self._pairs(e, np.zeros_like(e))
-
-    def union(self, a: int, b: int) -> None:
-        """Identity coupling: element i of slot a is element i of slot b."""
-        self.handled.update((a, b))
-        if a == b:
-            return
-        if self.slot_symbolic[a] or self.slot_symbolic[b] or self.slot_size[a] != self.slot_size[b]:
-            self.freeze(a)
-            self.freeze(b)
-            return
-        if self.slot_frozen_hint[a] or self.slot_frozen_hint[b]:
-            self.slot_frozen_hint[a] = self.slot_frozen_hint[b] = True
-        ra, rb = self.slot_class(a), self.slot_class(b)
-        if ra != rb:
-            self._slot_parent[max(ra, rb)] = min(ra, rb)
-        self._pairs(self.elems(a), self.elems(b))
-
-    def slot_class(self, slot: int) -> int:
-        """The identity class of a slot: slots joined element for element by `union` share it."""
-        parent = self._slot_parent
-        root = slot
-        while parent[root] != root:
-            root = parent[root]
-        while parent[slot] != root:
-            parent[slot], slot = root, parent[slot]
-        return root
-
-    def split_factors(self, whole: int, factors: list[int], sizes: list[int]) -> None:
-        """`whole` (size prod(sizes)) is the row-major merge of `factors`; coupled at the end (`resolve_factors`)."""
-        self.handled.add(whole)
-        self.handled.update(factors)
-        self.factor_splits.append((whole, list(factors), list(sizes)))
-
-    def resolve_factors(self, attention: str) -> None:
-        """Couple every recorded split through one free factor, the others frozen (row-major index arithmetic:
-        with two free factors every element would join every other). The free factor is the head factor of
-        an attention dim (`attention="heads"`: whole heads go), the factor inside it ("head-dim": the same
-        dims of every head go), none ("none"); elsewhere the largest not frozen (channels in a flatten,
-        per-group channels in a shuffle)."""
-        heads = {self.slot_class(s) for s in self.head_slots}
-
-        def default(factors: list[int], sizes: list[int]) -> int | None:
-            candidates = [k for k, f in enumerate(factors) if not self.slot_frozen_hint[f] and sizes[k] > 1]
-            return max(candidates, key=lambda k: (sizes[k], k)) if candidates else None
-
-        # a head dim split into (or merged from) factors of its own, as grouped-query attention's key/value heads
-        # repeated to the query heads: the factor that stays free is a head dim too
-        changed = True
-        while changed:
-            changed = False
-            for a, c in self.head_links:
-                ka, kc = self.slot_class(a), self.slot_class(c)
-                if (ka in heads) != (kc in heads):
-                    heads.update((ka, kc))
-                    changed = True
-            for whole, factors, sizes in self.factor_splits:
-                if self.slot_class(whole) in heads and not any(self.slot_class(f) in heads for f in factors):
-                    k = default(factors, sizes)
-                    if k is not None:
-                        heads.add(self.slot_class(factors[k]))
-                        changed = True
-        for whole, factors, sizes in self.factor_splits:
-            head_k = [k for k, f in enumerate(factors) if self.slot_class(f) in heads]
-            whole_head = self.slot_class(whole) in heads
-            free: int | None
-            if self.slot_frozen_hint[whole]:
-                free = None
-            elif not head_k and not whole_head:
-                free = default(factors, sizes)
-            elif attention == "heads":
-                free = head_k[0] if head_k else default(factors, sizes)
-            elif attention == "head-dim" and head_k and not whole_head:
-                inner = [k for k in range(head_k[0] + 1, len(factors))
-                         if sizes[k] > 1 and not self.slot_frozen_hint[factors[k]]]
-                free = inner[0] if inner else None
-            else:
-                free = None
-            if free is None:
-                for f in factors:
-                    self.freeze(f)
-                self.freeze(whole)
-                continue
-            total = math.prod(sizes)
-            stride = math.prod(sizes[free + 1:])
-            t = np.arange(total)
-            self.union_map(whole, t, factors[free], (t // stride) % sizes[free])
-            for k, f in enumerate(factors):
-                if k != free:
-                    self.freeze(f)
-
-    def union_map(self, a: int, ia: np.ndarray, b: int, ib: np.ndarray) -> None:
-        """Element ia[j] of slot a is coupled to element ib[j] of slot b (offsets, blocks, groups)."""
-        self.handled.update((a, b))
-        if self.slot_symbolic[a] or self.slot_symbolic[b]:
-            self.freeze(a)
-            self.freeze(b)
-            return
-        self._pairs(self.slot_off[a] + np.asarray(ia, dtype=np.int64),
-                    self.slot_off[b] + np.asarray(ib, dtype=np.int64))
-
-    def tie_blocks(self, slot: int, n_blocks: int) -> None:
-        """Couple index j of every one of `n_blocks` equal contiguous blocks of `slot` (group structure)."""
-        self.handled.add(slot)
-        n = self.slot_size[slot]
-        if n_blocks <= 1 or self.slot_symbolic[slot]:
-            return
-        per = n // n_blocks
-        first = np.tile(np.arange(per), n_blocks - 1)
-        others = np.arange(per, n)
-        self.union_map(slot, first, slot, others)
-
-
 @dataclass
 class ParamInfo:
     name: str
     kind: str
     slots: list[int]
-    node_name: str
 
 
 class DependencyGraph:
     """Dependency graph of an ExportedProgram; see the module docstring."""
 
     def __init__(self, ep: ExportedProgram, ignore: Sequence[str] = (), attention: str = "heads"):
-        from . import rules  # late import: rules import Builder from here
-
         if attention not in ATTENTION_MODES:
             raise ValueError(f"attention must be one of {', '.join(ATTENTION_MODES)}, got {attention!r}")
         t0 = time.perf_counter()
@@ -290,7 +114,7 @@ class DependencyGraph:
                     for s in slots:
                         b.freeze(s)
                 else:
-                    self.params[target] = ParamInfo(target, kind, slots, node.name)
+                    self.params[target] = ParamInfo(target, kind, slots)
                     seen = first_slots.setdefault(tied.get(target, target), slots)
                     if seen is not slots:  # another name of a tied tensor: the same dims
                         for a, c in zip(slots, seen, strict=True):
@@ -299,7 +123,7 @@ class DependencyGraph:
                         for s in slots:
                             b.freeze(s)
             elif node.op == "call_function":
-                self.node_slots[node.name] = rules.apply_rule(self, node)
+                self.node_slots[node.name] = apply_rule(self, node)
             elif node.op == "output":
                 user_outputs = [
                     spec.arg.name

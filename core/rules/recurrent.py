@@ -1,9 +1,4 @@
-"""Rules for recurrent layers (LSTM, GRU) as `torch.export` writes them; registered into `rules.RULES`.
-
-Also the tensor-creation ops (`zeros`, `ones`, `full`, `empty`, `new_zeros`, `new_ones`, `new_full`):
-`nn.LSTM` / `nn.GRU` build their initial state with `aten.zeros([layers * dirs, B, H])`, a size literal
-that must shrink with H. These rules live here because the recurrent rules need them; they are general
-(any creation op with a literal size list) and `core/rules.py` had none when they were written.
+"""Recurrent layers (LSTM, GRU) as `torch.export` writes them.
 
 `aten.lstm.input(input, hx: [h0, c0], params, has_biases, num_layers, dropout, train, bidirectional,
 batch_first) -> (output, h_n, c_n)` and `aten.gru.input(input, hx, params, ...) -> (output, h_n)` carry
@@ -21,63 +16,18 @@ import numpy as np
 import torch
 from torch.fx import Node
 
-from .graph import DependencyGraph
-from .rules import Kept, _arg, _out_tensors, _same, _set_arg, _shape, _val, rule
+from ..builder import RuleGraph
+from ._args import _out_tensors, _same, _shape
+from .registry import rule
 
 aten = torch.ops.aten
 
-# ---------------------------------------------------------------------------------------------
-# tensor creation with a size literal
-# ---------------------------------------------------------------------------------------------
-
-_CREATION = {  # op -> index of the size argument (the other tensor argument, if any, gives dtype/device only)
-    aten.zeros.default: 0,
-    aten.ones.default: 0,
-    aten.full.default: 0,
-    aten.empty.memory_format: 0,
-    aten.new_zeros.default: 1,
-    aten.new_ones.default: 1,
-    aten.new_full.default: 1,
-}
-
-
-@rule(*_CREATION)
-def creation(g: DependencyGraph, node: Node) -> list[int] | NotImplementedType:
-    """`zeros(size)` and friends. Couplings: none of their own. Every output dim is a fresh slot (marked
-    handled, so it is coupled only by the ops that consume the tensor; symbolic dims are frozen by the
-    Builder); the `self` of `new_*` lends only dtype and device, so its dims are handled too and left to
-    their other users. The rewrite recomputes each int entry of the size literal from the kept count of
-    its output slot (`zeros([L*D, B, H])` with H pruned); symbolic entries stay as they are."""
-    b = g.builder
-    v = _val(node)
-    idx = _CREATION[node.target]
-    size = _arg(node, idx, "size")
-    if not isinstance(v, torch.Tensor) or not isinstance(size, (list, tuple)) or len(size) != v.dim():
-        return NotImplemented
-    out = b.new_like(v.shape)
-    b.handled.update(out)
-    if idx == 1:
-        src = g.slots_of(node.args[0])
-        b.handled.update(src or [])
-
-    def rw(n: Node, kept: Kept) -> None:
-        old = _arg(n, idx, "size")
-        new = [len(kept(s)) if isinstance(x, int) else x for x, s in zip(old, out, strict=True)]
-        _set_arg(n, idx, "size", new)
-
-    b.rewrites[node.name] = rw
-    return out
-
-
-# ---------------------------------------------------------------------------------------------
-# recurrent layers
-# ---------------------------------------------------------------------------------------------
 
 _RNN = {aten.lstm.input: 4, aten.gru.input: 3}  # op -> gate blocks G
 
 
 @rule(*_RNN)
-def rnn(g: DependencyGraph, node: Node) -> list[list[int]] | NotImplementedType:
+def rnn(g: RuleGraph, node: Node) -> list[list[int]] | NotImplementedType:
     """`aten.lstm.input` / `aten.gru.input`, dense (no `proj_size`). Couplings, with one hidden slot `h` of
     size H shared by every layer and direction (the op has a single H, that of `hx`):
 
