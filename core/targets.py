@@ -131,8 +131,8 @@ def prune_to_target(ep: ExportedProgram, config: PruneConfig, target: Target, *,
         else:
             aim, metric = aim_value, target.metric
         graph = DependencyGraph(current, ignore=config.ignore, attention=config.attention)
-        plan, planned = _closest_plan(current, graph, config, aim, metric,
-                                      scores(graph, current) if scores else None, tolerance)
+        plan, _ = _closest_plan(current, graph, config, aim, metric,
+                                scores(graph, current) if scores else None, tolerance)
         if not plan.pruned.any():
             break
         current = reexport(current, pruned_module(current, plan))
