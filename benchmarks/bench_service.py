@@ -141,8 +141,8 @@ def managed_mp(process: mp.process.BaseProcess) -> Iterator[mp.process.BaseProce
 
 @contextlib.contextmanager
 def migrated_postgres() -> Iterator[str]:
-    from prunery.service import db
-    from prunery.service.testing import temporary_postgres_database
+    from prunery.service.store import db
+    from prunery.service.store.testing import temporary_postgres_database
 
     with temporary_postgres_database(prefix="prunery_bench") as url:
         db.upgrade(url)
@@ -189,8 +189,8 @@ def _api_server_process(db_url: str, data_dir: str, ready: Any, stop: Any, tenan
                         ) -> None:
     """Child process: the API from `build_server` on a free loopback port until `stop` is set; settings from
     the environment as `prunery serve` reads them (the call-rate limit overridden when given)."""
-    from prunery.service.server import build_server
-    from prunery.service.settings import Settings
+    from prunery.service.api.server import build_server
+    from prunery.service.api.settings import Settings
 
     overrides: dict[str, Any] = {} if tenant_rate is None else {"tenant_rate": tenant_rate}
     settings = Settings.from_env(data_dir=Path(data_dir), database_url=db_url,
@@ -400,7 +400,7 @@ def _queued_job(address: str, token: str, tmp: Path) -> str:
 
 def bench_getjob(args: argparse.Namespace) -> None:
     print(f"\n== 1. GetJob, 32 concurrent clients, {args.seconds:.0f} s per layout ==", flush=True)
-    from prunery.service import tokens
+    from prunery.service.store import tokens
 
     ctx = mp.get_context("spawn")  # never fork a process that holds gRPC state
     with contextlib.ExitStack() as stack:
@@ -456,7 +456,7 @@ def bench_getjob(args: argparse.Namespace) -> None:
         job = _queued_job(address, token, tmp)
         [(label, rate, _p50, _p99, errors)] = _run_layouts(ctx, address, token, job, server_pid, args.seconds,
                                                            ((1, 32, "asyncio"),))
-        from prunery.service.settings import Settings
+        from prunery.service.api.settings import Settings
 
         limit = Settings.from_env().tenant_rate
         print(f"with the default limit ({limit:.0f} calls/s per tenant): {rate:.0f} calls/s answered, "
@@ -531,7 +531,7 @@ def bench_transfer(args: argparse.Namespace) -> None:
     size = args.size_mib * MiB
     print(f"\n== 2. Upload and download of {args.size_mib} MiB ({size / 1e6:.0f} MB) through the client ==",
           flush=True)
-    from prunery.service import tokens
+    from prunery.service.store import tokens
 
     with contextlib.ExitStack() as stack:
         url = stack.enter_context(migrated_postgres())

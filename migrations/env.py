@@ -1,7 +1,7 @@
 """Alembic environment of the service database.
 
 The database URL comes from, in order: a connection or URL passed programmatically
-(`prunery.service.db.upgrade(url)`), `alembic -x url=...`, the `PRUNERY_DATABASE_URL` environment variable,
+(`prunery.service.store.db.upgrade(url)`), `alembic -x url=...`, the `PRUNERY_DATABASE_URL` environment variable,
 or `sqlalchemy.url` in alembic.ini. Examples, from the repository root:
 
     PRUNERY_DATABASE_URL=postgresql+psycopg://postgres@127.0.0.1:5432/prunery alembic upgrade head
@@ -16,7 +16,7 @@ from logging.config import fileConfig
 from alembic import context
 from sqlalchemy.engine import Connection
 
-from prunery.service.db import Base, make_engine, normalize_url
+from prunery.service.store.db import Base, make_engine, normalize_url
 
 config = context.config
 if config.config_file_name is not None and not config.attributes.get("connection"):

@@ -188,7 +188,7 @@ def _demo_through_service(model: Path, pruned: Path, report: Path, ratio: float,
 
 def _client(args: argparse.Namespace):
     from prunery.client import DEFAULT_RETRY_BUDGET_S, Client
-    from prunery.service.settings import env_number
+    from prunery.service.api.settings import env_number
 
     budget = args.retry_budget if args.retry_budget is not None else \
         env_number("PRUNERY_RETRY_BUDGET_S", DEFAULT_RETRY_BUDGET_S, 0.0)
@@ -312,8 +312,8 @@ def cmd_download(args: argparse.Namespace) -> int:
 
 
 def cmd_tokens(args: argparse.Namespace) -> int:
-    from prunery.service import tokens
-    from prunery.service.settings import Settings
+    from prunery.service.api.settings import Settings
+    from prunery.service.store import tokens
 
     settings = Settings.from_env()
     url = args.database_url or settings.database_url
@@ -335,7 +335,7 @@ def cmd_tokens(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from prunery.service.server import serve
+    from prunery.service.api.server import serve
 
     serve()
     return 0

@@ -24,9 +24,9 @@ def embedded_env(data_dir: Path, port: int) -> dict[str, str]:
 
 
 def run_embedded(data_dir: Path, port: int = 50051) -> int:
-    from prunery.service import db, tokens
-    from prunery.service.server import build_server
-    from prunery.service.settings import Settings
+    from prunery.service.api.server import build_server
+    from prunery.service.api.settings import Settings
+    from prunery.service.store import db, tokens
 
     data_dir = data_dir.expanduser().resolve()
     data_dir.mkdir(parents=True, exist_ok=True)

@@ -1,1 +1,2 @@
-"""Prunery service: gRPC API and its stores (database, object store). Never imports torch."""
+"""The service (`service/`, imported as `prunery.service`): the gRPC API (`api/`) and the stores it shares with
+the workers (`store/`). Never imports torch."""

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from prunery.service import db, testing
+from prunery.service.store import db, testing
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,6 @@
 """The gRPC API end to end on real parts: an in-process server on a loopback port, talked to through a real
 channel, over a throwaway Postgres database, with a folder store and moto's S3-compatible HTTP server.
-A worker is simulated by driving the job state machine (`prunery.service.jobs`) from the test."""
+A worker is simulated by driving the job state machine (`prunery.service.store.jobs`) from the test."""
 
 from __future__ import annotations
 
@@ -29,12 +29,12 @@ from grpc_status import rpc_status
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import select
 
-from prunery.service import db, jobs, testing, tokens
-from prunery.service.db import Artifact, Database, Job
-from prunery.service.errors import DOMAIN
-from prunery.service.objectstore import FolderStore, ObjectStore, S3Store, open_store
-from prunery.service.server import PruneryServer, build_server
-from prunery.service.settings import Settings
+from prunery.service.api.errors import DOMAIN
+from prunery.service.api.server import PruneryServer, build_server
+from prunery.service.api.settings import Settings
+from prunery.service.store import db, jobs, testing, tokens
+from prunery.service.store.db import Artifact, Database, Job
+from prunery.service.store.objectstore import FolderStore, ObjectStore, S3Store, open_store
 from prunery.v1 import prunery_pb2 as pb
 from prunery.v1 import prunery_pb2_grpc as pb_grpc
 
@@ -926,7 +926,7 @@ def test_create_job_sends_one_celery_message_through_redis_to_its_queue(pg_url: 
 
 def test_broker_options_match_the_worker(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     worker_app = pytest.importorskip("prunery.worker.app", reason="the worker package is not installed")
-    from prunery.service.queue import transport_options
+    from prunery.service.store.queue import transport_options
     from prunery.worker.settings import WorkerSettings
 
     for url, prefix in [("filesystem://", ""), ("redis://127.0.0.1:6379/3", "pfx:")]:
@@ -978,7 +978,7 @@ def test_metrics_endpoint(folder_api: Api, tenant: Tenant, model: pb.Artifact) -
 
 
 def test_service_never_imports_torch() -> None:
-    code = ("import prunery.service.server, prunery.service.api, prunery.service.tokens, sys; "
+    code = ("import prunery.service.api.server, prunery.service.api.servicers, prunery.service.store.tokens, sys; "
             "assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, timeout=120)
 

@@ -173,7 +173,7 @@ def _tables(url: str) -> set[str]:
 
 
 def test_tokens_create_migrates_a_new_database_and_revoke_never_creates_one(tmp_path: Path) -> None:
-    from prunery.service import db, testing
+    from prunery.service.store import db, testing
 
     with testing.temporary_postgres_database(prefix="prunery_cli") as url:
         line = _one_line_error(run("tokens", "revoke", "prn_nothing", "--database-url", url, env=_env()))
@@ -227,7 +227,7 @@ def test_token_commands_that_fail_leave_no_file_behind(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_client_commands_wait_out_an_api_restart(tmp_path: Path) -> None:
     from prunery.client import Client, spec_from_options
-    from prunery.service import db, testing, tokens
+    from prunery.service.store import db, testing, tokens
     from tests.test_client import OUTAGE_S, ApiServer
 
     with testing.temporary_postgres_database(prefix="prunery_cli") as url:

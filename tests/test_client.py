@@ -23,7 +23,7 @@ from sqlalchemy import func, select
 
 import prunery.client as client_module
 from prunery.client import Backoff, Client, PruneryError, call_with_retries, retryable, spec_from_options
-from prunery.service import db, jobs, testing, tokens
+from prunery.service.store import db, jobs, testing, tokens
 from prunery.v1 import prunery_pb2 as pb
 
 Code = grpc.StatusCode
@@ -435,7 +435,7 @@ def test_a_download_started_while_the_api_is_down_completes_after_the_restart(ap
 
 
 class _Worker:
-    """Writes a job's events straight into the database, as a worker would (`service/jobs.py`)."""
+    """Writes a job's events straight into the database, as a worker would (`service/store/jobs.py`)."""
 
     def __init__(self, database: db.Database, job: pb.Job) -> None:
         self.database, self.job_id, self.id = database, _job_id(job), f"test-worker-{uuid.uuid4().hex[:6]}"

@@ -18,9 +18,9 @@ from google.rpc import code_pb2
 from sqlalchemy import inspect, select, text
 from sqlalchemy.exc import IntegrityError
 
-from prunery.service import db, jobs, testing
-from prunery.service.db import ApiToken, Artifact, Database, Job, JobEvent, JobState
-from prunery.service.jobs import IllegalTransition, JobNotFound
+from prunery.service.store import db, jobs, testing
+from prunery.service.store.db import ApiToken, Artifact, Database, Job, JobEvent, JobState
+from prunery.service.store.jobs import IllegalTransition, JobNotFound
 
 TABLES = {"tenants", "api_tokens", "artifacts", "jobs", "job_events"}
 SPEC = {"model": "artifacts/0", "ratio": 0.5}
@@ -423,15 +423,15 @@ def test_get_job_is_scoped_to_the_tenant(database: Database, tenant: str) -> Non
 
 
 def test_service_modules_do_not_import_torch(tmp_path: Path) -> None:
-    code = ("import sys; import prunery.service.db, prunery.service.jobs, prunery.service.objectstore; "
-            "assert 'torch' not in sys.modules")
+    code = ("import sys; import prunery.service.store.db, prunery.service.store.jobs, "
+            "prunery.service.store.objectstore; assert 'torch' not in sys.modules")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
 
 
 CLAIM_LOOP = """
 import sys
-from prunery.service import db, jobs
+from prunery.service.store import db, jobs
 database = db.Database(sys.argv[1])
 worker = sys.argv[2]
 won = []

@@ -15,7 +15,7 @@ import torch
 
 from prunery import zoo
 from prunery.core import count, load_program
-from prunery.service.testing import free_port
+from prunery.service.store.testing import free_port
 
 
 def _cli(*args: str, env: dict, timeout: float = 300) -> subprocess.CompletedProcess:

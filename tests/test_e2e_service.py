@@ -19,10 +19,10 @@ import torch
 from prunery import zoo
 from prunery.client import Client, PruneryError, spec_from_options
 from prunery.core import count, load_program
-from prunery.service import db, tokens
-from prunery.service.server import build_server
-from prunery.service.settings import Settings
-from prunery.service.testing import MOTO_CREDENTIALS, moto_server, temporary_postgres_database
+from prunery.service.api.server import build_server
+from prunery.service.api.settings import Settings
+from prunery.service.store import db, tokens
+from prunery.service.store.testing import MOTO_CREDENTIALS, moto_server, temporary_postgres_database
 from prunery.v1 import prunery_pb2 as pb
 from tests.test_worker import _with_evil_sample_inputs
 

@@ -52,11 +52,11 @@ import redis
 from sqlalchemy import select
 
 from prunery.client import Client, spec_from_options
-from prunery.service import db, tokens
-from prunery.service.db import Artifact, Database, Job, JobEvent
-from prunery.service.jobs import RESENT
-from prunery.service.objectstore import FolderStore
-from prunery.service.testing import free_port
+from prunery.service.store import db, tokens
+from prunery.service.store.db import Artifact, Database, Job, JobEvent
+from prunery.service.store.jobs import RESENT
+from prunery.service.store.objectstore import FolderStore
+from prunery.service.store.testing import free_port
 from prunery.v1 import prunery_pb2 as pb
 from tests.workers import FAST, PostgresCluster, WorkerProc, redis_outstanding
 

@@ -1,5 +1,5 @@
 """The API's job cache and WatchJob wake-ups, on a real Postgres with the migration's NOTIFY trigger, and
-through a real gRPC server on loopback (service/jobcache.py)."""
+through a real gRPC server on loopback (service/api/jobcache.py)."""
 
 from __future__ import annotations
 
@@ -12,12 +12,12 @@ import grpc
 import pytest
 from sqlalchemy import text
 
-from prunery.service import jobs, tokens
-from prunery.service.api import job_proto
-from prunery.service.db import Database, Job
-from prunery.service.jobcache import JobCache
-from prunery.service.server import build_server
-from prunery.service.settings import Settings
+from prunery.service.api.jobcache import JobCache
+from prunery.service.api.server import build_server
+from prunery.service.api.servicers import job_proto
+from prunery.service.api.settings import Settings
+from prunery.service.store import jobs, tokens
+from prunery.service.store.db import Database, Job
 from prunery.v1 import prunery_pb2 as pb
 from prunery.v1 import prunery_pb2_grpc as pb_grpc
 

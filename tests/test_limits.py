@@ -1,4 +1,4 @@
-"""Admission control (service/limits.py) on a real server: one tenant's streams, call rate or backlog is
+"""Admission control (service/api/limits.py) on a real server: one tenant's streams, call rate or backlog is
 never visible to another tenant as anything but latency; the flooding tenant gets RESOURCE_EXHAUSTED with
 its reason and a RetryInfo; past its bound on work in flight the server sheds with UNAVAILABLE at once;
 the health check is always answered. Plus the limits' pure logic on a fake clock."""
@@ -19,13 +19,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from sqlalchemy import select, text
 
 from prunery.client import error_of
-from prunery.service import tokens
-from prunery.service.db import Artifact, ArtifactState, Database, Tenant
-from prunery.service.errors import ApiError, Reason
-from prunery.service.limits import TenantLimits
-from prunery.service.objectstore import open_store
-from prunery.service.server import PruneryServer, build_server
-from prunery.service.settings import Settings
+from prunery.service.api.errors import ApiError, Reason
+from prunery.service.api.limits import TenantLimits
+from prunery.service.api.server import PruneryServer, build_server
+from prunery.service.api.settings import Settings
+from prunery.service.store import tokens
+from prunery.service.store.db import Artifact, ArtifactState, Database, Tenant
+from prunery.service.store.objectstore import open_store
 from prunery.v1 import prunery_pb2 as pb
 from prunery.v1 import prunery_pb2_grpc as pb_grpc
 

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from prunery.service import objectstore, testing
-from prunery.service.objectstore import (
+from prunery.service.store import objectstore, testing
+from prunery.service.store.objectstore import (
     FolderStore,
     InvalidRange,
     ObjectNotFound,

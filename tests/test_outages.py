@@ -15,11 +15,11 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from prunery.client import error_of
-from prunery.service import db, tokens
-from prunery.service.errors import Reason
-from prunery.service.objectstore import open_store
-from prunery.service.server import PruneryServer, build_server
-from prunery.service.settings import Settings
+from prunery.service.api.errors import Reason
+from prunery.service.api.server import PruneryServer, build_server
+from prunery.service.api.settings import Settings
+from prunery.service.store import db, tokens
+from prunery.service.store.objectstore import open_store
 from prunery.v1 import prunery_pb2 as pb
 from prunery.v1 import prunery_pb2_grpc as pb_grpc
 from tests.workers import PostgresCluster, postgres_cluster

@@ -1,4 +1,4 @@
-"""service/queue.py: sending jobs to the workers survives a broker that is briefly away (pure logic: the
+"""service/api/sending.py: sending jobs to the workers survives a broker that is briefly away (pure logic: the
 sender is given a `send` that fails while the "broker" is down; the real broker path is in
 tests/test_outages.py)."""
 
@@ -7,7 +7,7 @@ from __future__ import annotations
 import threading
 import time
 
-from prunery.service.queue import RetryingSender
+from prunery.service.api.sending import RetryingSender
 
 
 class FlakyBroker:
@@ -81,9 +81,9 @@ def test_the_api_and_the_reaper_never_both_resend_a_job(pg_url: str) -> None:
     the first to record the send under the job's row lock sends it."""
     from datetime import UTC, datetime, timedelta
 
-    from prunery.service import db, jobs
-    from prunery.service.db import Job
-    from prunery.service.server import _record_resend
+    from prunery.service.api.server import _record_resend
+    from prunery.service.store import db, jobs
+    from prunery.service.store.db import Job
 
     database = db.Database(pg_url)
     try:

@@ -27,8 +27,8 @@ import redis
 import torch
 
 from prunery import zoo
-from prunery.service.db import upgrade
-from prunery.service.testing import temporary_postgres_database
+from prunery.service.store.db import upgrade
+from prunery.service.store.testing import temporary_postgres_database
 from prunery.worker.app import enqueue, make_app, queue_depth
 from prunery.worker.settings import WorkerSettings
 from tests.workers import (

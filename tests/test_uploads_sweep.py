@@ -23,11 +23,11 @@ from grpc_status import rpc_status
 from prometheus_client import REGISTRY
 from sqlalchemy import select, update
 
-from prunery.service import testing, tokens
-from prunery.service.db import Artifact, ArtifactKind, ArtifactState, Database, ensure_tenant, upgrade, utcnow
-from prunery.service.objectstore import FolderStore, ObjectStore, S3Store, open_store
-from prunery.service.server import build_server
-from prunery.service.settings import Settings
+from prunery.service.api.server import build_server
+from prunery.service.api.settings import Settings
+from prunery.service.store import testing, tokens
+from prunery.service.store.db import Artifact, ArtifactKind, ArtifactState, Database, ensure_tenant, upgrade, utcnow
+from prunery.service.store.objectstore import FolderStore, ObjectStore, S3Store, open_store
 from prunery.v1 import prunery_pb2 as pb
 from prunery.v1 import prunery_pb2_grpc as pb_grpc
 from prunery.worker.reaper import Reaper, sweep_pending_uploads

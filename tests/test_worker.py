@@ -1,7 +1,7 @@
 """The worker with real parts: a fresh Postgres database, Redis as the broker, Celery worker processes
 (`celery -A prunery.worker.app worker --pool prefork`), and a folder object store in tmp_path.
 
-Jobs and artifacts are created directly through `prunery.service.db` / `prunery.service.jobs` and sent with
+Jobs and artifacts are created directly through `prunery.service.store.db` / `prunery.service.store.jobs` and sent with
 `prunery.worker.app.enqueue`, as the API does. Every test module run gets its own database, Redis key prefix
 and queue name, so parallel runs (pytest -n 2) never share state. Leases, heartbeats, the reaper and the
 Redis visibility timeout are set short through the environment so recovery paths run in seconds; slow and
@@ -26,9 +26,9 @@ from sqlalchemy import select
 
 from prunery import zoo
 from prunery.core import PruneConfig, count, load_program, prune
-from prunery.service import jobs
-from prunery.service.db import Artifact, Database, Job, ensure_tenant, upgrade
-from prunery.service.testing import temporary_postgres_database
+from prunery.service.store import jobs
+from prunery.service.store.db import Artifact, Database, Job, ensure_tenant, upgrade
+from prunery.service.store.testing import temporary_postgres_database
 from prunery.worker.app import QueueView, queue_depth
 from prunery.worker.reaper import reap_expired, resend_lost
 from prunery.worker.settings import WorkerSettings

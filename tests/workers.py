@@ -29,10 +29,10 @@ from typing import Any
 
 import redis
 
-from prunery.service import jobs
-from prunery.service.db import Artifact, ArtifactKind, ArtifactState, Database, Job, ensure_tenant, utcnow
-from prunery.service.objectstore import FolderStore
-from prunery.service.testing import free_port
+from prunery.service.store import jobs
+from prunery.service.store.db import Artifact, ArtifactKind, ArtifactState, Database, Job, ensure_tenant, utcnow
+from prunery.service.store.objectstore import FolderStore
+from prunery.service.store.testing import free_port
 from prunery.worker.app import enqueue, make_app
 from prunery.worker.settings import WorkerSettings
 

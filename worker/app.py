@@ -3,7 +3,7 @@
     celery -A prunery.worker.app worker --pool prefork -c 1 -Q prunery --without-gossip --without-mingle
 
 One task, `prunery.run_job`, whose whole message is a job id; the job's state, spec and lease live in the
-database (`prunery.service.jobs`), so a message may be delivered twice or lost without harm:
+database (`prunery.service.store.jobs`), so a message may be delivered twice or lost without harm:
 
 - late acks (`task_acks_late`) and `task_reject_on_worker_lost`: the message of a job whose process died
   goes back to the queue; `worker_prefetch_multiplier=1`: a worker holds no message it is not running;
@@ -73,7 +73,7 @@ from celery import Celery, Task, signals
 from celery.exceptions import Ignore
 from celery.worker.request import Request
 
-from prunery.service.queue import TASK_NAME, is_filesystem, is_redis, transport_options
+from prunery.service.store.queue import TASK_NAME, is_filesystem, is_redis, transport_options
 from prunery.worker.settings import WorkerSettings
 
 __all__ = ["CLAIM_HOLD_MAX_S", "CLAIM_RETRY_MAX_S", "TASK_NAME", "HandBack", "HandBackRequest", "QueueView", "app",

@@ -86,9 +86,9 @@ from prunery.core import (
 from prunery.core.data import Dataset, DatasetError, load_dataset
 from prunery.core.recipe import Recipe, run_recipe
 from prunery.core.spec import JobSpec, first_problem
-from prunery.service import jobs
-from prunery.service.db import Artifact, ArtifactKind, ArtifactState, Database, Job, JobState, utcnow
-from prunery.service.objectstore import ObjectNotFound, ObjectStore, TooLarge, open_store
+from prunery.service.store import jobs
+from prunery.service.store.db import Artifact, ArtifactKind, ArtifactState, Database, Job, JobState, utcnow
+from prunery.service.store.objectstore import ObjectNotFound, ObjectStore, TooLarge, open_store
 from prunery.worker import metrics
 from prunery.worker.settings import WorkerSettings
 

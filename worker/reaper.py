@@ -87,9 +87,9 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import delete, event, select
 from sqlalchemy.orm import Session
 
-from prunery.service import jobs
-from prunery.service.db import Artifact, ArtifactState, Database, Job, JobState, utcnow
-from prunery.service.objectstore import ObjectStore
+from prunery.service.store import jobs
+from prunery.service.store.db import Artifact, ArtifactState, Database, Job, JobState, utcnow
+from prunery.service.store.objectstore import ObjectStore
 from prunery.worker.metrics import pid_alive, remove_orphaned_dirs
 from prunery.worker.settings import WorkerSettings
 
@@ -358,7 +358,7 @@ class Reaper(threading.Thread):
 
     def _object_store(self) -> ObjectStore:
         if self._store is None:
-            from prunery.service.objectstore import open_store
+            from prunery.service.store.objectstore import open_store
 
             self._store = open_store(self.settings.store_url)
         return self._store

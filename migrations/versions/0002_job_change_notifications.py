@@ -5,7 +5,7 @@ Revises: 0001
 Create Date: 2026-11-26
 
 The API keeps job reads in memory and WatchJob streams wake on these notifications
-(`prunery.service.jobcache`). A trigger, not application code, sends them, so no writer (worker, reaper,
+(`prunery.service.api.jobcache`). A trigger, not application code, sends them, so no writer (worker, reaper,
 API, an operator's SQL) can forget to. Postgres delivers a transaction's notifications when it commits, in
 commit order. SQLite (the embedded stack) has no notifications: nothing to do there.
 """
@@ -21,7 +21,7 @@ down_revision: str | Sequence[str] | None = "0001"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
-CHANNEL = "prunery_jobs"  # prunery.service.jobcache.CHANNEL
+CHANNEL = "prunery_jobs"  # prunery.service.api.jobcache.CHANNEL
 
 
 def upgrade() -> None:

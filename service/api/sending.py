@@ -1,9 +1,7 @@
-"""Sending jobs to the workers: a Celery task sent by NAME (`prunery.run_job`) whose only argument is the job
-id. The API imports neither the worker package nor torch; Celery itself is imported on first use.
-
-The broker settings are shared with the worker (`prunery.worker.app.broker_transport_options` starts from
-`transport_options` here): the same folders for the embedded `filesystem://` broker, the same Redis key
-prefix and queue name. Call `enqueue` only after the job row is committed, so a worker receiving the id finds the job.
+"""The API's side of the job queue: sending a Celery task by NAME (`prunery.run_job`, `store/queue.py`) whose
+only argument is the job id, and sending again through a broker outage (`RetryingSender`). The API imports
+neither the worker package nor torch; Celery itself is imported on first use. Call `enqueue` only after the job
+row is committed, so a worker receiving the id finds the job.
 """
 
 from __future__ import annotations
@@ -19,44 +17,12 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
-from prunery.service.settings import Settings
+from prunery.service.api.settings import Settings
+from prunery.service.store.queue import TASK_NAME, transport_options
 
-__all__ = ["TASK_NAME", "CeleryEnqueuer", "RetryingSender", "enqueue", "is_filesystem", "is_redis",
-           "transport_options"]
-
-TASK_NAME = "prunery.run_job"
+__all__ = ["CeleryEnqueuer", "RetryingSender", "enqueue"]
 
 log = logging.getLogger(__name__)
-
-
-def is_filesystem(url: str) -> bool:
-    return url.startswith("filesystem://")
-
-
-def is_redis(url: str) -> bool:
-    return url.split("://", 1)[0] in ("redis", "rediss", "redis+socket", "sentinel")
-
-
-def transport_options(settings: Any) -> dict[str, Any]:
-    """Broker transport options both sides need (the API's `Settings` or the worker's `WorkerSettings`:
-    anything with `broker_url`, `broker_dir` and `broker_keyprefix`); the worker adds its consumer options."""
-    if is_filesystem(settings.broker_url):
-        root = settings.broker_dir
-        return {
-            "data_folder_in": str(root / "queue"),
-            "data_folder_out": str(root / "queue"),
-            "control_folder": str(root / "control"),
-            # taken messages are renamed into this folder (same file system: atomic) rather than the system
-            # temp dir, where the move could degrade into copy+delete and be taken twice; the reaper prunes it
-            "store_processed": True,
-            "processed_folder": str(root / "processed"),
-            # the consumer polls the folder; kombu's default of 1 s would add up to a second to every job
-            "polling_interval": 0.1,
-        }
-    options: dict[str, Any] = {}
-    if settings.broker_keyprefix and is_redis(settings.broker_url):
-        options["global_keyprefix"] = settings.broker_keyprefix
-    return options
 
 
 class CeleryEnqueuer:

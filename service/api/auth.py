@@ -23,10 +23,10 @@ from typing import Any
 
 import grpc
 
-from prunery.service import errors
-from prunery.service.db import Database, authenticate
-from prunery.service.errors import ApiError, Reason
-from prunery.service.limits import BlockingPool, TenantLimits
+from prunery.service.api import errors
+from prunery.service.api.errors import ApiError, Reason
+from prunery.service.api.limits import BlockingPool, TenantLimits
+from prunery.service.store.db import Database, authenticate
 
 __all__ = ["PUBLIC_METHOD_PREFIXES", "Authentication", "Behavior", "TokenAuthenticator", "bearer_token",
            "current_tenant"]

@@ -53,9 +53,15 @@ from sqlalchemy.engine import Connection, Row
 from sqlalchemy.orm import Session
 
 from prunery.core.spec import JobSpec
-from prunery.service import errors, jobs
-from prunery.service.auth import current_tenant
-from prunery.service.db import (
+from prunery.service.api import errors
+from prunery.service.api.auth import current_tenant
+from prunery.service.api.errors import ApiError, Reason, Violation, quote
+from prunery.service.api.jobcache import JobCache
+from prunery.service.api.limits import BlockingPool
+from prunery.service.api.metrics import Metrics
+from prunery.service.api.settings import Settings
+from prunery.service.store import jobs
+from prunery.service.store.db import (
     Artifact,
     ArtifactKind,
     ArtifactState,
@@ -66,12 +72,7 @@ from prunery.service.db import (
     Tenant,
     utcnow,
 )
-from prunery.service.errors import ApiError, Reason, Violation, quote
-from prunery.service.jobcache import JobCache
-from prunery.service.limits import BlockingPool
-from prunery.service.metrics import Metrics
-from prunery.service.objectstore import InvalidRange, ObjectNotFound, ObjectStore, ObjectWriter, TooLarge
-from prunery.service.settings import Settings
+from prunery.service.store.objectstore import InvalidRange, ObjectNotFound, ObjectStore, ObjectWriter, TooLarge
 from prunery.spec_proto import spec_from_proto, spec_to_proto
 from prunery.v1 import prunery_pb2 as pb
 from prunery.v1 import prunery_pb2_grpc as pb_grpc

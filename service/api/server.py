@@ -40,15 +40,15 @@ from grpc_health.v1 import health, health_pb2
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
-from prunery.service import db, jobs
-from prunery.service.api import ApiBackend, ArtifactService, JobService
-from prunery.service.auth import Authentication, Behavior, TokenAuthenticator
-from prunery.service.jobcache import JobCache
-from prunery.service.limits import BlockingPool, TenantLimits
-from prunery.service.metrics import CallMetrics, Metrics
-from prunery.service.objectstore import ObjectStore, open_store
-from prunery.service.queue import CeleryEnqueuer, RetryingSender
-from prunery.service.settings import Settings
+from prunery.service.api.auth import Authentication, Behavior, TokenAuthenticator
+from prunery.service.api.jobcache import JobCache
+from prunery.service.api.limits import BlockingPool, TenantLimits
+from prunery.service.api.metrics import CallMetrics, Metrics
+from prunery.service.api.sending import CeleryEnqueuer, RetryingSender
+from prunery.service.api.servicers import ApiBackend, ArtifactService, JobService
+from prunery.service.api.settings import Settings
+from prunery.service.store import db, jobs
+from prunery.service.store.objectstore import ObjectStore, open_store
 from prunery.v1 import prunery_pb2
 
 __all__ = ["SERVICE_NAMES", "PruneryServer", "build_server", "serve"]

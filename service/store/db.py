@@ -4,7 +4,7 @@ One schema for Postgres (production, tests) and SQLite (the embedded default). T
 through Alembic revisions in `migrations/` (shipped as the `prunery.migrations` package, so `upgrade(url)`
 works from an installed wheel too); a test checks that these models and the migrated schema agree.
 
-Job rows change state only through `prunery.service.jobs`. Time columns are timezone-aware UTC in Python
+Job rows change state only through `prunery.service.store.jobs`. Time columns are timezone-aware UTC in Python
 (stored as `timestamptz` on Postgres and as naive UTC text on SQLite).
 """
 
@@ -50,7 +50,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 from sqlalchemy.pool import StaticPool
 
-from prunery.service.settings import DEFAULT_QUEUE
+from prunery.service.store.config import DEFAULT_QUEUE
 
 SQLITE_BUSY_TIMEOUT_S = 30.0
 

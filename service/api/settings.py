@@ -48,26 +48,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-DEFAULT_QUEUE = "prunery"
+from prunery.service.store.config import DEFAULT_QUEUE, env_number
+
 DEFAULT_LISTEN_ADDRESS = "127.0.0.1:50051"
 DEFAULT_TENANT_CAP_BYTES = 8 << 30
 DEFAULT_CHUNK_SIZE = 1 << 20
 MAX_CHUNK_SIZE = 3 << 20  # a chunk and its envelope stay below gRPC's default 4 MiB message limit
-
-
-def env_number(name: str, default: float, minimum: float = 0.0, maximum: float | None = None) -> float:
-    """A number from the environment variable `name`, `default` when unset; out of bounds: ValueError."""
-    raw = os.environ.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ValueError(f"{name}={raw!r} is not a number") from None
-    if value < minimum or (maximum is not None and value > maximum):
-        bounds = f"at least {minimum}" if maximum is None else f"between {minimum} and {maximum}"
-        raise ValueError(f"{name}={raw!r} must be {bounds}")
-    return value
 
 
 def _bool(name: str, default: bool) -> bool:
@@ -107,7 +93,7 @@ class Settings:
     max_message_bytes: int = 16 << 20
     watch_poll_s: float = 0.2
     auth_cache_s: float = 5.0
-    job_cache: bool = True  # Postgres: GetJob from memory kept fresh by LISTEN/NOTIFY (service/jobcache.py)
+    job_cache: bool = True  # Postgres: GetJob from memory kept fresh by LISTEN/NOTIFY (service/api/jobcache.py)
     migrate: bool = True
 
     def __post_init__(self) -> None:

@@ -49,8 +49,8 @@ from sqlalchemy import ColumnElement, func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from prunery.service.db import Job, JobEvent, JobState, Tenant, utcnow
-from prunery.service.settings import DEFAULT_QUEUE
+from prunery.service.store.config import DEFAULT_QUEUE
+from prunery.service.store.db import Job, JobEvent, JobState, Tenant, utcnow
 
 __all__ = [
     "DEFAULT_MAX_ATTEMPTS", "RESENT", "TERMINAL", "TRANSITIONS", "TOO_MANY_ATTEMPTS", "IllegalTransition",
