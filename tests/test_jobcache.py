@@ -13,8 +13,8 @@ import pytest
 from sqlalchemy import text
 
 from prunery.service.api.jobcache import JobCache
+from prunery.service.api.protos import job_proto
 from prunery.service.api.server import build_server
-from prunery.service.api.servicers import job_proto
 from prunery.service.api.settings import Settings
 from prunery.service.store import jobs, tokens
 from prunery.service.store.db import Database, Job

@@ -1,8 +1,8 @@
 """API errors as `google.rpc.Status` with details: an `ErrorInfo` (a stable reason, domain "prunery.dev") on
 every error, and a `BadRequest` with field violations where a request field is at fault.
 
-Servicer code raises `ApiError` (or one of the shortcuts); `servicers.py` turns it into the call's status with
-`abort(context, error)`. Clients read the details with `grpc_status.rpc_status.from_call(call)`.
+Servicer code raises `ApiError` (or one of the shortcuts); `servicers.py`'s wrappers turn it into the call's
+status with `abort(context, error)`. Clients read the details with `grpc_status.rpc_status.from_call(call)`.
 
 Reasons are part of the API: clients may branch on them, so never rename one.
 
