@@ -1,7 +1,7 @@
 """No import circle among our modules: every `import` statement of `core/`, `service/`, `worker/`, `migrations/`
 and `prunery/` (not the generated `prunery/v1/`), at module level or inside a function, read with `ast` and
 resolved through the package map of pyproject (`prunery.core` is `core/`, ...), makes one edge; the graph has no
-cycle. Known circles outside `core/` are allowed by name until they are removed (`KNOWN_CYCLES`); a new one fails.
+cycle.
 """
 
 from __future__ import annotations
@@ -18,14 +18,6 @@ PACKAGES = {  # import name -> folder (pyproject's [tool.setuptools.package-dir]
     "prunery": "prunery",
 }
 EXCLUDED = ("prunery/v1",)  # generated from protos/
-
-# issue 11: to remove. Each entry is one known cycle, written m0 -> m1 -> ... -> m0; the test drops its last
-# edge (the import that closes it) and fails if the rest of the graph still has a cycle. Nothing in core/.
-KNOWN_CYCLES: tuple[tuple[str, ...], ...] = (
-    ("prunery.worker.app", "prunery.worker.pipeline", "prunery.worker.app"),  # pipeline imports app.enqueue late
-    ("prunery.worker.app", "prunery.worker.reaper", "prunery.worker.app"),  # reaper imports app's queue helpers late
-)
-
 
 def modules() -> dict[str, tuple[Path, bool]]:
     """Module name -> (file, is a package), for every Python file of ours."""
@@ -145,15 +137,8 @@ def test_core_has_no_import_cycle() -> None:
     assert cycle is None, "import cycle in core/: " + " -> ".join(cycle or [])
 
 
-def test_no_new_import_cycle_in_the_project() -> None:
-    graph = import_graph()
-    for known in KNOWN_CYCLES:
-        assert not any(m == "prunery.core" or m.startswith("prunery.core.") for m in known), known
-        missing = [(a, b) for a, b in zip(known, known[1:], strict=False) if b not in graph.get(a, set())]
-        assert not missing, (f"known cycle {' -> '.join(known)} is gone (no import {missing}): remove it from "
-                             "KNOWN_CYCLES")
-        graph[known[-2]].discard(known[-1])
-    cycle = find_cycle(graph)
+def test_no_import_cycle_in_the_project() -> None:
+    cycle = find_cycle(import_graph())
     assert cycle is None, "import cycle: " + " -> ".join(cycle or [])
 
 

@@ -26,11 +26,11 @@ import pytest
 import redis
 import torch
 
-from prunery import zoo
 from prunery.service.store.db import upgrade
 from prunery.service.store.testing import temporary_postgres_database
 from prunery.worker.app import enqueue, make_app, queue_depth
 from prunery.worker.settings import WorkerSettings
+from tests import zoo
 from tests.workers import (
     FINAL,
     REDIS_URL,
@@ -166,8 +166,15 @@ def _settle(worker: object, sample: str, ticks_s: float = 1.5) -> float:
 # ---------------------------------------------------------------------------------------------------------
 
 def _redis_settings(tmp_path: Path, prefix: str) -> WorkerSettings:
+    """Under a prefix, the shared Redis database; without one, a database of this xdist worker's own, emptied
+    first (kombu's unacked hash has a fixed name there: two such tests in parallel would see each other's)."""
+    url = REDIS_URL
+    if not prefix:
+        worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw")
+        url = REDIS_URL.rsplit("/", 1)[0] + f"/{10 + int(worker) % 6 if worker.isdigit() else 10}"
+        redis.Redis.from_url(url).flushdb()
     return WorkerSettings(data_dir=tmp_path, database_url="sqlite://", store_url=tmp_path.as_uri(),
-                          broker_url=REDIS_URL, queue=f"q-{uuid.uuid4().hex[:10]}", broker_keyprefix=prefix)
+                          broker_url=url, queue=f"q-{uuid.uuid4().hex[:10]}", broker_keyprefix=prefix)
 
 
 def test_queue_depth_counts_messages_under_a_key_prefix(tmp_path: Path) -> None:
@@ -196,7 +203,7 @@ def test_redis_inspection_lists_queued_priority_and_unacked_messages(tmp_path: P
     settings = _redis_settings(tmp_path, prefix)
     other_queue = f"other-{uuid.uuid4().hex[:10]}"
     celery = make_app(settings)
-    client = redis.Redis.from_url(REDIS_URL)
+    client = redis.Redis.from_url(settings.broker_url)
     plain, urgent, taken = (str(uuid.uuid4()) for _ in range(3))
     message = None
     try:
@@ -269,7 +276,7 @@ def test_a_taken_message_is_restored_to_its_queue_with_a_new_delivery_tag(tmp_pa
     prefix = f"prunery-test-{uuid.uuid4().hex[:10]}:" if prefixed else ""
     settings = _redis_settings(tmp_path, prefix)
     celery = make_app(settings)
-    client = redis.Redis.from_url(REDIS_URL)
+    client = redis.Redis.from_url(settings.broker_url)
     job, waiting, other = str(uuid.uuid4()), str(uuid.uuid4()), str(uuid.uuid4())
     try:
         enqueue(job, celery=celery)
@@ -327,7 +334,7 @@ def test_a_job_handed_back_waits_in_the_main_process_then_is_sent_once(tmp_path:
     """A job handed back with a delay has no message in the broker until the worker's main process sends it (no ETA
     copy: a worker holding one BRPOPs on extra prefetch credit, and kombu may keep what Redis popped for it unread
     for a whole job); meanwhile this worker's reaper counts it as held; a warm shutdown sends it at once."""
-    from prunery.worker import app as worker_app
+    from prunery.worker import broker
 
     prefix = f"prunery-test-{uuid.uuid4().hex[:10]}:"
     settings = _redis_settings(tmp_path, prefix)
@@ -335,26 +342,26 @@ def test_a_job_handed_back_waits_in_the_main_process_then_is_sent_once(tmp_path:
     client = redis.Redis.from_url(REDIS_URL)
     late, soon = str(uuid.uuid4()), str(uuid.uuid4())
     try:
-        first = worker_app._HandedBack(celery, late, settings.queue, str(uuid.uuid4()), 3)
-        worker_app._send_later(first, 60)
-        assert late in worker_app._held_here()  # what the reaper's inspect_queue adds to the broker's view
+        first = broker.HandedBack(celery, late, settings.queue, str(uuid.uuid4()), 3)
+        broker.send_later(first, 60)
+        assert late in broker._held_here()  # what the reaper's inspect_queue adds to the broker's view
         assert not redis_outstanding(client, prefix, settings.queue)
-        worker_app._flush_pending()  # the worker's shutdown
+        broker.flush_pending()  # the worker's shutdown
         [sent] = redis_messages(client, prefix, settings.queue)
         assert (sent.job, sent.task_id, sent.eta, sent.where) == (late, first.task_id, None, "queue")
-        assert late not in worker_app._held_here()
+        assert late not in broker._held_here()
 
-        second = worker_app._HandedBack(celery, soon, settings.queue, str(uuid.uuid4()), 1)
-        worker_app._send_later(second, 0.3)
+        second = broker.HandedBack(celery, soon, settings.queue, str(uuid.uuid4()), 1)
+        broker.send_later(second, 0.3)
         deadline = time.monotonic() + 5
         while not redis_outstanding(client, prefix, settings.queue)[soon]:
             assert time.monotonic() < deadline
             time.sleep(0.05)
-        assert soon not in worker_app._held_here()
-        worker_app._flush_pending()  # nothing left to send
+        assert soon not in broker._held_here()
+        broker.flush_pending()  # nothing left to send
         assert redis_outstanding(client, prefix, settings.queue) == Counter({late: 1, soon: 1})
     finally:
-        worker_app._flush_pending()
+        broker.flush_pending()
         keys = list(client.scan_iter(match=f"{prefix}*"))
         if keys:
             client.delete(*keys)

@@ -24,14 +24,15 @@ import redis
 import torch
 from sqlalchemy import select
 
-from prunery import zoo
 from prunery.core import PruneConfig, count, load_program, prune
 from prunery.service.store import jobs
 from prunery.service.store.db import Artifact, Database, Job, ensure_tenant, upgrade
 from prunery.service.store.testing import temporary_postgres_database
-from prunery.worker.app import QueueView, queue_depth
+from prunery.worker.app import queue_depth
+from prunery.worker.broker import QueueView
 from prunery.worker.reaper import reap_expired, resend_lost
 from prunery.worker.settings import WorkerSettings
+from tests import zoo
 from tests.workers import REDIS_URL, TENANT, Stack, owner_pid
 
 

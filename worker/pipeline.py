@@ -716,22 +716,15 @@ def _register(session: Any, job: _JobView, outputs: list[tuple[ArtifactKind, str
 # Entry point
 # ---------------------------------------------------------------------------------------------------------
 
-def _default_enqueue(job_id: uuid.UUID) -> None:
-    from prunery.worker.app import enqueue
-
-    enqueue(job_id)
-
-
 def run_job(job_id: str | uuid.UUID, worker_id: str, *, settings: WorkerSettings | None = None,
-            enqueue_fn: Callable[[uuid.UUID], None] | None = None) -> dict[str, Any]:
+            enqueue_fn: Callable[[uuid.UUID], None]) -> dict[str, Any]:
     """Claim job `job_id` for `worker_id` (unique per process) and run it to its end; return a summary.
 
     Does nothing when the job is missing, finished, cancelled, or running under another live lease. Raises
     ClaimDeferred, having changed nothing, when the claim cannot be made now (see the module doc).
-    `enqueue_fn` sends a job released after a transient failure back to the queue (default: the
-    worker app's `enqueue`)."""
+    `enqueue_fn` sends a job released after a transient failure back to the queue (the worker app's task passes
+    its own app's)."""
     settings = settings or WorkerSettings.from_env()
-    enqueue_fn = enqueue_fn or _default_enqueue
     try:
         jid = uuid.UUID(str(job_id))
     except ValueError:

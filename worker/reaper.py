@@ -82,7 +82,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from sqlalchemy import delete, event, select
 from sqlalchemy.orm import Session
@@ -90,11 +90,10 @@ from sqlalchemy.orm import Session
 from prunery.service.store import jobs
 from prunery.service.store.db import Artifact, ArtifactState, Database, Job, JobState, utcnow
 from prunery.service.store.objectstore import ObjectStore
+from prunery.worker import broker
+from prunery.worker.broker import QueueView
 from prunery.worker.metrics import pid_alive, remove_orphaned_dirs
 from prunery.worker.settings import WorkerSettings
-
-if TYPE_CHECKING:
-    from prunery.worker.app import QueueView
 
 __all__ = ["ReapResult", "Reaper", "UploadSweep", "reap_expired", "requeue_message", "resend_lost",
            "sweep_pending_uploads"]
@@ -132,35 +131,23 @@ def _after_commit(session: Session, fn: Callable[[], None]) -> None:
     event.listen(session, "after_commit", _run, once=True)
 
 
-def _default_enqueue(job_id: uuid.UUID, queue: str) -> None:
-    from prunery.worker.app import enqueue
-
-    enqueue(job_id, queue)
-
-
-def requeue_message(job_id: uuid.UUID, queue: str, celery: Any = None) -> bool:
+def requeue_message(job_id: uuid.UUID, queue: str, celery: Any) -> bool:
     """Give a job whose lease expired a message in `queue` (its own): its old one restored from the broker when it
     still holds one (`restore_message`), else a new one. True when the old one was kept (see the module doc)."""
-    from prunery.worker.app import enqueue, restore_message
-
-    if restore_message(job_id, queue, celery=celery):
+    if broker.restore_message(celery, job_id, queue):
         log.info("job %s: the broker still holds its message; no new one sent", job_id)
         return True
-    enqueue(job_id, queue, celery=celery)
+    broker.send(celery, job_id, queue)
     return False
 
 
-def _default_requeue(job_id: uuid.UUID, queue: str) -> None:
-    requeue_message(job_id, queue)
-
-
-def reap_expired(session: Session, *, enqueue_fn: EnqueueFn | None = _default_requeue, limit: int = 100) -> ReapResult:
+def reap_expired(session: Session, *, enqueue_fn: EnqueueFn | None, limit: int = 100) -> ReapResult:
     """Requeue (or fail, or finish cancelling) RUNNING/CANCELLING jobs whose lease expired.
 
     The state changes are made in `session` (the caller commits); after that commit each requeued job gets a
-    message in its own queue (whichever pool this reaper's worker serves) from `enqueue_fn`, so a worker receiving
-    one always finds it QUEUED. The default, `requeue_message`, restores the job's old message when the broker
-    still holds it (a dead worker's, unacked) and sends a new one only otherwise."""
+    message in its own queue (whichever pool this reaper's worker serves) from `enqueue_fn` (None: none is sent),
+    so a worker receiving one always finds it QUEUED. The reaper's is `requeue_message`, which restores the job's
+    old message when the broker still holds it (a dead worker's, unacked) and sends a new one only otherwise."""
     now = utcnow()
     expired = {
         job_id: state
@@ -191,7 +178,7 @@ def reap_expired(session: Session, *, enqueue_fn: EnqueueFn | None = _default_re
 
 def resend_lost(session: Session, older_than_s: float, inspect: Callable[[], QueueView], queue: str, *,
                 missing_since: dict[uuid.UUID, float] | None = None, confirm_s: float = CONFIRM_S,
-                enqueue_fn: EnqueueFn | None = _default_enqueue, limit: int = 100) -> list[uuid.UUID]:
+                enqueue_fn: EnqueueFn | None, limit: int = 100) -> list[uuid.UUID]:
     """Send again the jobs of `queue` that lost their message (see the module doc); return their ids.
 
     Candidates: QUEUED on `queue`, last sent more than `older_than_s` ago. `inspect()` reads the broker. A
@@ -293,17 +280,13 @@ class Reaper(threading.Thread):
             self.join(timeout)
 
     def _enqueue(self, job_id: uuid.UUID, queue: str) -> None:
-        from prunery.worker.app import enqueue
-
-        enqueue(job_id, queue, celery=self.celery)
+        broker.send(self.celery, job_id, queue)
 
     def _requeue(self, job_id: uuid.UUID, queue: str) -> None:
         requeue_message(job_id, queue, self.celery)
 
     def _inspect(self) -> QueueView:
-        from prunery.worker.app import inspect_queue
-
-        return inspect_queue(self.celery, self.settings.queue)
+        return broker.inspect_queue(self.celery, self.settings.queue)
 
     def run(self) -> None:
         # a random first delay spreads the sweeps of workers started together
