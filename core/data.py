@@ -51,6 +51,8 @@ import numpy as np
 import torch
 import torch.utils._pytree as pytree
 
+from .errors import EngineError, one_line
+
 __all__ = [
     "CallInputs", "Dataset", "DatasetError", "check_against_program", "dynamic_input_dims", "fit_to_program",
     "load_dataset", "save_dataset",
@@ -84,7 +86,7 @@ _CHUNK_ELEMENTS = 1 << 22  # value checks scan this many elements at a time (bou
 _MAX_LISTED = 10
 
 
-class DatasetError(ValueError):
+class DatasetError(EngineError):
     """The dataset was refused; the message is one line saying what is wrong and what was expected."""
 
 
@@ -99,9 +101,8 @@ class _Info(NamedTuple):
 
 
 def _one_line(text: object, limit: int = 120) -> str:
-    """``text`` as one printable line of at most ``limit`` characters (names come from untrusted files)."""
-    out = "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in str(text))
-    return out if len(out) <= limit else out[: limit - 3] + "..."
+    """A tensor name or value from an untrusted file, as a short printable line (`errors.one_line`)."""
+    return one_line(text, limit)
 
 
 def _list_names(names: list[str], *, sort: bool = True) -> str:

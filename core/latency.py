@@ -45,6 +45,7 @@ import torch
 from torch import nn
 from torch.export import ExportedProgram
 
+from .errors import EngineError
 from .train import _device, _on_device, _to
 
 __all__ = ["LatencyError", "SLOWER_MIN_RATIO", "compare_latency", "measure_ms"]
@@ -57,7 +58,7 @@ _MAX_CALLS = 100_000  # repeat count ceiling (a no-op program would otherwise as
 Program = ExportedProgram | nn.Module
 
 
-class LatencyError(ValueError):
+class LatencyError(EngineError):
     """Latency cannot be measured as asked (no programs or inputs, a bad count or duration)."""
 
 

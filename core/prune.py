@@ -21,6 +21,7 @@ from torch.export import Dim, ExportedProgram
 from torch.export.graph_signature import InputKind
 
 from .counting import Counts, count, count_macs, traced_size
+from .errors import EngineError
 from .graph import DependencyGraph
 from .importance import group_scores, relative
 from .program_module import NodeCall, ProgramModule, call_specs, supported
@@ -28,7 +29,7 @@ from .spec import DATA_IMPORTANCES, JobSpec, first_problem
 from .tensors import program_tensors, tied_names
 
 
-class PruneError(ValueError):
+class PruneError(EngineError):
     """The spec cannot be applied to this program (bad ratio, nothing to prune, re-export failed)."""
 
 

@@ -33,6 +33,8 @@ from typing import IO, Any, NoReturn
 
 import torch
 
+from .errors import EngineError, exception_line, one_line
+
 __all__ = ["ArchiveLoadError", "UnsafeArchiveError", "load_program", "vet_archive"]
 
 DEFAULT_MAX_UNCOMPRESSED_BYTES = 8 * 2**30
@@ -43,17 +45,10 @@ _MAX_META_BYTES = 64
 _MAX_EXPR_CHARS = 20_000
 
 
-def _one_line(text: object, limit: int = 300) -> str:
-    out = "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in str(text))
-    return out if len(out) <= limit else out[: limit - 3] + "..."
+_one_line, _exc_line = one_line, exception_line
 
 
-def _exc_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {lines[0] if lines else ''}".rstrip(": ")
-
-
-class UnsafeArchiveError(ValueError):
+class UnsafeArchiveError(EngineError):
     """The archive was refused; ``member`` names the offending zip member (None: the whole file)."""
 
     def __init__(self, member: str | None, reason: str, path: str | None = None) -> None:
@@ -67,7 +62,7 @@ class UnsafeArchiveError(ValueError):
         return (type(self), (self.member, self.reason, self.path))
 
 
-class ArchiveLoadError(ValueError):
+class ArchiveLoadError(EngineError):
     """The archive passed vetting but torch could not load it."""
 
     def __init__(self, path: str, reason: str) -> None:

@@ -60,6 +60,7 @@ from torch import nn
 from torch.export import ExportedProgram
 
 from .distill import OUTPUT_KINDS, HiddenDistillation, distill_loss_for, metric_for, single_loss, tree_distill
+from .errors import EngineError
 from .graph import DependencyGraph, Group
 from .program_module import BATCH_NORM_OPS, ProgramModule, has_batch_norm, supported
 from .spec import OPTIMIZERS
@@ -81,7 +82,7 @@ IGNORE_INDEX = -100  # targets F.cross_entropy ignores; accuracy ignores them to
 Batches = Iterable[tuple[Any, torch.Tensor | None]]
 
 
-class TrainError(ValueError):
+class TrainError(EngineError):
     """Training cannot run as asked (no batches, missing targets or teacher, a loss that is not finite)."""
 
 

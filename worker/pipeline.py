@@ -58,7 +58,6 @@ import importlib
 import json
 import logging
 import os
-import resource
 import shutil
 import tempfile
 import threading
@@ -89,7 +88,10 @@ from prunery.core.spec import JobSpec, first_problem
 from prunery.service.store import jobs
 from prunery.service.store.db import Artifact, ArtifactKind, ArtifactState, Database, Job, JobState, utcnow
 from prunery.service.store.objectstore import ObjectNotFound, ObjectStore, TooLarge, open_store
+from prunery.service.store.reasons import Reason
 from prunery.worker import metrics
+from prunery.worker.failures import ClaimDeferred, JobFailure, exc_line, message_line, out_of_memory, spec_error
+from prunery.worker.lease import TERMINAL, LeaseKeeper, memory_limit
 from prunery.worker.settings import WorkerSettings
 
 __all__ = ["STAGES", "ClaimDeferred", "JobFailure", "spec_of", "preload_engine", "run_job", "select_device"]
@@ -100,28 +102,6 @@ log = logging.getLogger("prunery.worker.pipeline")
 STAGES: dict[str, float] = {"load": 0.05, "graph": 0.15, "sparse": 0.2, "prune": 0.4, "finetune": 0.5,
                             "evaluate": 0.8, "export": 0.85, "store": 0.92}
 _CHUNK = 1 << 20
-TERMINAL = {JobState.SUCCEEDED.value, JobState.FAILED.value, JobState.CANCELLED.value}
-
-
-class JobFailure(Exception):
-    """Ends the job FAILED with a google.rpc code, a stable reason and a one-line message; `transient`
-    failures go back to the queue while attempts remain."""
-
-    def __init__(self, code: int, reason: str, message: str, *, transient: bool = False) -> None:
-        super().__init__(message)
-        self.code, self.reason, self.message, self.transient = code, reason, message, transient
-
-
-class ClaimDeferred(Exception):
-    """The job could not be claimed now; its task should try again later. `reason`: UNAVAILABLE (the database,
-    or something else needed before the claim, failed) or TENANT_AT_LIMIT."""
-
-    def __init__(self, job_id: uuid.UUID | str, reason: str, message: str) -> None:
-        super().__init__(str(job_id), reason, message)  # all the args: it pickles (a job process sends it up)
-        self.job_id, self.reason, self.message = str(job_id), reason, message
-
-    def __str__(self) -> str:
-        return f"{self.reason}: {self.message}"
 
 
 class _Cancelled(Exception):
@@ -136,42 +116,6 @@ class _Refused(Exception):
     """succeed() said no: the transaction rolls back and we find out why."""
 
 
-def _one_line(text: object, limit: int = 500) -> str:
-    lines = str(text).strip().splitlines()
-    out = "".join(ch if ch.isprintable() else " " for ch in (lines[0] if lines else ""))
-    return out if len(out) <= limit else out[: limit - 3] + "..."
-
-
-def _exc_line(exc: BaseException) -> str:
-    return _one_line(f"{type(exc).__name__}: {exc}")
-
-
-def _out_of_memory(exc: BaseException) -> bool:
-    """Python's MemoryError, or torch's allocator failing (a RuntimeError) under the job's memory limit."""
-    return isinstance(exc, MemoryError) or (isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc))
-
-
-@contextmanager
-def memory_limit(nbytes: int) -> Iterator[None]:
-    """Lower this process's RLIMIT_DATA soft limit to `nbytes` (0: leave it) for the block, then restore it.
-    RLIMIT_DATA counts the heap and private anonymous mappings (where tensors live) but not the address space
-    reserved for thread stacks and file mappings, which RLIMIT_AS would count against torch's many threads."""
-    if not nbytes:
-        yield
-        return
-    soft, hard = resource.getrlimit(resource.RLIMIT_DATA)
-    new = nbytes if hard == resource.RLIM_INFINITY else min(nbytes, hard)
-    resource.setrlimit(resource.RLIMIT_DATA, (new, hard))
-    try:
-        yield
-    finally:
-        resource.setrlimit(resource.RLIMIT_DATA, (soft, hard))
-
-
-def _spec_error(message: str) -> JobFailure:
-    return JobFailure(code_pb2.INVALID_ARGUMENT, "INVALID_SPEC", f"invalid spec: {message}")
-
-
 def spec_of(stored: Mapping[str, Any]) -> JobSpec:
     """The job's spec from its row (`JobSpec.from_dict`, which reads the forms stored before it too); a spec
     that cannot be read or cannot run fails the job with INVALID_SPEC (the API refuses such specs; a row written
@@ -179,10 +123,10 @@ def spec_of(stored: Mapping[str, Any]) -> JobSpec:
     try:
         spec = JobSpec.from_dict(stored)
     except (TypeError, ValueError) as e:
-        raise _spec_error(_exc_line(e)) from None
+        raise spec_error(exc_line(e)) from None
     problems = spec.problems()
     if problems:
-        raise _spec_error(_one_line(first_problem(problems)))
+        raise spec_error(message_line(first_problem(problems)))
     return spec
 
 
@@ -191,7 +135,7 @@ def _artifact_ref(spec: Mapping[str, Any], field: str) -> uuid.UUID:
     try:
         return uuid.UUID(ref.removeprefix("artifacts/"))
     except ValueError:
-        raise _spec_error(f"{field} must name an artifact as artifacts/{{id}}, got {ref!r}") from None
+        raise spec_error(f"{field} must name an artifact as artifacts/{{id}}, got {ref!r}") from None
 
 
 # Modules torch imports lazily on a program's first load/export (~1 s): imported once in the worker's main
@@ -255,97 +199,6 @@ class _Input:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The lease keeper
-# ---------------------------------------------------------------------------------------------------------
-
-class _LeaseKeeper(threading.Thread):
-    """Renews the lease; raises `cancel` (CANCELLING, still ours) or `lost` (someone else's, or ended). When
-    the main thread has not acted on either within the grace period, ends the process (see module doc)."""
-
-    def __init__(self, run: _Run) -> None:
-        super().__init__(name=f"prunery-lease-{run.job.id}", daemon=True)
-        self.run_ = run
-        self.cancel = threading.Event()
-        self.lost = threading.Event()
-        self.done = threading.Event()
-        self.flag_time: float | None = None
-
-    def run(self) -> None:
-        r = self.run_
-        settings = r.settings
-        last_ok = time.monotonic()
-        while not self.done.wait(settings.heartbeat_s):
-            if not self.lost.is_set():
-                try:
-                    with r.db.session() as s:
-                        ok = jobs.heartbeat(s, r.job.id, r.worker_id, settings.lease_s)
-                        row = None if ok else s.get(Job, r.job.id)
-                        state, owner = (row.state, row.lease_owner) if row is not None else (None, None)
-                    last_ok = time.monotonic()
-                    if not ok:
-                        if state in TERMINAL and owner == r.worker_id:
-                            return  # the main thread has just ended the job itself
-                        if state == JobState.CANCELLING and owner == r.worker_id:
-                            self.cancel.set()
-                        else:
-                            log.warning("job %s: lease lost (state %s, owner %s)", r.job.id, state, owner)
-                            self.lost.set()
-                except Exception:
-                    log.exception("job %s: lease renewal failed", r.job.id)
-                    if time.monotonic() - last_ok > settings.lease_s:
-                        self.lost.set()  # another worker may own it by now
-            limit = settings.job_timeout_s
-            if limit and time.perf_counter() - r.started > limit and not self.lost.is_set():
-                self._time_out(limit)
-            if (self.cancel.is_set() or self.lost.is_set()) and self.flag_time is None:
-                self.flag_time = time.monotonic()
-            if self.flag_time is not None and time.monotonic() - self.flag_time > settings.cancel_grace_s:
-                self._hard_stop()
-
-    def _time_out(self, limit: float) -> None:
-        """The attempt ran past PRUNERY_JOB_TIMEOUT_S: fail the job (no retry: it would time out again) and
-        end this process, whatever the main thread is doing."""
-        r = self.run_
-        if not r.finishing.acquire(blocking=False):
-            return  # the main thread is finishing the job itself
-        with r.io_lock:
-            log.warning("job %s: past its time limit of %.0fs in the %s stage; ending its process",
-                        r.job.id, limit, r.stage)
-            state = None
-            try:
-                r.store.delete_prefix(r.prefix)
-                with r.db.session() as s:
-                    if jobs.fail(s, r.job.id, code_pb2.DEADLINE_EXCEEDED, "JOB_TIMEOUT",
-                                 f"the job ran longer than its limit of {limit:.0f} s (in the {r.stage or 'worker'} "
-                                 "stage; PRUNERY_JOB_TIMEOUT_S on the worker sets the limit)",
-                                 worker_id=r.worker_id):
-                        state = JobState.FAILED.value
-            except Exception:
-                log.exception("job %s: could not record its timeout (its lease will expire)", r.job.id)
-            r.account(state)
-            shutil.rmtree(r.tmpdir, ignore_errors=True)
-            logging.shutdown()
-            os._exit(0)
-
-    def _hard_stop(self) -> None:
-        r = self.run_
-        if not r.finishing.acquire(blocking=False):
-            return  # the main thread is finishing the job itself
-        with r.io_lock:  # let a store write in flight complete; none starts after this
-            if self.cancel.is_set() and not self.lost.is_set():
-                log.warning("job %s: the %s stage did not stop within %.0fs of the cancel; ending its process",
-                            r.job.id, r.stage, r.settings.cancel_grace_s)
-                state = r.finish_cancel("cancelled (the running stage was stopped)")
-            else:
-                log.warning("job %s: lease lost during the %s stage; ending its process", r.job.id, r.stage)
-                state = None
-            r.account(state)
-            shutil.rmtree(r.tmpdir, ignore_errors=True)
-            logging.shutdown()
-            os._exit(0)
-
-
-# ---------------------------------------------------------------------------------------------------------
 # One attempt
 # ---------------------------------------------------------------------------------------------------------
 
@@ -371,7 +224,7 @@ class _Run:
         # the pid lets the reaper remove the folder if this process dies without cleaning up
         self.tmpdir = Path(tempfile.mkdtemp(prefix=f"prunery-job-{os.getpid()}-{self.job.id}-",
                                             dir=self.settings.tmp_dir))
-        self.keeper = _LeaseKeeper(self)
+        self.keeper = LeaseKeeper(self)
 
     @property
     def prefix(self) -> str:
@@ -476,15 +329,16 @@ class _Run:
                 state, outcome = self.failed(f)
             except Exception as e:
                 self.finishing.acquire()
-                if _out_of_memory(e):
+                if out_of_memory(e):
                     limit = self.settings.job_memory_bytes
-                    failure = JobFailure(code_pb2.RESOURCE_EXHAUSTED, "JOB_MEMORY_LIMIT",
+                    failure = JobFailure(code_pb2.RESOURCE_EXHAUSTED, Reason.JOB_MEMORY_LIMIT,
                                          f"{self.stage or 'worker'}: the job needed more memory than " + (
                                              f"its limit of {limit / 2**30:.1f} GiB (PRUNERY_JOB_MEMORY_BYTES on "
                                              "the worker)" if limit else "the worker has"))
                 else:
                     log.exception("job %s: unexpected error in the %s stage", self.job.id, self.stage)
-                    failure = JobFailure(code_pb2.INTERNAL, "WORKER_ERROR", f"{self.stage or 'worker'}: {_exc_line(e)}")
+                    failure = JobFailure(code_pb2.INTERNAL, Reason.WORKER_ERROR,
+                                         f"{self.stage or 'worker'}: {exc_line(e)}")
                 state, outcome = self.failed(failure)
         finally:
             self.keeper.done.set()
@@ -590,8 +444,8 @@ class _Run:
         try:
             return load_dataset(path)
         except DatasetError as e:
-            raise JobFailure(code_pb2.INVALID_ARGUMENT, "DATASET_INVALID",
-                             f"dataset artifacts/{source.id} refused: {_one_line(e)}") from None
+            raise JobFailure(code_pb2.INVALID_ARGUMENT, Reason.DATASET_INVALID,
+                             f"dataset artifacts/{source.id} refused: {message_line(e)}") from None
 
     def _fetch(self, source: _Input, name: str = "model.pt2", word: str = "MODEL") -> Path:
         path = self.tmpdir / name
@@ -606,8 +460,8 @@ class _Run:
             raise JobFailure(code_pb2.FAILED_PRECONDITION, f"{word}_NOT_FOUND",
                              f"the bytes of artifacts/{source.id} are missing from the object store") from None
         except Exception as e:
-            raise JobFailure(code_pb2.UNAVAILABLE, "STORE_UNAVAILABLE",
-                             f"could not read artifacts/{source.id}: {_exc_line(e)}", transient=True) from e
+            raise JobFailure(code_pb2.UNAVAILABLE, Reason.STORE_UNAVAILABLE,
+                             f"could not read artifacts/{source.id}: {exc_line(e)}", transient=True) from e
         finally:
             metrics.ARTIFACT_IN_BYTES.inc(size)
         if (source.sha256 and digest.hexdigest() != source.sha256) or size != source.size_bytes:
@@ -620,18 +474,18 @@ class _Run:
         name = f"artifacts/{source.id}"
 
         def msg(e: BaseException) -> str:
-            return _one_line(str(e).replace(str(path), name))
+            return message_line(str(e).replace(str(path), name))
 
         try:
             return load_program(path)
         except UnsafeArchiveError as e:
-            raise JobFailure(code_pb2.INVALID_ARGUMENT, "MODEL_REFUSED", msg(e)) from None
+            raise JobFailure(code_pb2.INVALID_ARGUMENT, Reason.MODEL_REFUSED, msg(e)) from None
         except ArchiveLoadError as e:
-            raise JobFailure(code_pb2.INVALID_ARGUMENT, "MODEL_LOAD_FAILED", msg(e)) from None
+            raise JobFailure(code_pb2.INVALID_ARGUMENT, Reason.MODEL_LOAD_FAILED, msg(e)) from None
         except ValueError as e:
-            raise JobFailure(code_pb2.INVALID_ARGUMENT, "MODEL_REFUSED", msg(e)) from None
+            raise JobFailure(code_pb2.INVALID_ARGUMENT, Reason.MODEL_REFUSED, msg(e)) from None
         except Exception as e:
-            raise JobFailure(code_pb2.INTERNAL, "MODEL_LOAD_FAILED", msg(_exc_line(e))) from e
+            raise JobFailure(code_pb2.INTERNAL, Reason.MODEL_LOAD_FAILED, msg(exc_line(e))) from e
 
     def _engine(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """An engine call, its refusals mapped to PRUNE_FAILED (a refused dataset to DATASET_INVALID); a cancel or a
@@ -641,13 +495,14 @@ class _Run:
         except (_Cancelled, _LeaseLost):
             raise
         except DatasetError as e:
-            raise JobFailure(code_pb2.INVALID_ARGUMENT, "DATASET_INVALID", f"dataset refused: {_one_line(e)}") from None
+            raise JobFailure(code_pb2.INVALID_ARGUMENT, Reason.DATASET_INVALID,
+                             f"dataset refused: {message_line(e)}") from None
         except Exception as e:
-            if _out_of_memory(e):
+            if out_of_memory(e):
                 raise
             if isinstance(e, ValueError):  # PruneError and the engine's other refusals
-                raise JobFailure(code_pb2.FAILED_PRECONDITION, "PRUNE_FAILED", _one_line(e)) from None
-            raise JobFailure(code_pb2.INTERNAL, "PRUNE_FAILED", _exc_line(e)) from e
+                raise JobFailure(code_pb2.FAILED_PRECONDITION, Reason.PRUNE_FAILED, message_line(e)) from None
+            raise JobFailure(code_pb2.INTERNAL, Reason.PRUNE_FAILED, exc_line(e)) from e
 
     def _export(self, program: torch.export.ExportedProgram) -> Path:
         out = self.tmpdir / "pruned.pt2"
@@ -655,7 +510,7 @@ class _Run:
             torch.export.save(program, out)
             vet_archive(out)
         except Exception as e:
-            raise JobFailure(code_pb2.INTERNAL, "EXPORT_FAILED", _exc_line(e).replace(str(out), "model.pt2")) from e
+            raise JobFailure(code_pb2.INTERNAL, Reason.EXPORT_FAILED, exc_line(e).replace(str(out), "model.pt2")) from e
         return out
 
     def _put(self, key: str, chunks: Iterator[bytes] | list[bytes]) -> tuple[int, str]:
@@ -667,10 +522,10 @@ class _Run:
             try:
                 size, sha = self.store.put_stream(key, chunks, self.settings.max_result_bytes)
             except TooLarge as e:
-                raise JobFailure(code_pb2.RESOURCE_EXHAUSTED, "RESULT_TOO_LARGE", _one_line(e)) from None
+                raise JobFailure(code_pb2.RESOURCE_EXHAUSTED, Reason.RESULT_TOO_LARGE, message_line(e)) from None
             except Exception as e:
-                raise JobFailure(code_pb2.UNAVAILABLE, "STORE_UNAVAILABLE", f"could not write {key}: {_exc_line(e)}",
-                                 transient=True) from e
+                raise JobFailure(code_pb2.UNAVAILABLE, Reason.STORE_UNAVAILABLE,
+                                 f"could not write {key}: {exc_line(e)}", transient=True) from e
         metrics.ARTIFACT_OUT_BYTES.inc(size)
         return size, sha
 
@@ -749,7 +604,7 @@ def run_job(job_id: str | uuid.UUID, worker_id: str, *, settings: WorkerSettings
         raise ClaimDeferred(jid, "TENANT_AT_LIMIT", str(e)) from None
     except Exception as e:
         # nothing is claimed (a commit that failed after all leaves a lease no one renews: the reaper requeues it)
-        raise ClaimDeferred(jid, "UNAVAILABLE", _exc_line(e)) from e
+        raise ClaimDeferred(jid, "UNAVAILABLE", exc_line(e)) from e
     if not claimed or view is None:
         state = view.state if view is not None else None
         if state is not None and state != before and state in TERMINAL:  # claim ended it (attempts used up)

@@ -23,49 +23,9 @@ from google.protobuf import any_pb2, duration_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
+from prunery.service.store.reasons import Reason
+
 DOMAIN = "prunery.dev"
-
-
-class Reason:
-    """The stable `ErrorInfo.reason` strings of the API."""
-
-    # UNAUTHENTICATED
-    MISSING_TOKEN = "MISSING_TOKEN"
-    INVALID_TOKEN = "INVALID_TOKEN"
-    # INVALID_ARGUMENT
-    INVALID_FIELD = "INVALID_FIELD"  # see the BadRequest field violations
-    INVALID_NAME = "INVALID_NAME"
-    INVALID_FILTER = "INVALID_FILTER"
-    INVALID_PAGE_TOKEN = "INVALID_PAGE_TOKEN"
-    INVALID_UPLOAD = "INVALID_UPLOAD"  # the stream does not start with metadata, or repeats it
-    SIZE_MISMATCH = "SIZE_MISMATCH"
-    SHA256_MISMATCH = "SHA256_MISMATCH"
-    # NOT_FOUND
-    ARTIFACT_NOT_FOUND = "ARTIFACT_NOT_FOUND"
-    JOB_NOT_FOUND = "JOB_NOT_FOUND"
-    RESULT_NOT_FOUND = "RESULT_NOT_FOUND"
-    # OUT_OF_RANGE
-    OFFSET_OUT_OF_RANGE = "OFFSET_OUT_OF_RANGE"
-    # ALREADY_EXISTS
-    REQUEST_ID_REUSED = "REQUEST_ID_REUSED"  # a CreateJob request_id sent again with another spec or labels
-    # ABORTED
-    UPLOAD_EXPIRED = "UPLOAD_EXPIRED"  # an upload outlived PRUNERY_PENDING_UPLOAD_TTL_S and its reservation went
-    # RESOURCE_EXHAUSTED
-    TENANT_CAP_EXCEEDED = "TENANT_CAP_EXCEEDED"
-    TENANT_RATE_LIMIT = "TENANT_RATE_LIMIT"  # the tenant's calls per second (RetryInfo says when to retry)
-    TENANT_STREAM_LIMIT = "TENANT_STREAM_LIMIT"  # the tenant's concurrent streams (WatchJob, uploads, downloads)
-    TENANT_JOB_LIMIT = "TENANT_JOB_LIMIT"  # the tenant's unfinished (or queued) jobs
-    # FAILED_PRECONDITION
-    JOB_NOT_SUCCEEDED = "JOB_NOT_SUCCEEDED"
-    JOB_NOT_FINISHED = "JOB_NOT_FINISHED"
-    JOB_ALREADY_FINISHED = "JOB_ALREADY_FINISHED"
-    ARTIFACT_IN_USE = "ARTIFACT_IN_USE"
-    # DATA_LOSS / INTERNAL / UNAVAILABLE
-    OBJECT_MISSING = "OBJECT_MISSING"
-    INTERNAL = "INTERNAL"
-    STORE_UNAVAILABLE = "STORE_UNAVAILABLE"
-    DATABASE_UNAVAILABLE = "DATABASE_UNAVAILABLE"
-    OVERLOADED = "OVERLOADED"  # the server sheds work past its bound on calls in flight
 
 
 MAX_QUOTE = 200  # characters of any input an error message or detail repeats

@@ -51,6 +51,7 @@ from sqlalchemy.orm import Session
 
 from prunery.service.store.config import DEFAULT_QUEUE
 from prunery.service.store.db import Job, JobEvent, JobState, Tenant, utcnow
+from prunery.service.store.reasons import Reason
 
 __all__ = [
     "DEFAULT_MAX_ATTEMPTS", "RESENT", "TERMINAL", "TRANSITIONS", "TOO_MANY_ATTEMPTS", "IllegalTransition",
@@ -70,7 +71,7 @@ TRANSITIONS: dict[JobState, frozenset[JobState]] = {
 }
 TERMINAL = frozenset({S.SUCCEEDED, S.FAILED, S.CANCELLED})
 DEFAULT_MAX_ATTEMPTS = 3
-TOO_MANY_ATTEMPTS = "TOO_MANY_ATTEMPTS"  # error_reason of a job whose worker died on every attempt
+TOO_MANY_ATTEMPTS = Reason.TOO_MANY_ATTEMPTS  # error_reason of a job whose worker died on every attempt
 RESENT = "its message to the workers was lost; sent again"  # the event of record_resend()
 
 
