@@ -1,1 +1,2 @@
-"""Alembic migrations of the service database (shipped as `prunery.migrations`; see service/db.upgrade)."""
+"""Alembic migrations of the service database (`migrations/`, shipped as `prunery.migrations`; see
+`prunery.service.store.db.upgrade`)."""
