@@ -36,20 +36,24 @@ import json
 import math
 import os
 import signal
+import sys
 import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from prunery import zoo
 from prunery.core.counting import count
 from prunery.core.graph import DependencyGraph
 from prunery.core.prune import PruneConfig, program_tensors, prune, pruned_module, select
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root: `tests` (the zoo) is importable
+from tests import zoo  # noqa: E402
 
 EXPORT_BATCH = 2  # smallest batch that keeps the batch dim dynamic in torch.export
 TP_BATCH = 1

@@ -69,10 +69,11 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the root: `tests` (the zoo)
 from bench_cnn import _best, _classifier, _err, _fmt, _layer_diff, _module_params, _out_shape, _runs, _time_limit  # noqa: E402
 
-from prunery import zoo_seq  # noqa: E402
 from prunery.core import PruneConfig, prune  # noqa: E402
+from tests import zoo_seq  # noqa: E402
 
 CNN_GEOMEAN = 0.440  # README, bench_cnn.py (latest run): time ours/TP geomean over the CNN zoo
 EXPORT_BATCH = 2

@@ -59,6 +59,8 @@ from typing import Any
 from prunery.client import Client, PruneryError, spec_from_options
 from prunery.v1 import prunery_pb2 as pb
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root: `tests` (the zoo) is importable
+
 MiB = 1 << 20
 GETJOB_CALLS_S, GETJOB_P99_MS = 2000.0, 20.0
 STREAMS, STREAMS_CALLS_S, STREAMS_P99_MS, STREAMS_RSS_MB = 500, 1500.0, 30.0, 100.0
@@ -609,8 +611,8 @@ def bench_overhead(args: argparse.Namespace) -> None:
     print("\n== 3. A resnet_basic job through the service (prunery up) vs the same prune locally ==", flush=True)
     import torch
 
-    from prunery import zoo
     from prunery.core import PruneConfig, load_program, prune
+    from tests import zoo
 
     ratio = 0.5
     with contextlib.ExitStack() as stack:

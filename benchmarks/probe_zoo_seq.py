@@ -16,18 +16,22 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import sys
 import time
 import traceback
 import warnings
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from prunery import zoo_seq
 from prunery.core import PruneConfig, apply_zeroing, prune
 from prunery.core.graph import DependencyGraph
 from prunery.core.rules import RULES, _is_pointwise, _op_name
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root: `tests` (the zoo) is importable
+from tests import zoo_seq  # noqa: E402
 
 
 def _targets(ep: torch.export.ExportedProgram) -> Counter[str]:

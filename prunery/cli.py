@@ -121,17 +121,20 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """Export a zoo model, then prune it through the embedded service (`prunery up`) — or, with
-    `--local`, with the engine in this process — and reload the result through the safe intake."""
+    """Export the package's demo model (`prunery/demo_model.py`), then prune it through the embedded service
+    (`prunery up`) — or, with `--local`, with the engine in this process — and reload the result through the safe
+    intake."""
     import torch
 
-    from prunery import zoo
+    from prunery import demo_model
     from prunery.core import PruneConfig, load_program, prune
 
+    if args.model != demo_model.NAME:
+        raise ValueError(f"unknown demo model {args.model!r}; choices: {demo_model.NAME}")
     out = Path(args.out)
     model_path = out / f"{args.model}.pt2"
-    _save_program(zoo.export(args.model), model_path)
-    print(f"exported zoo model {args.model!r} to {model_path}")
+    _save_program(demo_model.export(), model_path)
+    print(f"exported the demo model {args.model!r} to {model_path}")
     pruned_path, report_path = out / f"{args.model}-pruned.pt2", out / "report.json"
     if args.local:
         ep = load_program(model_path)  # through the safe intake, as an upload would be
@@ -142,7 +145,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     else:
         report = _demo_through_service(model_path, pruned_path, report_path, args.ratio, out / "service")
     _print_summary(report, pruned_path)
-    x = zoo.ZOO[args.model].example_inputs(4)
+    x = demo_model.example_inputs(4)
     with torch.no_grad():
         y = load_program(pruned_path).module()(*x)
     print(f"reloaded pruned model runs at batch 4: output shape {tuple(y.shape)}; report: {report_path}")
@@ -464,8 +467,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--database-url", help="default: $PRUNERY_DATABASE_URL")
     p.set_defaults(func=cmd_tokens)
 
-    p = sub.add_parser("demo", help="export a zoo model, prune it through the embedded service, reload it")
-    p.add_argument("--model", default="resnet_basic")
+    p = sub.add_parser("demo", help="export a small ResNet, prune it through the embedded service, reload it")
+    p.add_argument("--model", default="resnet_basic", help="the model to prune: resnet_basic (the only one)")
     p.add_argument("--ratio", type=float, default=0.5)
     p.add_argument("--out", default="prunery-demo")
     p.add_argument("--local", action="store_true", help="prune in this process instead of through the service")

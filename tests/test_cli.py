@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from prunery import zoo
 from prunery.core import load_program
+from tests import zoo
 
 REPORT_KEYS = {"params_before", "params_after", "macs_before", "macs_after", "num_groups", "pruned_groups",
                "frozen_ops", "duration_s", "layers"}
@@ -138,11 +138,11 @@ def test_prune_with_a_two_input_dataset_and_refusals_naming_the_tensor(encoder: 
 
 
 def test_demo_runs_end_to_end(tmp_path: Path) -> None:
-    proc = run("demo", "--model", "conv1d", "--out", str(tmp_path / "demo"))
+    proc = run("demo", "--out", str(tmp_path / "demo"))  # the package's one model, resnet_basic
     assert proc.returncode == 0, proc.stderr
     report = json.loads((tmp_path / "demo" / "report.json").read_text())
     assert report["params_after"] < report["params_before"]
-    assert (tmp_path / "demo" / "conv1d-pruned.pt2").is_file()
+    assert (tmp_path / "demo" / "resnet_basic-pruned.pt2").is_file()
     assert "output shape (4, 10)" in proc.stdout
 
 

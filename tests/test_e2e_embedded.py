@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from prunery import zoo
 from prunery.core import count, load_program
 from prunery.service.store.testing import free_port
+from tests import zoo
 
 
 def _cli(*args: str, env: dict, timeout: float = 300) -> subprocess.CompletedProcess:

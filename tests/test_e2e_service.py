@@ -16,7 +16,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from prunery import zoo
 from prunery.client import Client, PruneryError, spec_from_options
 from prunery.core import count, load_program
 from prunery.service.api.server import build_server
@@ -24,6 +23,7 @@ from prunery.service.api.settings import Settings
 from prunery.service.store import db, tokens
 from prunery.service.store.testing import MOTO_CREDENTIALS, moto_server, temporary_postgres_database
 from prunery.v1 import prunery_pb2 as pb
+from tests import zoo
 from tests.test_worker import _with_evil_sample_inputs
 
 REDIS_URL = os.environ.get("PRUNERY_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
@@ -95,8 +95,8 @@ def test_upload_create_watch_download(client: Client, model_path: Path, tmp_path
 
 
 def test_a_transformer_job_gives_the_model_a_local_run_of_the_same_spec_gives(client: Client, tmp_path: Path) -> None:
-    from prunery import zoo_seq
     from prunery.core import PruneConfig, prune
+    from tests import zoo_seq
 
     ep = zoo_seq.export("llama")
     path = tmp_path / "llama.pt2"

@@ -692,7 +692,7 @@ def export_model(path: Path) -> Path:
     """The batch's model: the zoo's 1-D convnet (a job of it takes well under a second)."""
     import torch
 
-    from prunery import zoo
+    from tests import zoo
 
     torch.export.save(zoo.export("conv1d"), path)
     return path

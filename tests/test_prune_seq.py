@@ -12,8 +12,8 @@ import re
 import pytest
 import torch
 
-from prunery import zoo_seq
 from prunery.core import PruneConfig, apply_zeroing, count, load_program, prune
+from tests import zoo_seq
 
 RECURRENT = {"lstm_tagger", "lstm_tagger_bi", "gru_tagger"}  # tests/test_rules_rnn.py
 ATTENTION = sorted(set(zoo_seq.SEQ_ZOO) - RECURRENT)

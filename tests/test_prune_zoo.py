@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from prunery import zoo
 from prunery.core import PruneConfig, apply_zeroing, count, load_program, prune
+from tests import zoo
 
 RATIOS = (0.3, 0.5, 0.7)
 

@@ -24,10 +24,10 @@ import pytest
 import torch
 from torch import nn
 
-from prunery import zoo, zoo_seq
 from prunery.core import PruneConfig
 from prunery.core.data import Dataset
 from prunery.core.recipe import Recipe, run_recipe
+from tests import zoo, zoo_seq
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -15,8 +15,8 @@ import pytest
 import torch
 from torch import nn
 
-from prunery import zoo_seq
 from prunery.core import PruneConfig, apply_zeroing, count, load_program, prune
+from tests import zoo_seq
 
 RATIOS = (0.3, 0.5)
 GATES = {"lstm_tagger": 4, "lstm_tagger_bi": 4, "gru_tagger": 3}

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 
-from prunery import zoo
 from prunery.core import PruneConfig, count
 from prunery.core.prune import PruneError
 from prunery.core.targets import Target, prune_to_target
+from tests import zoo
 
 
 @pytest.mark.parametrize(("name", "target"), [

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from prunery import zoo
+from tests import zoo
 
 EXPECTED_ZOO = {
     "vgg",

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from prunery import zoo, zoo_seq
+from tests import zoo, zoo_seq
 
 EXPECTED = {
     "vit",

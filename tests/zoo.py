@@ -1,4 +1,5 @@
-"""In-repo model zoo used by the tests and the benchmarks.
+"""In-repo model zoo used by the tests and the benchmarks (`tests/zoo.py`, imported as ``tests.zoo``; it is not
+part of the installed package: `prunery demo` has its own model, `prunery/demo_model.py`).
 
 Every architecture here is written from scratch for Prunery (nothing is copied from torchvision).
 Each model class's docstring names the dependency ("coupling") pattern it exercises for the pruner.

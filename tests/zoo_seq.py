@@ -1,6 +1,6 @@
 """Sequence and transformer models for the pruning engine's tests and benchmarks.
 
-The companion of ``prunery.zoo`` (CNNs) for token and patch sequences. The in-repo architectures are
+The companion of ``tests.zoo`` (CNNs) for token and patch sequences. The in-repo architectures are
 written from scratch for Prunery; each model class's docstring names the dependency ("coupling")
 pattern it exercises for the pruner. The ``hf_*`` entries are ``transformers`` models built from
 small configs with random weights (nothing is downloaded), wrapped so that ``forward`` takes one tensor
@@ -16,7 +16,8 @@ hand, ``nn.RMSNorm`` or a ``transformers`` class) have randomised affine paramet
 never the identity (an identity norm hides pruning bugs).
 
 ``transformers`` is imported only when an ``hf_*`` entry is built (the import takes seconds); it is
-not a dependency of the package, so ``available(name)`` tells whether an entry can be built here.
+not a dependency of the package but a dev extra, so ``available(name)`` tells whether an entry can be built
+here. Like ``tests.zoo``, this file (`tests/zoo_seq.py`) is not part of the installed package.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from prunery.zoo import ZooModel, _randomise_norms
+from tests.zoo import ZooModel, _randomise_norms
 
 __all__ = ["SEQ_ZOO", "SeqZooModel", "available", "build", "dynamic_shapes", "export"]
 
