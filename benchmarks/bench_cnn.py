@@ -1,6 +1,6 @@
 """Prunery vs Torch-Pruning, side by side, in one process, on the in-repo model zoo.
 
-For every model of ``prunery.zoo.ZOO`` plus ``BENCH_ZOO`` (resnet50, densenet121) the module is built
+For every model of ``tests.zoo.ZOO`` plus ``BENCH_ZOO`` (resnet50, densenet121) the module is built
 once (same weights for both sides): a deep copy goes to Torch-Pruning, the module itself is exported
 (dynamic batch) for Prunery. Both prune at the same ratio with L2 magnitude importance, local (not
 global) pruning, and are then compared on time, parameters, MACs and whether the result still runs.

@@ -1,4 +1,4 @@
-"""Prunery vs Torch-Pruning on the transformer models of ``prunery.zoo_seq`` (issue 4), same weights both sides.
+"""Prunery vs Torch-Pruning on the transformer models of ``tests.zoo_seq`` (issue 4), same weights both sides.
 
 Models: every ``SEQ_ZOO`` entry with attention (``vit``, ``gpt``, ``encoder_manual``, ``llama``, ``swin_block``
 and the ``hf_*`` entries where ``transformers`` is installed). Each is built once with seed 0: a deep copy goes

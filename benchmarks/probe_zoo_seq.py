@@ -1,4 +1,4 @@
-"""Probe the pruning engine on every entry of ``prunery.zoo_seq.SEQ_ZOO`` (no engine change; findings only).
+"""Probe the pruning engine on every entry of ``tests.zoo_seq.SEQ_ZOO`` (no engine change; findings only).
 
 For each entry: export it (dynamic batch, and dynamic sequence where the entry declares it), list the
 aten ops of the graph that the engine has no rule for, run ``prune(ep, PruneConfig(ratio=...))`` and

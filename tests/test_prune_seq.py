@@ -1,4 +1,4 @@
-"""The engine on transformers (prunery.zoo_seq): whole heads or head dims pruned consistently (Q, K, V and the
+"""The engine on transformers (tests.zoo_seq): whole heads or head dims pruned consistently (Q, K, V and the
 output projection, grouped-query heads with the query heads sharing them, rotary pairs, fused projections,
 relative position tables), the residual stream left whole unless asked, tied embeddings kept tied, shapes and
 dynamic sequence dims kept, saves and reloads through the safe intake, and the zeroed-head oracle: zeroing what

@@ -1,4 +1,4 @@
-"""Recovery on every model family of the zoos (`prunery.zoo`, `prunery.zoo_seq`), as `run_recipe` runs it with the
+"""Recovery on every model family of the zoos (`tests.zoo`, `tests.zoo_seq`), as `run_recipe` runs it with the
 engine's defaults: prune, recalibrate the batch norms, recover by distillation from the unpruned program (no
 targets), keep the best held-out checkpoint. For each family, the held-out metric the engine picks for the output
 must end clearly above the unrecovered pruned program's, and the recovery loss must go down; a run whose loss

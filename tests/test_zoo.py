@@ -1,4 +1,4 @@
-"""Tests for the in-repo model zoo (prunery.zoo)."""
+"""Tests for the in-repo model zoo (tests.zoo)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Tests for the sequence / transformer model zoo (prunery.zoo_seq): deterministic builds, non-identity
+"""Tests for the sequence / transformer model zoo (tests.zoo_seq): deterministic builds, non-identity
 norms, exports whose outputs match eager at other batch sizes and, where declared, other sequence lengths."""
 
 from __future__ import annotations
