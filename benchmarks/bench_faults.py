@@ -6,7 +6,7 @@ SIGKILL and restart of the API, each with and without PRUNERY_BROKER_KEYPREFIX; 
 stack of its own (`prunery serve`, two `celery worker` processes, a Postgres cluster made with initdb and a
 `redis-server` on random ports, a folder store; fast leases and reaper), a batch of 10 jobs created and waited
 for by 10 caller threads through `prunery.client.Client` with its default settings, and the fault in the middle of
-the batch. The harness is the test suite's (`tests/test_faults.py: run_scenario`), so this measures exactly what
+the batch. The harness is the test suite's (`tests/e2e/test_faults.py: run_scenario`), so this measures exactly what
 the tests check.
 
 Printed per scenario: the time to recover, counted from the moment the dependency is back (the process restarted
@@ -43,7 +43,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root: `tests` is importable
 
-from tests.test_faults import CASES, FAULTS, ScenarioResult, export_model, run_scenario  # noqa: E402
+from tests.e2e.test_faults import CASES, FAULTS, ScenarioResult, export_model, run_scenario  # noqa: E402
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Real worker stacks for the tests (tests/test_worker.py, tests/test_reaper.py): a database, a folder object store,
+"""Real worker stacks for the tests (tests/worker/test_worker.py, tests/worker/test_reaper.py): a database, a folder object store,
 a broker queue and `celery worker` processes consuming it; plus a Postgres cluster of our own that a test can
 stop and start, and an independent reader of what the Redis broker holds.
 

@@ -24,7 +24,7 @@ from prunery.service.store import db, tokens
 from prunery.service.store.testing import MOTO_CREDENTIALS, moto_server, temporary_postgres_database
 from prunery.v1 import prunery_pb2 as pb
 from tests import zoo
-from tests.test_worker import _with_evil_sample_inputs
+from tests.worker.test_worker import _with_evil_sample_inputs
 
 REDIS_URL = os.environ.get("PRUNERY_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 
@@ -199,7 +199,7 @@ def test_a_recovery_job_gives_the_model_a_local_run_of_the_same_spec_gives(clien
     encoder: the service runs exactly what `prunery prune` runs."""
     from torch import nn
 
-    from tests.test_recovery_parts import Encoder
+    from tests.core.test_recovery_parts import Encoder
 
     torch.manual_seed(0)
     cnn = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 16, 3),

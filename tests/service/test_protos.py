@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 GENERATE = ROOT / "protos" / "generate.py"
 
 # Field numbers are the wire contract: once landed, never renumber or reuse (add new fields instead).

@@ -94,7 +94,7 @@ def test_prune_refuses_bad_ratio_and_missing_file(model: Path, tmp_path: Path) -
 @pytest.fixture(scope="module")
 def encoder(tmp_path_factory) -> Path:
     """A two-input program (token ids + attention mask) with a dynamic batch and sequence."""
-    from tests.test_recovery_parts import Encoder
+    from tests.core.test_recovery_parts import Encoder
 
     torch.manual_seed(0)
     ids, mask = torch.randint(0, 50, (2, 7)), torch.ones(2, 7, dtype=torch.long)
@@ -228,7 +228,7 @@ def test_token_commands_that_fail_leave_no_file_behind(tmp_path: Path) -> None:
 def test_client_commands_wait_out_an_api_restart(tmp_path: Path) -> None:
     from prunery.client import Client, spec_from_options
     from prunery.service.store import db, testing, tokens
-    from tests.test_client import OUTAGE_S, ApiServer
+    from tests.e2e.test_client import OUTAGE_S, ApiServer
 
     with testing.temporary_postgres_database(prefix="prunery_cli") as url:
         db.upgrade(url)

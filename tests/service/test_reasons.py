@@ -10,7 +10,7 @@ from pathlib import Path
 from prunery.service.api import errors
 from prunery.service.store.reasons import Reason
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 # calls whose argument at this position (or keyword) is a reason
 REASON_ARGS = {"JobFailure": (1, "reason"), "ApiError": (2, "reason"), "fail": (3, "reason"), "outage": (0, "reason"),
                "invalid": (2, "reason"), "_set_error": (2, "reason")}

@@ -39,7 +39,7 @@ from prunery.v1 import prunery_pb2 as pb
 from prunery.v1 import prunery_pb2_grpc as pb_grpc
 
 KiB, MiB = 1 << 10, 1 << 20
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 Code = grpc.StatusCode
 
 

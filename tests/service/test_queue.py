@@ -1,6 +1,6 @@
 """service/api/sending.py: sending jobs to the workers survives a broker that is briefly away (pure logic: the
 sender is given a `send` that fails while the "broker" is down; the real broker path is in
-tests/test_outages.py)."""
+tests/service/test_outages.py)."""
 
 from __future__ import annotations
 

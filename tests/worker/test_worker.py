@@ -68,7 +68,7 @@ def _params(data: bytes, tmp_path: Path) -> int:
 
 
 class _Touch:
-    """Unpickling this creates `path` (stands in for arbitrary code); see tests/test_safe_load.py."""
+    """Unpickling this creates `path` (stands in for arbitrary code); see tests/core/test_safe_load.py."""
 
     def __init__(self, path: Path) -> None:
         self.path = str(path)

@@ -15,7 +15,7 @@ import torch
 from prunery.core import PruneConfig, apply_zeroing, count, load_program, prune
 from tests import zoo_seq
 
-RECURRENT = {"lstm_tagger", "lstm_tagger_bi", "gru_tagger"}  # tests/test_rules_rnn.py
+RECURRENT = {"lstm_tagger", "lstm_tagger_bi", "gru_tagger"}  # tests/core/test_rules_rnn.py
 ATTENTION = sorted(set(zoo_seq.SEQ_ZOO) - RECURRENT)
 MODES = ("heads", "head-dim")
 ATTN = re.compile(r"(attn|attention)\.", re.IGNORECASE)

@@ -21,7 +21,7 @@ The time to recover is printed per case: from the moment the dependency is back 
 to the first successful client call, to the first job event, and to the first claim of a job; and until the batch
 is done. `benchmarks/bench_faults.py` runs the same scenarios (`run_scenario`) and prints the same figures.
 
-Run it alone: `python -m pytest tests/test_faults.py -m slow -s` (each case ~40-60 s on 2 cores).
+Run it alone: `python -m pytest tests/e2e/test_faults.py -m slow -s` (each case ~40-60 s on 2 cores).
 """
 
 from __future__ import annotations
