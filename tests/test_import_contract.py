@@ -17,6 +17,8 @@ MAY_IMPORT = {
     "prunery.service.store": (),
     "prunery.service.api": ("prunery.service.store", "prunery.core.spec", "prunery.spec_proto"),
     "prunery.worker": ("prunery.core", "prunery.service.store"),
+    "prunery.migrations": ("prunery.service.store",),
+    "prunery.v1": (),
 }
 TORCH_FREE = ("prunery.service", "prunery.core.spec", "prunery.spec_proto", "prunery.client")
 HEAVY = ("torch", "numpy", "scipy", "safetensors")
