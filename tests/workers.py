@@ -1,6 +1,6 @@
-"""Real worker stacks for the tests (tests/worker/test_worker.py, tests/worker/test_reaper.py): a database, a folder object store,
-a broker queue and `celery worker` processes consuming it; plus a Postgres cluster of our own that a test can
-stop and start, and an independent reader of what the Redis broker holds.
+"""Real worker stacks for the tests (tests/worker/test_worker.py, tests/worker/test_reaper.py): a database, a
+folder object store, a broker queue and `celery worker` processes consuming it; plus a Postgres cluster of our
+own that a test can stop and start, and an independent reader of what the Redis broker holds.
 
 Nothing here mocks a service. Every Stack gets its own Redis key prefix and queue name, so parallel runs
 (pytest -n 2) and other users of the shared Redis never see each other's messages.
@@ -28,9 +28,19 @@ from pathlib import Path
 from typing import Any
 
 import redis
+from sqlalchemy import select
 
 from prunery.service.store import jobs
-from prunery.service.store.db import Artifact, ArtifactKind, ArtifactState, Database, Job, ensure_tenant, utcnow
+from prunery.service.store.db import (
+    Artifact,
+    ArtifactKind,
+    ArtifactState,
+    Database,
+    Job,
+    JobEvent,
+    ensure_tenant,
+    utcnow,
+)
 from prunery.service.store.objectstore import FolderStore
 from prunery.service.store.testing import free_port
 from prunery.worker.app import enqueue, make_app
@@ -140,7 +150,7 @@ class Stack:
 
     def events(self, job_id: uuid.UUID) -> list[Any]:
         with self.db.session() as s:
-            return jobs.list_events(s, job_id)
+            return list_events(s, job_id)
 
     def wait(self, job_id: uuid.UUID, done: Callable[[Job], bool], timeout: float = 90.0) -> Job:
         deadline = time.monotonic() + timeout
@@ -386,3 +396,10 @@ def redis_messages(client: redis.Redis, prefix: str, queue: str) -> list[BrokerM
             headers = message.get("headers") or {}
             found.append(BrokerMessage(job, headers.get("id"), headers.get("eta"), where))
     return found
+
+
+def list_events(session: Any, job_id: uuid.UUID | str, after_sequence: int = 0) -> list[JobEvent]:
+    """A job's events after `after_sequence`, in order (what WatchJob streams)."""
+    return list(session.scalars(select(JobEvent).where(JobEvent.job_id == uuid.UUID(str(job_id)),
+                                                       JobEvent.sequence > after_sequence)
+                                .order_by(JobEvent.sequence)))

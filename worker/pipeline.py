@@ -40,9 +40,7 @@ worker goes on with its next job. Object-store trouble is transient: the job goe
 attempts remain. Partial outputs of a failed job are deleted.
 
 Device: CUDA when available, else CPU, chosen in the job process (never in the worker's main process) and
-recorded in the report. Today's stages (magnitude importance, slicing, re-export) are not compute-bound, so
-the program stays on the device it was exported for and the result deploys wherever the input did; the
-device is for the training and evaluation stages to come.
+recorded in the report; the recipe's training, scoring and evaluation run there (`core/recipe.py`).
 
 Test hooks (only when PRUNERY_TEST_HOOKS=1 in the worker's environment, never in production), read from
 the job's labels: `prunery-test-delay: "stage=seconds,..."` sleeps at the start of those stages, as a long

@@ -56,7 +56,7 @@ from prunery.service.store.reasons import Reason
 __all__ = [
     "DEFAULT_MAX_ATTEMPTS", "RESENT", "TERMINAL", "TRANSITIONS", "TOO_MANY_ATTEMPTS", "IllegalTransition",
     "JobNotFound", "JobState", "TenantAtLimit", "claim", "create_job", "fail", "finish_cancel", "get_job", "heartbeat",
-    "is_cancel_requested", "list_events", "mark_sent", "record_resend", "release", "request_cancel",
+    "mark_sent", "record_resend", "release", "request_cancel",
     "requeue_expired", "sent_time", "set_progress", "succeed",
 ]
 
@@ -154,21 +154,6 @@ def get_job(session: Session, job_id: uuid.UUID | str, tenant: str | None = None
     if job is None or (tenant is not None and job.tenant_id != tenant):
         return None
     return job
-
-
-def list_events(session: Session, job_id: uuid.UUID | str, after_sequence: int = 0,
-                limit: int | None = None) -> list[JobEvent]:
-    stmt = (select(JobEvent).where(JobEvent.job_id == _uuid(job_id), JobEvent.sequence > after_sequence)
-            .order_by(JobEvent.sequence))
-    if limit is not None:
-        stmt = stmt.limit(limit)
-    return list(session.scalars(stmt))
-
-
-def is_cancel_requested(session: Session, job_id: uuid.UUID | str) -> bool:
-    """True when the worker should stop: cancel requested or done, or the job no longer exists."""
-    state = session.scalar(select(Job.state).where(Job.id == _uuid(job_id)))
-    return state is None or state in (S.CANCELLING, S.CANCELLED)
 
 
 # ---------------------------------------------------------------------------------------------------------

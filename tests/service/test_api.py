@@ -37,6 +37,7 @@ from prunery.service.store.db import Artifact, Database, Job
 from prunery.service.store.objectstore import FolderStore, ObjectStore, S3Store, open_store
 from prunery.v1 import prunery_pb2 as pb
 from prunery.v1 import prunery_pb2_grpc as pb_grpc
+from tests.workers import list_events
 
 KiB, MiB = 1 << 10, 1 << 20
 ROOT = Path(__file__).resolve().parents[2]
@@ -737,7 +738,7 @@ def test_cancel_queued_job(folder_api: Api, tenant: Tenant, model: pb.Artifact) 
     expect(rpc_error(api.jobs.GetJob, pb.GetJobRequest(name=job.name), metadata=tenant.md),
            Code.NOT_FOUND, "JOB_NOT_FOUND")
     with api.database.session() as s:
-        assert jobs.list_events(s, job_id_of(job)) == []
+        assert list_events(s, job_id_of(job)) == []
 
 
 def _simulate_worker(api: Api, tenant: Tenant, job: pb.Job, model_bytes: bytes, report: dict[str, Any]) -> list[str]:

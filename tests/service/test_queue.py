@@ -8,6 +8,7 @@ import threading
 import time
 
 from prunery.service.api.sending import RetryingSender
+from tests.workers import list_events
 
 
 class FlakyBroker:
@@ -105,7 +106,7 @@ def test_the_api_and_the_reaper_never_both_resend_a_job(pg_url: str) -> None:
             time.sleep(0.5)
             assert broker.sent == [(str(alone), "prunery")]  # `reaped` was the reaper's to send, not ours
             with database.session() as s:
-                events = {job_id: [e.message for e in jobs.list_events(s, job_id)] for job_id in (reaped, alone)}
+                events = {job_id: [e.message for e in list_events(s, job_id)] for job_id in (reaped, alone)}
                 sent = {job_id: s.get(Job, job_id).last_sent_at for job_id in (reaped, alone)}
             assert events[reaped].count(jobs.RESENT) == 1 and events[alone].count(jobs.RESENT) == 1
             assert all(t is not None for t in sent.values())

@@ -33,7 +33,7 @@ from prunery.worker.broker import QueueView
 from prunery.worker.reaper import reap_expired, resend_lost
 from prunery.worker.settings import WorkerSettings
 from tests import zoo
-from tests.workers import REDIS_URL, TENANT, Stack, owner_pid
+from tests.workers import REDIS_URL, TENANT, Stack, list_events, owner_pid
 
 
 @pytest.fixture(scope="module")
@@ -420,7 +420,7 @@ def test_reaper_sweeps() -> None:
             with db.session() as s:
                 job = jobs.get_job(s, queued)
                 assert job is not None and job.state == "QUEUED"
-                assert [e.message for e in jobs.list_events(s, queued)][-1] == jobs.RESENT
+                assert [e.message for e in list_events(s, queued)][-1] == jobs.RESENT
             # just sent: not a candidate again until older_than_s has passed once more
             with db.session() as s:
                 assert resend_lost(s, 30, lambda: empty, "prunery", confirm_s=0, enqueue_fn=send) == []
