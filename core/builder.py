@@ -10,17 +10,27 @@ from __future__ import annotations
 import math
 from collections import Counter
 from collections.abc import Callable, Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
-from torch.fx import Node
 
 FROZEN = 0  # sentinel element id
 
-# A rewrite gets the node of the module being pruned and `kept(slot) -> np.ndarray` (kept indices).
+
+class CallSite(Protocol):
+    """The call a rewrite changes: a node of the module being pruned (`torch.fx.Node`), or the
+    `program_module.NodeCall` standing for it when the program runs as it is; a rewrite reads and sets these."""
+
+    name: str
+    target: Any
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+
+
+# A rewrite gets the call of the module being pruned and `kept(slot) -> np.ndarray` (kept indices).
 Kept = Callable[[int], np.ndarray]
-Rewrite = Callable[[Node, Kept], None]
+Rewrite = Callable[[CallSite, Kept], None]
 
 
 class Builder:

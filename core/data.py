@@ -381,10 +381,11 @@ def _permutation(n: int, seed: int) -> torch.Tensor:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed))
 
 
-def _check_rows(features: dict[str, object], targets: object) -> None:
+def _check_rows(features: Mapping[str, object], targets: object) -> None:
     """At least one input; each a tensor with at least one dim and one row; all (and targets) the same rows."""
     if not features:
         raise DatasetError("the dataset has no input tensors: expected at least one")
+    rows: dict[str, int] = {}
     for name, t in features.items():
         if not isinstance(t, torch.Tensor):
             raise DatasetError(f"{_one_line(name)} must be a torch.Tensor; got {type(t).__name__}")
@@ -393,10 +394,11 @@ def _check_rows(features: dict[str, object], targets: object) -> None:
         if t.shape[0] == 0:
             shape = _shape_str(tuple(t.shape))
             raise DatasetError(f"{_one_line(name)} has 0 rows (shape {shape}): expected at least 1")
-    ref = _check_same_rows({name: t.shape[0] for name, t in features.items()})
+        rows[name] = t.shape[0]
+    ref = _check_same_rows(rows)
     if targets is None:
         return
-    n = features[ref].shape[0]
+    n = rows[ref]
     if not isinstance(targets, torch.Tensor):
         raise DatasetError(f"targets must be a torch.Tensor or None; got {type(targets).__name__}")
     if targets.dim() == 0:
@@ -803,7 +805,7 @@ def _program_inputs(ep: torch.export.ExportedProgram) -> list[_ProgramInput]:
     for i, (name, spec) in enumerate(zip(names, user, strict=True)):
         node = placeholders.get(spec.arg.name) if isinstance(spec.arg, TensorArgument) else None
         val = None if node is None else node.meta.get("val")
-        if not isinstance(val, torch.Tensor):
+        if node is None or not isinstance(val, torch.Tensor):
             value = getattr(spec.arg, "value", None)
             what = f"the {type(value).__name__} {_one_line(value, 40)}" if value is not None else "None"
             raise DatasetError(

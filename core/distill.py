@@ -32,6 +32,7 @@ import torch.utils._pytree as pytree
 from torch.export import ExportedProgram
 from torch.fx import Node
 
+from .program_module import ProgramModule
 from .spec import DISTILL_LOSSES
 
 __all__ = ["DISTILL_LOSSES", "OUTPUT_KINDS", "HiddenDistillation", "distill_loss_for", "layer_outputs", "metric_for",
@@ -110,7 +111,8 @@ def _kind(out: Node) -> str | None:
     if _packet(src) in _DIVS and len(src.args) > 1:
         if _from_norm(src.args[1]):
             return "embedding"
-        if _packet(_source(src.args[0])) in _POOLS:  # a masked mean: sum over positions / count
+        num = src.args[0]
+        if isinstance(num, Node) and _packet(_source(num)) in _POOLS:  # a masked mean: sum over positions / count
             return "embedding"
     if _packet(src) in _POOLS:
         return "embedding"
@@ -232,7 +234,7 @@ class HiddenDistillation:
     their values tapped by node name during the forward passes of a step). A layer whose shape changed
     (its width was pruned) is left out. `penalty()` reads the values of the last forward passes."""
 
-    def __init__(self, student: torch.nn.Module, teacher: torch.nn.Module, names: Sequence[str],
+    def __init__(self, student: ProgramModule, teacher: ProgramModule, names: Sequence[str],
                  weight: float) -> None:
         self.student, self.teacher, self.weight = student, teacher, float(weight)
         self.names = frozenset(names)

@@ -114,6 +114,7 @@ class DependencyGraph:
                     for s in slots:
                         b.freeze(s)
                 else:
+                    assert target is not None  # parameters, buffers and constants are named by their input spec
                     self.params[target] = ParamInfo(target, kind, slots)
                     seen = first_slots.setdefault(tied.get(target, target), slots)
                     if seen is not slots:  # another name of a tied tensor: the same dims
@@ -132,8 +133,7 @@ class DependencyGraph:
                     and hasattr(spec.arg, "name")
                 ]
                 for name in user_outputs:
-                    slots = self.node_slots.get(name)
-                    for s in _flat_slots(slots):
+                    for s in _flat_slots(self.node_slots.get(name)):
                         b.freeze(s)
         b.resolve_factors(attention)
         self._finalize()
@@ -143,7 +143,7 @@ class DependencyGraph:
     def slots_of(self, arg) -> list[int] | None:
         if isinstance(arg, torch.fx.Node):
             s = self.node_slots.get(arg.name)
-            if s is None or (s and isinstance(s[0], list)):
+            if not isinstance(s, list) or (s and isinstance(s[0], list)):  # None, or a node of several outputs
                 return None
             return s
         return None

@@ -38,7 +38,7 @@ import gc
 import math
 import statistics
 import time
-from collections.abc import Callable, Hashable, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -103,9 +103,9 @@ def _check(rounds: int, min_time_s: float, warmup: int, threads: int | None) -> 
         raise LatencyError(f"threads must be an integer >= 1, got {threads!r}")
 
 
-def _timings(programs: Mapping[str, Program], inputs: Mapping[Hashable, Any], dev: torch.device, threads: int,
-             rounds: int, min_time_s: float, warmup: int) -> tuple[dict[str, dict[Hashable, list[float]]],
-                                                                   dict[str, dict[Hashable, list[int]]]]:
+def _timings(programs: Mapping[str, Program], inputs: Mapping[int, Any], dev: torch.device, threads: int,
+             rounds: int, min_time_s: float, warmup: int) -> tuple[dict[str, dict[int, list[float]]],
+                                                                   dict[str, dict[int, list[int]]]]:
     """Per program and input key: the per-call seconds of every round, and the calls each round's timing
     repeated (one more entry: the count the next round would use)."""
     names = list(programs)
@@ -136,8 +136,8 @@ def _timings(programs: Mapping[str, Program], inputs: Mapping[Hashable, Any], de
     try:
         modules = {name: _deployed(programs[name], dev) for name in names}
         call_args = {k: tuple(_to(a, dev) for a in _args(inputs[k])) for k in keys}
-        calls: dict[str, dict[Hashable, list[int]]] = {name: {} for name in names}
-        times: dict[str, dict[Hashable, list[float]]] = {name: {k: [] for k in keys} for name in names}
+        calls: dict[str, dict[int, list[int]]] = {name: {} for name in names}
+        times: dict[str, dict[int, list[float]]] = {name: {k: [] for k in keys} for name in names}
         with torch.inference_mode():
             # warm-up of everything first, then calibration (the warm-up's first calls are the slow ones)
             for name in names:

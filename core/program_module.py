@@ -28,7 +28,7 @@ class NodeCall:
 
     def __init__(self, node: torch.fx.Node) -> None:
         self.name = node.name
-        self.target = node.target
+        self.target: Any = node.target  # an op: NodeCall stands for call_function nodes only
         self.args = node.args
         self.kwargs = node.kwargs
         self.op = node.op
@@ -64,7 +64,9 @@ def _named_class(names: tuple[str, ...]) -> type[ProgramModule]:
         return ProgramModule.forward(self, *args, **kwargs)
 
     self_param = inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)
-    forward.__signature__ = signature.replace(parameters=[self_param, *signature.parameters.values()])
+    # inspect.signature reads a function's __signature__; typeshed's function type does not declare it
+    forward.__signature__ = signature.replace(  # type: ignore[attr-defined]
+        parameters=[self_param, *signature.parameters.values()])
     return type(ProgramModule.__name__, (ProgramModule,), {"forward": forward, "_signature": signature})
 
 
@@ -89,10 +91,10 @@ def _batch_norm_in_training(target: Any, args: tuple, kwargs: dict, momentum: fl
         return _aten._native_batch_norm_legit.default(x, weight, bias, mean, var, True,
                                                       _momentum(node_momentum, momentum), eps)
     i = _BATCH_NORM_TRAINING_ARG[target]
-    args = list(args)
-    args[i] = True
-    args[i + 1] = _momentum(args[i + 1], momentum)
-    return target(*args, **kwargs)
+    call = list(args)
+    call[i] = True
+    call[i + 1] = _momentum(call[i + 1], momentum)
+    return target(*call, **kwargs)
 
 
 def _momentum(node_momentum: float | None, override: float | None) -> float:
@@ -130,6 +132,7 @@ class _Runner(torch.fx.Interpreter):
                 args, kwargs = self.fetch_args_kwargs_from_env(n)
                 return _batch_norm_in_training(n.target, args, kwargs, self.owner.batchnorm_momentum)
             return super().run_node(n)
+        # a NodeCall has the args and kwargs this reads of a Node
         args, kwargs = self.fetch_args_kwargs_from_env(call)  # type: ignore[arg-type]
         if self.bn_training and call.target in BATCH_NORM_OPS:
             return _batch_norm_in_training(call.target, args, kwargs, self.owner.batchnorm_momentum)
@@ -148,6 +151,7 @@ class ProgramModule(torch.nn.Module):
     batchnorm_training: bool = False
     batchnorm_momentum: float | None = None
     taps: frozenset[str] = frozenset()  # nodes whose values each forward keeps in `tapped` (hidden distillation)
+    _signature: inspect.Signature  # the program's argument names, on the classes `_named_class` makes
 
     def __init__(self, ep: ExportedProgram, tensors: Mapping[str, torch.Tensor],
                  overrides: Mapping[str, NodeCall] | None = None) -> None:
@@ -171,11 +175,13 @@ class ProgramModule(torch.nn.Module):
             self._lifted.append(spec.target)
             t = tensors[spec.target]
             prefix, _, name = spec.target.rpartition(".")
-            mod = self
+            mod: torch.nn.Module = self
             for part in prefix.split(".") if prefix else []:
                 if part not in mod._modules:
                     mod.add_module(part, torch.nn.Module())
-                mod = mod._modules[part]
+                sub = mod._modules[part]
+                assert sub is not None  # added just above when missing
+                mod = sub
             if spec.kind == InputKind.PARAMETER:
                 mod.register_parameter(name, t if isinstance(t, torch.nn.Parameter) else torch.nn.Parameter(t))
             elif spec.kind == InputKind.BUFFER:
@@ -194,4 +200,5 @@ class ProgramModule(torch.nn.Module):
         flat, _ = pytree.tree_flatten((args, kwargs))
         lifted = [self._tensor(f) for f in self._lifted]
         out = _Runner(self).run(*lifted, *flat, enable_io_processing=False)
+        assert self._out_spec is not None, "an exported program has a call signature"
         return pytree.tree_unflatten(list(out), self._out_spec)

@@ -13,6 +13,7 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -118,8 +119,9 @@ def select(graph: DependencyGraph, config: PruneConfig, tensors: dict[str, torch
         # at least one index of every part
         total = sum(len(part) for _, part in parts)
         target = _n_to_prune(total, config.ratio)
-        owner = np.concatenate([np.full(len(part), i) for i, (_, part) in enumerate(parts)]) if parts else []
-        order = np.argsort(np.concatenate(rel), kind="stable") if parts else []
+        owner: np.ndarray | list[int] = (np.concatenate([np.full(len(part), i) for i, (_, part) in enumerate(parts)])
+                                         if parts else [])
+        order: np.ndarray | list[int] = np.argsort(np.concatenate(rel), kind="stable") if parts else []
         taken = [0] * len(parts)
         done = 0
         for o in order:
@@ -272,7 +274,7 @@ def example_inputs(ep: ExportedProgram) -> tuple[tuple, dict]:
     """The program's saved example inputs, or inputs made from its placeholders' shapes."""
     if ep.example_inputs is not None:
         return ep.example_inputs
-    leaves = []
+    leaves: list[Any] = []
     for v in _user_input_values(ep):
         if isinstance(v, torch.Tensor):
             shape = [int(s.node.hint) if not isinstance(s, int) else s for s in v.shape]
@@ -282,7 +284,9 @@ def example_inputs(ep: ExportedProgram) -> tuple[tuple, dict]:
                 leaves.append(torch.zeros(shape, dtype=v.dtype))
         else:
             leaves.append(v)
-    return pytree.tree_unflatten(leaves, call_specs(ep)[0])
+    in_spec, _ = call_specs(ep)
+    assert in_spec is not None, "an exported program has a call signature"
+    return pytree.tree_unflatten(leaves, in_spec)
 
 
 def _finite_int(bound: object) -> int | None:
@@ -299,12 +303,12 @@ def dynamic_shapes(ep: ExportedProgram, args: tuple, kwargs: dict):
     """The program's dynamic input dims as named Dims with their original bounds."""
     dims: dict[str, Dim] = {}
     bounds = {str(k): v for k, v in ep.range_constraints.items()}
-    leaves = []
+    leaves: list[dict[int, Any] | None] = []
     for v in _user_input_values(ep):
         if not isinstance(v, torch.Tensor):
             leaves.append(None)
             continue
-        spec_d = {}
+        spec_d: dict[int, Any] = {}
         for i, s in enumerate(v.shape):
             if isinstance(s, int):
                 continue
@@ -323,7 +327,9 @@ def dynamic_shapes(ep: ExportedProgram, args: tuple, kwargs: dict):
         leaves.append(spec_d or None)
     if not dims:
         return None
-    a_ds, k_ds = pytree.tree_unflatten(leaves, call_specs(ep)[0])
+    in_spec, _ = call_specs(ep)
+    assert in_spec is not None, "an exported program has a call signature"
+    a_ds, k_ds = pytree.tree_unflatten(leaves, in_spec)
     if not kwargs:
         return tuple(a_ds)
     return {**{f"_arg{i}": d for i, d in enumerate(a_ds)}, **k_ds}

@@ -33,19 +33,20 @@ import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 from torch.export import ExportedProgram
 
-from .data import Dataset, DatasetError, fit_to_program
+from .data import Batch, Dataset, DatasetError, fit_to_program
 from .distill import output_kinds, shared_layer_outputs
 from .graph import DependencyGraph
 from .latency import compare_latency, measure_ms
 from .program_module import has_batch_norm
 from .prune import PruneConfig, PruneError, PruneResult, example_inputs, prune
 from .spec import DATA_IMPORTANCES, TARGET_FIELDS, JobSpec, fields_of, first_problem
-from .targets import Target, prune_to_target
+from .targets import Scores, Target, prune_to_target
 from .train import (
     default_device,
     evaluate,
@@ -105,7 +106,7 @@ class Recipe:
 
     def as_spec(self, config: PruneConfig) -> JobSpec:
         """The job spec this recipe and `config` make (the dataset marked as given, not named)."""
-        target = {} if self.target is None else {_TARGET_FIELD[self.target.metric]: self.target.value}
+        target: dict[str, Any] = {} if self.target is None else {_TARGET_FIELD[self.target.metric]: self.target.value}
         return dataclasses.replace(
             config.as_spec(), **{name: getattr(self, name) for name in _SPEC_FIELDS if name != "seed"}, **target)
 
@@ -177,7 +178,7 @@ class _Epochs:
         self.batch_size = min(batch_size, len(dataset))
         self.epoch = 0
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+    def __iter__(self) -> Iterator[tuple[Batch, torch.Tensor | None]]:
         self.epoch += 1
         return self.dataset.batches(self.batch_size, shuffle=self.shuffle, seed=self.seed + self.epoch,
                                     drop_last=True)
@@ -252,8 +253,8 @@ def run_recipe(ep: ExportedProgram, config: PruneConfig, recipe: Recipe,
                                    "targets": dataset.targets is not None, "loss": loss.kind,
                                    "metric": _headline_metric(dataset, loss)}
         report_extra["evaluation"] = {"before": _rounded(evaluate(ep, held, teacher=teacher, device=device))}
-    else:
-        train = held = loss = teacher = None
+    else:  # read only by the stages that need a dataset (Recipe.validate refuses them without one)
+        train = held = loss = teacher = None  # type: ignore[assignment]
 
     def training_settings(steps: int, lr: float | None) -> dict:
         return {"optimizer": optimizer, "lr": default_lr if lr is None else lr,
@@ -279,7 +280,7 @@ def run_recipe(ep: ExportedProgram, config: PruneConfig, recipe: Recipe,
                                               "trend": _warn_flat(report_extra, "sparse", losses, progress)}
         config = dataclasses.replace(config, global_pruning=True)  # the paper: then prune by the relative score
 
-    scores = None
+    scores: Scores | None = None
     if config.importance in DATA_IMPORTANCES:
         score_fn = taylor_scores if config.importance == "taylor" else fisher_scores
 
@@ -289,18 +290,18 @@ def run_recipe(ep: ExportedProgram, config: PruneConfig, recipe: Recipe,
                             teacher=teacher if loss.distill else None, device=device)
 
     progress("prune", 0.0, "pruning")
-    if recipe.target is not None:
+    if (target := recipe.target) is not None:
         measure = None
-        if recipe.target.metric == "latency_ms":
+        if target.metric == "latency_ms":
             batch = _latency_inputs(ep, dataset, recipe.latency_batch)
 
             def measure(p: ExportedProgram) -> float:
                 return measure_ms(p, batch, device=device, threads=_latency_threads(device))
 
-        result = prune_to_target(program, config, recipe.target, steps=recipe.target_steps, latency=measure,
+        result = prune_to_target(program, config, target, steps=recipe.target_steps, latency=measure,
                                  scores=scores, on_step=lambda i, r: progress(
                                      "prune", (i + 1) / recipe.target_steps,
-                                     f"round {r['round']}: {recipe.target.metric} {r['reached']:.6g} "
+                                     f"round {r['round']}: {target.metric} {r['reached']:.6g} "
                                      f"(aiming at {r['aim']:.6g})"))
     else:
         graph = DependencyGraph(program, ignore=config.ignore, attention=config.attention)
@@ -327,21 +328,23 @@ def run_recipe(ep: ExportedProgram, config: PruneConfig, recipe: Recipe,
                                                           / train.batch_size))
         settings = training_settings(steps, recipe.finetune_lr)
 
+        finetune_losses: list[float] = []
+
         def finetune_step(step: int, value: float) -> None:
+            finetune_losses.append(value)
             if step == 1 or step % max(1, steps // 20) == 0 or step == steps:
                 progress("finetune", step / steps, f"fine-tuning step {step}/{steps}: loss {value:.4f}")
 
-        losses: list[float] = []
         layers = shared_layer_outputs(ep, pruned) if recipe.hidden_weight > 0 and loss.distill else []
         pruned, curve = finetune(pruned, train, held, steps=steps, lr=settings["lr"], loss=loss, teacher=teacher,
-                                 on_step=lambda step, value: (losses.append(value), finetune_step(step, value)),
+                                 on_step=finetune_step,
                                  device=device, optimizer=optimizer, warmup=settings["warmup_steps"],
                                  clip_grad=recipe.clip_grad, hidden_layers=layers, hidden_weight=recipe.hidden_weight)
         settings["hidden_layers"] = len(layers)
         report_extra["training"]["finetune"] = {
             "steps": steps, "epochs": round(steps * train.batch_size / len(train_set), 3), **settings,
             "schedule": "cosine", "loss": loss.kind, "curve": [_rounded(c) for c in curve],
-            "trend": _warn_flat(report_extra, "finetune", losses, progress)}
+            "trend": _warn_flat(report_extra, "finetune", finetune_losses, progress)}
     if dataset is not None:
         report_extra["evaluation"]["after"] = _rounded(evaluate(pruned, held, teacher=teacher, device=device))
     progress("evaluate", 0.0, "measuring latency")

@@ -514,6 +514,7 @@ def _scan_pickle(data: bytes, fail: _Fail) -> None:
     """Statically check every global a pickle imports (nothing is executed)."""
     memo: dict[int, str | None] = {}
     recent: list[str | None] = []  # values pushed by the last stack-changing opcodes
+    arg: Any  # an opcode's argument, of the type its opcode says (int for BINPUT, str for PUT and GLOBAL, ...)
     try:
         for op, arg, _pos in pickletools.genops(data):
             name = op.name
@@ -559,7 +560,7 @@ def _check_sample_structure(obj: object, fail: _Fail) -> None:
         count += 1
         if count > 100_000 or depth > 64:
             fail(None, "sample inputs are nested too deeply or too large")
-        kind = type(value)
+        kind = type(value)  # exact types, not subclasses: mypy does not narrow `value` by `kind`, hence the ignores
         if kind in (tuple, list):
             stack.extend((v, depth + 1) for v in value)  # type: ignore[attr-defined]
         elif kind in (dict, OrderedDict):
@@ -568,7 +569,7 @@ def _check_sample_structure(obj: object, fail: _Fail) -> None:
                     fail(None, f"sample-input key {key!r} is not an identifier (torch pastes keys into code)")
                 stack.append((item, depth + 1))
         elif kind is str:
-            if not _SAFE_TEXT_RE.fullmatch(value):  # type: ignore[arg-type]
+            if not _SAFE_TEXT_RE.fullmatch(value):  # type: ignore[call-overload]
                 fail(None, f"sample-input string {value!r} is not plain text")
         elif not (value is None or kind in (bool, int, float, torch.Tensor, torch.nn.Parameter)):
             fail(None, f"sample inputs contain a {kind.__name__}")
@@ -632,10 +633,10 @@ def _vet_open_file(fh: IO[bytes], path: str, max_uncompressed_bytes: int) -> Non
             for pattern, reason in _REFUSED:
                 if pattern.fullmatch(rel):
                     fail(full, reason)
-            kind = _classify(rel)
-            if kind is None:
+            classified = _classify(rel)
+            if classified is None:
                 fail(full, "not a member torch.export.save writes")
-            kinds[rel] = kind
+            kinds[rel] = classified
         for rel in _META_VALUES:
             if rel not in rels:
                 fail(None, f"not a .pt2 archive (missing {root}/{rel})")
@@ -657,8 +658,8 @@ def _vet_open_file(fh: IO[bytes], path: str, max_uncompressed_bytes: int) -> Non
             if kind != "payload":
                 kept[rel] = data
 
-    for rel, pattern in _META_VALUES.items():
-        if not pattern.fullmatch(kept[rel]):
+    for rel, expected in _META_VALUES.items():
+        if not expected.fullmatch(kept[rel]):
             fail(f"{root}/{rel}", f"unexpected value {kept[rel][:_MAX_META_BYTES]!r}")
     for rel, (kind, _model) in kinds.items():
         full = f"{root}/{rel}"

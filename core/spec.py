@@ -224,7 +224,7 @@ class JobSpec:
 
 def _typed(f: dataclasses.Field, value: Any) -> Any:
     """A stored value as the field's type; enum-like names lower-cased without their proto prefix."""
-    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+    default = f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
     if f.metadata["choices"]:
         return enum_name(str(value), f.metadata["choices"])
     if isinstance(default, tuple):

@@ -111,8 +111,11 @@ def prune_to_target(ep: ExportedProgram, config: PruneConfig, target: Target, *,
     if target.metric == "latency_ms" and latency is None:
         raise PruneError("a latency target needs a way to measure latency on the serving device")
     t0 = time.perf_counter()
-    measure = (lambda p: latency(p)) if target.metric == "latency_ms" else (  # noqa: E731
-        lambda p: _metric(count(p), target.metric))
+    measure: Callable[[ExportedProgram], float]
+    if target.metric == "latency_ms" and latency is not None:  # (a latency target without one is refused above)
+        measure = latency
+    else:
+        measure = lambda p: _metric(count(p), target.metric)
     start = measure(ep)
     goal = target.goal(start)
     if goal >= start:

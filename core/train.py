@@ -50,7 +50,7 @@ import math
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeGuard
 
 import numpy as np
 import torch
@@ -248,7 +248,7 @@ def _cycle(batches: Batches) -> Iterator:
             raise TrainError("no batches to train on")
 
 
-def _is_class_ids(t: torch.Tensor | None) -> bool:
+def _is_class_ids(t: torch.Tensor | None) -> TypeGuard[torch.Tensor]:
     return t is not None and not (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool)
 
 
@@ -328,7 +328,7 @@ def make_loss(dataset_has_targets: bool, distill: bool, output_kind: str = "logi
     primary = next((i for i, k in enumerate(kinds) if k is not None), None)
     if primary is None:
         raise TrainError("the program has no floating-point output to distil from")
-    name = losses[primary] if len({x for x in losses if x}) == 1 else "+".join(dict.fromkeys(x for x in losses if x))
+    name = "+".join(dict.fromkeys(x for x in losses if x))  # the primary output's loss when all share one
     return Loss(name, tree_distill(losses, temperature), True, tree=True,
                 metric=metric_for(kinds[primary], losses[primary]))
 
@@ -833,7 +833,7 @@ def _eval_loss(loss: Loss | None, out: torch.Tensor, targets: torch.Tensor | Non
             loss = loss_fn("kl")
         else:
             return None
-    target = t_out if loss.distill else targets
+    target: torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None = t_out if loss.distill else targets
     if loss.with_labels:
         target = None if targets is None or t_out is None else (targets, t_out)
     if target is None:

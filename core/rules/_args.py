@@ -1,20 +1,23 @@
 """The argument and shape helpers every family of rules shares (private to the rules package).
 
-Reading a node: its fake value (`_val`, `_shape`, `_out_tensors`), its tensor inputs, an argument by position
-or name (`_arg`) and writing it back in a rewrite (`_set_arg`); comparing sizes without guarding on symbolic
-ones (`_same`); broadcasting operands' slots to an output's (`_align`, `_broadcast`); an op's name as the report
-lists it (`_op_name`).
+Reading a node: its fake value (`_val`, `_shape`, `_out_tensors`, `_outs`), its tensor inputs, its positional
+arguments as its op's schema types them (`_op_args`), an argument by position or name (`_arg`) and writing it back
+in a rewrite (`_set_arg`); comparing sizes without guarding on symbolic ones (`_same`); broadcasting operands'
+slots to an output's (`_align`, `_broadcast`); an op's name as the report lists it (`_op_name`).
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch.fx import Node
 
-from ..builder import RuleGraph
+from ..builder import CallSite, RuleGraph
 
 
-def _val(node) -> object:
+def _val(node) -> Any:
+    """The fake value export recorded for a node (a tensor, a list of them, a symbolic scalar), else None."""
     return node.meta.get("val") if isinstance(node, Node) else None
 
 
@@ -40,13 +43,19 @@ def _tensor_inputs(node: Node) -> list[Node]:
     return out
 
 
-def _arg(node: Node, i: int, name: str, default=None):
+def _op_args(node: Node) -> tuple[Any, ...]:
+    """`node.args`, each argument typed by the rule that reads it: the rule knows its op's schema (a dim is an int,
+    sizes a list of ints), torch.fx types every argument as `Argument`, the union of all an argument can be."""
+    return node.args
+
+
+def _arg(node: CallSite, i: int, name: str, default=None) -> Any:
     if len(node.args) > i:
         return node.args[i]
     return node.kwargs.get(name, default)
 
 
-def _set_arg(node: Node, i: int, name: str, value) -> None:
+def _set_arg(node: CallSite, i: int, name: str, value) -> None:
     if len(node.args) > i:
         args = list(node.args)
         args[i] = value
@@ -64,6 +73,13 @@ def _out_tensors(node: Node) -> list | None:
     if isinstance(v, (list, tuple)) and v and all(isinstance(x, torch.Tensor) or x is None for x in v):
         return list(v)
     return None
+
+
+def _outs(node: Node) -> list:
+    """The output tensors of a node a rule runs on: `apply_rule` calls rules only for nodes that have them."""
+    outs = _out_tensors(node)
+    assert outs is not None, "a rule runs on a node producing tensors"
+    return outs
 
 
 def _op_name(target) -> str:
@@ -87,11 +103,12 @@ def _align(g: RuleGraph, operands: list[tuple[list[int], tuple]], out_shape: tup
         for i, s in enumerate(sl):
             o = off + i
             if _same(shp[i], out_shape[o]):
-                if out[o] is None:
+                seen = out[o]
+                if seen is None:
                     out[o] = s
                     b.handled.add(s)
                 else:
-                    b.union(out[o], s)
+                    b.union(seen, s)
     return [o if o is not None else b.new(out_shape[i]) for i, o in enumerate(out)]
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch.fx import Node
 
-from ..builder import Kept, RuleGraph
+from ..builder import CallSite, Kept, RuleGraph
 from ._args import _align, _arg, _same, _set_arg, _shape
 from .registry import rule
 
@@ -63,7 +63,7 @@ def sdpa(g: RuleGraph, node: Node):
     if _arg(node, 6, "scale") is None and isinstance(e, int):
         e_slot = qs[-1]
 
-        def rw(n: Node, kept: Kept) -> None:
+        def rw(n: CallSite, kept: Kept) -> None:
             if len(kept(e_slot)) != e:
                 _set_arg(n, 6, "scale", 1.0 / math.sqrt(e))
 

@@ -7,14 +7,14 @@ import numpy as np
 import torch
 from torch.fx import Node
 
-from ..builder import Builder, Kept, RuleGraph
+from ..builder import Builder, CallSite, Kept, RuleGraph
 from ._args import _arg, _set_arg, _shape
 from .registry import rule
 
 aten = torch.ops.aten
 
 
-_CONV = {  # op -> (transposed, index of groups arg)
+_CONV: dict[object, tuple[bool | None, int]] = {  # op -> (transposed, index of groups arg)
     aten.conv1d.default: (False, 6), aten.conv2d.default: (False, 6), aten.conv3d.default: (False, 6),
     aten.conv1d.padding: (False, 6), aten.conv2d.padding: (False, 6), aten.conv3d.padding: (False, 6),
     aten.conv_transpose1d.default: (True, 6), aten.conv_transpose2d.input: (True, 6),
@@ -84,7 +84,7 @@ def conv(g: RuleGraph, node: Node):
 def _register_groups_rewrite(b: Builder, node: Node, gi: int, cin_slot: int) -> None:
     """A depthwise-like conv has one input channel per group: the group count is the kept channel count."""
 
-    def rw(n: Node, kept: Kept) -> None:
+    def rw(n: CallSite, kept: Kept) -> None:
         _set_arg(n, gi, "groups", len(kept(cin_slot)))
 
     b.rewrites[node.name] = rw

@@ -11,14 +11,15 @@ from types import NotImplementedType
 import torch
 from torch.fx import Node
 
-from ..builder import Kept, RuleGraph
+from ..builder import CallSite, Kept, RuleGraph
 from ._args import _arg, _set_arg, _val
 from .registry import rule
 
 aten = torch.ops.aten
 
 
-_CREATION = {  # op -> index of the size argument (the other tensor argument, if any, gives dtype/device only)
+# op -> index of the size argument (the other tensor argument, if any, gives dtype/device only)
+_CREATION: dict[object, int] = {
     aten.zeros.default: 0,
     aten.ones.default: 0,
     aten.full.default: 0,
@@ -48,7 +49,7 @@ def creation(g: RuleGraph, node: Node) -> list[int] | NotImplementedType:
         src = g.slots_of(node.args[0])
         b.handled.update(src or [])
 
-    def rw(n: Node, kept: Kept) -> None:
+    def rw(n: CallSite, kept: Kept) -> None:
         old = _arg(n, idx, "size")
         new = [len(kept(s)) if isinstance(x, int) else x for x, s in zip(old, out, strict=True)]
         _set_arg(n, idx, "size", new)

@@ -8,7 +8,7 @@ import torch
 from torch.fx import Node
 
 from ..builder import RuleGraph
-from ._args import _broadcast, _out_tensors, _same, _shape, _tensor_inputs, _val
+from ._args import _broadcast, _outs, _same, _shape, _tensor_inputs, _val
 from .registry import rule
 
 aten = torch.ops.aten
@@ -43,7 +43,7 @@ def pointwise(g: RuleGraph, node: Node):
       aten.masked_fill.Tensor, aten.hardtanh_.default, aten.relu_.default, aten.silu_.default,
       aten.hardswish_.default, aten.hardsigmoid_.default, aten.leaky_relu_.default)
 def same_shape(g: RuleGraph, node: Node):
-    outs = _out_tensors(node)
+    outs = _outs(node)
     main = _tensor_inputs(node)
     if node.target is aten.native_dropout.default:
         s = _broadcast(g, node, main[:1], _shape(node.args[0]))

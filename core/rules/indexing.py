@@ -9,8 +9,8 @@ import numpy as np
 import torch
 from torch.fx import Node
 
-from ..builder import Kept, RuleGraph
-from ._args import _arg, _out_tensors, _shape, _val
+from ..builder import CallSite, Kept, RuleGraph
+from ._args import _arg, _op_args, _outs, _shape, _val
 from .registry import rule
 
 aten = torch.ops.aten
@@ -19,13 +19,14 @@ aten = torch.ops.aten
 @rule(aten.cat.default, aten.concat.default, aten.concatenate.default)
 def cat(g: RuleGraph, node: Node):
     b = g.builder
-    tensors = node.args[0]
+    tensors = _op_args(node)[0]
     out_shape = _shape(node)
     dim = _arg(node, 1, "dim", 0) % len(out_shape)
-    parts = [(t, g.slots_of(t)) for t in tensors]
-    if any(s is None for _, s in parts):
+    found = [(t, g.slots_of(t)) for t in tensors]
+    if any(s is None for _, s in found):
         return NotImplemented
-    parts = [(t, s) for t, s in parts if len(s) == len(out_shape)]  # legacy empty 1-D tensors are skipped
+    # legacy empty 1-D tensors are skipped
+    parts = [(t, s) for t, s in found if s is not None and len(s) == len(out_shape)]
     out: list[int] = []
     for d in range(len(out_shape)):
         if d == dim:
@@ -49,9 +50,8 @@ def cat(g: RuleGraph, node: Node):
     return out
 
 
-def _piece_slots(g: RuleGraph, x: Node, dim: int, sizes: list) -> list[list[int]]:
+def _piece_slots(g: RuleGraph, x: Node, xs: list[int], dim: int, sizes: list) -> list[list[int]]:
     b = g.builder
-    xs = g.slots_of(x)
     res = []
     off = 0
     for n in sizes:
@@ -72,16 +72,16 @@ def _piece_slots(g: RuleGraph, x: Node, dim: int, sizes: list) -> list[list[int]
 @rule(aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default, aten.tensor_split.sections,
       aten.split_with_sizes_copy.default, aten.split_copy.Tensor, aten.unsafe_split.Tensor)
 def split(g: RuleGraph, node: Node):
-    x = node.args[0]
+    x = _op_args(node)[0]
     xs = g.slots_of(x)
     if xs is None:
         return NotImplemented
-    outs = _out_tensors(node)
+    outs = _outs(node)
     dim = _arg(node, 2, "dim", 0) % len(xs)
     sizes = [t.shape[dim] for t in outs]
-    pieces = _piece_slots(g, x, dim, sizes)
+    pieces = _piece_slots(g, x, xs, dim, sizes)
 
-    def rw(n: Node, kept: Kept) -> None:
+    def rw(n: CallSite, kept: Kept) -> None:
         n.target = aten.split_with_sizes.default
         n.args = (n.args[0], [len(kept(p[dim])) for p in pieces], dim)
         n.kwargs = {}
@@ -100,14 +100,15 @@ def unbind(g: RuleGraph, node: Node):
     b.freeze(xs[dim])
     rest = [s for i, s in enumerate(xs) if i != dim]
     b.handled.update(rest)
-    return [list(rest) for _ in _out_tensors(node)]
+    return [list(rest) for _ in _outs(node)]
 
 
 @rule(operator.getitem)
 def getitem(g: RuleGraph, node: Node):
     src, i = node.args
     slots = g.node_slots.get(src.name) if isinstance(src, Node) else None
-    if not isinstance(i, int) or not slots or not isinstance(slots[0], list) or i >= len(slots):
+    if not isinstance(i, int) or not isinstance(slots, list) or not slots or not isinstance(slots[0], list) \
+            or i >= len(slots):
         return NotImplemented if isinstance(_val(node), torch.Tensor) else None
     out = slots[i]
     g.builder.handled.update(out)
@@ -141,7 +142,7 @@ def slice_(g: RuleGraph, node: Node):
             b.union_map(xs[dim], idx, o, np.arange(len(idx)))
             xslot = xs[dim]
 
-            def rw(n: Node, kept: Kept) -> None:
+            def rw(n: CallSite, kept: Kept) -> None:
                 k = kept(xslot)
                 new_start, new_end = int(np.searchsorted(k, s0)), int(np.searchsorted(k, e0))
                 if n.target is aten.narrow.default:
@@ -159,10 +160,11 @@ def slice_(g: RuleGraph, node: Node):
 @rule(aten.select.int)
 def select(g: RuleGraph, node: Node):
     b = g.builder
-    xs = g.slots_of(node.args[0])
+    args = _op_args(node)
+    xs = g.slots_of(args[0])
     if xs is None:
         return NotImplemented
-    dim = node.args[1] % len(xs)
+    dim = args[1] % len(xs)
     b.freeze(xs[dim])
     out = [s for i, s in enumerate(xs) if i != dim]
     b.handled.update(out)
@@ -175,7 +177,8 @@ def index(g: RuleGraph, node: Node):
     indexed dim is replaced by the index's dims (and stays whole: the index values point into it); the other
     dims of x pass through."""
     b = g.builder
-    x, indices = node.args[0], node.args[1]
+    args = _op_args(node)
+    x, indices = args[0], args[1]
     xs = g.slots_of(x)
     tensors = [i for i, t in enumerate(indices) if t is not None]
     if xs is None or len(tensors) != 1:

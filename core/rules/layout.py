@@ -8,8 +8,8 @@ import numpy as np
 import torch
 from torch.fx import Node
 
-from ..builder import Builder, Kept, RuleGraph
-from ._args import _arg, _broadcast, _same, _set_arg, _shape
+from ..builder import Builder, CallSite, Kept, RuleGraph
+from ._args import _arg, _broadcast, _op_args, _same, _set_arg, _shape
 from .registry import rule
 
 aten = torch.ops.aten
@@ -17,17 +17,19 @@ aten = torch.ops.aten
 
 @rule(aten.permute.default, aten.permute_copy.default)
 def permute(g: RuleGraph, node: Node):
-    xs = g.slots_of(node.args[0])
+    args = _op_args(node)
+    xs = g.slots_of(args[0])
     if xs is None:
         return NotImplemented
-    dims = [d % len(xs) for d in node.args[1]]
+    dims = [d % len(xs) for d in args[1]]
     g.builder.handled.update(xs)
     return [xs[d] for d in dims]
 
 
 @rule(aten.transpose.int, aten.transpose_copy.int, aten.swapaxes.default, aten.t.default, aten.numpy_T.default)
 def transpose(g: RuleGraph, node: Node):
-    xs = g.slots_of(node.args[0])
+    args = _op_args(node)
+    xs = g.slots_of(args[0])
     if xs is None:
         return NotImplemented
     out = list(xs)
@@ -35,7 +37,7 @@ def transpose(g: RuleGraph, node: Node):
         if node.target in (aten.t.default, aten.numpy_T.default):
             out = out[::-1]
         else:
-            a, c = node.args[1] % len(xs), node.args[2] % len(xs)
+            a, c = args[1] % len(xs), args[2] % len(xs)
             out[a], out[c] = out[c], out[a]
     g.builder.handled.update(xs)
     return out
@@ -47,7 +49,8 @@ def transpose(g: RuleGraph, node: Node):
       aten.expand_copy.default)
 def reshape(g: RuleGraph, node: Node):
     b = g.builder
-    x = node.args[0]
+    args = _op_args(node)
+    x = args[0]
     xs = g.slots_of(x)
     if xs is None:
         return NotImplemented
@@ -60,8 +63,8 @@ def reshape(g: RuleGraph, node: Node):
     if node.target in (aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.view_copy.default):
         _register_shape_rewrite(b, node, 1, "size", out)
     elif node.target is aten.unflatten.int:
-        d = node.args[1] % len(in_shape)
-        sub = out[d: d + len(node.args[2])]
+        d = args[1] % len(in_shape)
+        sub = out[d: d + len(args[2])]
         _register_shape_rewrite(b, node, 2, "sizes", sub)
     return out
 
@@ -70,7 +73,7 @@ def _register_shape_rewrite(b: Builder, node: Node, idx: int, name: str, slots: 
     """Rewrite the size list argument `name` (position `idx`): each int entry becomes the kept count of its slot;
     -1 (inferred) and symbolic entries stay as they are."""
 
-    def rw(n: Node, kept: Kept) -> None:
+    def rw(n: CallSite, kept: Kept) -> None:
         old = _arg(n, idx, name)
         new = []
         for v, s in zip(old, slots, strict=True):
@@ -136,8 +139,8 @@ def _reshape_slots(g: RuleGraph, xs: list[int], in_shape, out_shape) -> list[int
             for k in range(i, ni):
                 b.freeze(xs[k])
             for k in range(j, no):
-                out[k] = b.new(out_shape[k])
-                b.freeze(out[k])
+                out[k] = fresh = b.new(out_shape[k])
+                b.freeze(fresh)
             break
         in_sizes = [in_shape[k] for k in bi]
         out_sizes = [out_shape[k] for k in bj]
@@ -154,7 +157,7 @@ def _reshape_slots(g: RuleGraph, xs: list[int], in_shape, out_shape) -> list[int
             for s in out_block:
                 b.freeze(s)
         i, j = bi[-1] + 1, bj[-1] + 1
-    return out  # type: ignore[return-value]
+    return out  # type: ignore[return-value]  # every entry is set: the loops run until i == ni and j == no
 
 
 def _is_one(v) -> bool:
@@ -200,7 +203,8 @@ def roll(g: RuleGraph, node: Node):
 def repeat(g: RuleGraph, node: Node):
     """x.repeat(r...): output index k*n + i along a repeated dim is input index i."""
     b = g.builder
-    x, reps = node.args[0], node.args[1]
+    args = _op_args(node)
+    x, reps = args[0], args[1]
     xs = g.slots_of(x)
     if xs is None:
         return NotImplemented

@@ -7,7 +7,7 @@ import torch
 from torch.fx import Node
 
 from ..builder import RuleGraph
-from ._args import _align, _arg, _same, _shape
+from ._args import _align, _arg, _op_args, _same, _shape
 from .registry import rule
 
 aten = torch.ops.aten
@@ -24,8 +24,8 @@ def linear(g: RuleGraph, node: Node):
     b.union(xs[-1], ws[1])
     out = list(xs[:-1]) + [ws[0]]
     b.handled.update(out)
-    if bias is not None and g.slots_of(bias):
-        b.union(g.slots_of(bias)[0], ws[0])
+    if bias is not None and (bs := g.slots_of(bias)):
+        b.union(bs[0], ws[0])
     return out
 
 
@@ -56,13 +56,15 @@ def _matmul_slots(g: RuleGraph, a: Node, c: Node, out_shape) -> list[int] | None
 
 @rule(aten.matmul.default, aten.mm.default, aten.bmm.default)
 def matmul(g: RuleGraph, node: Node):
-    r = _matmul_slots(g, node.args[0], node.args[1], _shape(node))
+    args = _op_args(node)
+    r = _matmul_slots(g, args[0], args[1], _shape(node))
     return NotImplemented if r is None else r
 
 
 @rule(aten.addmm.default)
 def addmm(g: RuleGraph, node: Node):
-    inp, a, c = node.args[0], node.args[1], node.args[2]
+    args = _op_args(node)
+    inp, a, c = args[0], args[1], args[2]
     mm = _matmul_slots(g, a, c, _shape(node))
     if mm is None:
         return NotImplemented
@@ -78,8 +80,8 @@ def addmm(g: RuleGraph, node: Node):
 @rule(aten.einsum.default)
 def einsum(g: RuleGraph, node: Node):
     b = g.builder
-    eq, operands = node.args[0], node.args[1]
-    eq = eq.replace(" ", "")
+    args = _op_args(node)
+    eq, operands = args[0].replace(" ", ""), args[1]
     if "..." in eq or "->" not in eq:
         return NotImplemented
     lhs, rhs = eq.split("->")

@@ -7,8 +7,8 @@ from __future__ import annotations
 import torch
 from torch.fx import Node
 
-from ..builder import Kept, RuleGraph
-from ._args import _arg, _out_tensors, _same, _set_arg, _shape
+from ..builder import CallSite, Kept, RuleGraph
+from ._args import _arg, _op_args, _outs, _same, _set_arg, _shape
 from .registry import rule
 
 aten = torch.ops.aten
@@ -37,7 +37,7 @@ def batch_norm(g: RuleGraph, node: Node):
     out = list(xs)
     g.builder.handled.update(out)
     _couple_affine(g, node, xs[1], (1, 2, 3, 4), ("weight", "bias", "running_mean", "running_var"), 1)
-    outs = _out_tensors(node)
+    outs = _outs(node)
     if len(outs) == 1:
         return out
     # tuple variants: (out, save_mean, save_invstd, [running_mean, running_var])
@@ -67,18 +67,19 @@ def group_norm(g: RuleGraph, node: Node):
     if native:
         c_slot = xs[1]
 
-        def rw(n: Node, kept: Kept) -> None:
+        def rw(n: CallSite, kept: Kept) -> None:
             _set_arg(n, 4, "C", len(kept(c_slot)))
 
         b.rewrites[node.name] = rw
-        return [out, b.new_like(_out_tensors(node)[1].shape), b.new_like(_out_tensors(node)[2].shape)]
+        return [out, b.new_like(_outs(node)[1].shape), b.new_like(_outs(node)[2].shape)]
     return out
 
 
 @rule(aten.layer_norm.default, aten.native_layer_norm.default, aten.rms_norm.default)
 def layer_norm(g: RuleGraph, node: Node):
     b = g.builder
-    x, shape = node.args[0], node.args[1]
+    args = _op_args(node)
+    x, shape = args[0], args[1]
     xs = g.slots_of(x)
     if xs is None:
         return NotImplemented
@@ -96,11 +97,11 @@ def layer_norm(g: RuleGraph, node: Node):
     out = list(xs)
     b.handled.update(out)
 
-    def rw(n: Node, kept: Kept) -> None:
+    def rw(n: CallSite, kept: Kept) -> None:
         _set_arg(n, 1, "normalized_shape", [len(kept(s)) for s in norm_slots])
 
     b.rewrites[node.name] = rw
     if node.target is aten.native_layer_norm.default:
-        outs = _out_tensors(node)
+        outs = _outs(node)
         return [out, b.new_like(outs[1].shape), b.new_like(outs[2].shape)]
     return out

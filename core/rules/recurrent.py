@@ -17,13 +17,13 @@ import torch
 from torch.fx import Node
 
 from ..builder import RuleGraph
-from ._args import _out_tensors, _same, _shape
+from ._args import _op_args, _out_tensors, _same, _shape
 from .registry import rule
 
 aten = torch.ops.aten
 
 
-_RNN = {aten.lstm.input: 4, aten.gru.input: 3}  # op -> gate blocks G
+_RNN: dict[object, int] = {aten.lstm.input: 4, aten.gru.input: 3}  # op -> gate blocks G
 
 
 @rule(*_RNN)
@@ -46,9 +46,10 @@ def rnn(g: RuleGraph, node: Node) -> list[list[int]] | NotImplementedType:
     lstm = node.target is aten.lstm.input
     if len(node.args) < 9 or node.kwargs:
         return NotImplemented
-    x, hx, params = node.args[0], node.args[1], node.args[2]
-    has_biases, num_layers = node.args[3], node.args[4]
-    bidirectional, batch_first = node.args[7], node.args[8]
+    args = _op_args(node)
+    x, hx, params = args[0], args[1], args[2]
+    has_biases, num_layers = args[3], args[4]
+    bidirectional, batch_first = args[7], args[8]
     if not (isinstance(num_layers, int) and num_layers >= 1 and isinstance(bidirectional, bool)
             and isinstance(has_biases, bool) and isinstance(batch_first, bool)):
         return NotImplemented
@@ -64,8 +65,9 @@ def rnn(g: RuleGraph, node: Node) -> list[list[int]] | NotImplementedType:
     if xs is None or len(xs) not in (2, 3):
         return NotImplemented
     batched = len(xs) == 3
-    state_slots = [g.slots_of(s) for s in states]
-    if any(s is None or len(s) != len(xs) for s in state_slots):
+    found = [g.slots_of(s) for s in states]
+    state_slots = [s for s in found if s is not None and len(s) == len(xs)]
+    if len(state_slots) != len(found):
         return NotImplemented
     hidden = _shape(states[0])[-1]
     if not isinstance(hidden, int) or not all(_same(_shape(s)[-1], hidden) for s in states):

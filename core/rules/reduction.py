@@ -7,7 +7,7 @@ import torch
 from torch.fx import Node
 
 from ..builder import RuleGraph
-from ._args import _arg, _op_name, _out_tensors, _shape, _val
+from ._args import _arg, _op_args, _op_name, _outs, _shape, _val
 from .registry import rule
 
 aten = torch.ops.aten
@@ -38,12 +38,12 @@ def reduction(g: RuleGraph, node: Node):
         dims = list(range(nd))
     if isinstance(dims, int):
         dims = [dims]
-    dims = {d % nd for d in dims} if nd else set()
-    out_shape = _shape(node) if isinstance(_val(node), torch.Tensor) else tuple(_out_tensors(node)[0].shape)
+    reduced = {d % nd for d in dims} if nd else set()
+    out_shape = _shape(node) if isinstance(_val(node), torch.Tensor) else tuple(_outs(node)[0].shape)
     out: list[int] = []
     j = 0
     for i, s in enumerate(xs):
-        if i in dims:
+        if i in reduced:
             b.handled.add(s)  # values change, shapes do not: the reduced dim may be pruned
             if keep:
                 out.append(b.new(out_shape[j]))
@@ -53,7 +53,7 @@ def reduction(g: RuleGraph, node: Node):
             b.handled.add(s)
             j += 1
     if keep and _is_norm_statistic(node, x):
-        b.norm_slots.update(xs[d] for d in dims)
+        b.norm_slots.update(xs[d] for d in reduced)
     if node.target in (aten.max.dim, aten.min.dim):
         return [out, list(out)]
     return out
@@ -66,5 +66,5 @@ def _is_norm_statistic(node: Node, x) -> bool:
     if node.target is not aten.mean.dim or not isinstance(x, Node):
         return False
     if x.target is aten.pow.Tensor_Scalar:
-        return x.args[1] == 2
+        return _op_args(x)[1] == 2
     return x.target is aten.mul.Tensor and len(x.args) == 2 and x.args[0] is x.args[1]

@@ -7,7 +7,7 @@ import torch
 from torch.fx import Node
 
 from ..builder import RuleGraph
-from ._args import _op_name, _out_tensors, _shape, _val
+from ._args import _op_args, _op_name, _outs, _shape, _val
 from .registry import rule
 
 aten = torch.ops.aten
@@ -29,7 +29,7 @@ def spatial(g: RuleGraph, node: Node):
     xs = g.slots_of(x)
     if xs is None:
         return NotImplemented
-    outs = _out_tensors(node)
+    outs = _outs(node)
     n_spatial = {"1d": 1, "2d": 2, "3d": 3}
     name = _op_name(node.target)
     k = next((v for key, v in n_spatial.items() if key in name), 2)
@@ -46,7 +46,8 @@ def spatial(g: RuleGraph, node: Node):
       aten.reflection_pad2d.default, aten.replication_pad2d.default, aten.reflection_pad3d.default)
 def pad(g: RuleGraph, node: Node):
     b = g.builder
-    x, p = node.args[0], node.args[1]
+    args = _op_args(node)
+    x, p = args[0], args[1]
     xs = g.slots_of(x)
     if xs is None:
         return NotImplemented
