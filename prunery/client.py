@@ -267,7 +267,7 @@ class Client:
         self._sleep(pause)
 
     # --- artifacts ---------------------------------------------------------------------------
-    def upload(self, path: str | os.PathLike, kind: int = pb.MODEL, labels: dict[str, str] | None = None,
+    def upload(self, path: str | os.PathLike, kind: pb.ArtifactKind = pb.MODEL, labels: dict[str, str] | None = None,
                timeout: float = 3600.0) -> pb.Artifact:
         """Stream a file up in chunks: its size declared first, its SHA-256 (computed as the file is read, in one
         pass) in the last message; the server stores the file only if both match. An interrupted upload is sent

@@ -20,9 +20,11 @@ import concurrent.futures
 import logging
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from typing import Any, cast
 
 import grpc
 from sqlalchemy import delete, select, update
+from sqlalchemy.engine import CursorResult
 from sqlalchemy.orm import Session
 
 from prunery.service.api import errors
@@ -200,9 +202,10 @@ class ArtifactService(pb_grpc.ArtifactServiceServicer):
             log.warning("upload of %s: the object store failed (%s: %s)", key, type(e).__name__, e)
             raise errors.outage(Reason.STORE_UNAVAILABLE, "the object store") from None
         with self.b.session() as s:
-            flipped = s.execute(update(Artifact).where(
+            # an UPDATE's result is a CursorResult (rowcount); Session.execute is typed for any statement
+            flipped = cast(CursorResult[Any], s.execute(update(Artifact).where(
                 Artifact.id == artifact_id, Artifact.state == ArtifactState.PENDING.value,
-            ).values(state=ArtifactState.READY.value, size_bytes=size, sha256=sha256)).rowcount
+            ).values(state=ArtifactState.READY.value, size_bytes=size, sha256=sha256))).rowcount
             if flipped != 1:  # the reaper swept the reservation: the upload outlived the pending-upload TTL
                 raise ApiError(grpc.StatusCode.ABORTED, f"the upload of {key} took longer than the server keeps "
                                "an unfinished upload; retry", Reason.UPLOAD_EXPIRED)

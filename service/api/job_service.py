@@ -14,7 +14,7 @@ import contextlib
 import functools
 import logging
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import grpc
@@ -247,7 +247,8 @@ class JobService(pb_grpc.JobServiceServicer):
             log.exception("could not delete every object of deleted %s", job_name(job_id))
         return pb.DeleteJobResponse()
 
-    def _watch_read(self, job_id: uuid.UUID, tenant: str, after: int) -> tuple[list[Row[Any]], Row[Any] | None]:
+    def _watch_read(self, job_id: uuid.UUID, tenant: str,
+                    after: int) -> tuple[Sequence[Row[Any]], Row[Any] | None]:
         """The job's events after `after` (at most 500), then the job: a job read after its terminal event
         carries its results."""
         with self.b.reader() as conn:

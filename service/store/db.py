@@ -247,7 +247,7 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
     u = make_url(normalize_url(url))
     if u.get_backend_name() == "sqlite":
         memory = u.database in (None, "", ":memory:")
-        if not memory:
+        if not memory and u.database:
             Path(u.database).parent.mkdir(parents=True, exist_ok=True)
         if memory:
             kwargs.setdefault("poolclass", StaticPool)
