@@ -80,7 +80,7 @@ def _print_summary(report: dict, out: Path) -> None:
         print(f"target {target['metric']} {target['goal']:.6g}: reached {target['reached']:.6g} "
               f"({target['within']:.1%} off{'' if target['met'] else ', NOT within the 2% asked'}) "
               f"in {len(target['rounds'])} rounds")
-    shown = ("accuracy", "agreement", "cosine", "loss")
+    shown: tuple[str, ...] = ("accuracy", "agreement", "cosine", "loss")
     if (report.get("dataset") or {}).get("metric") == "cosine":  # embeddings: a top-1 over their dims means nothing
         shown = ("cosine", "loss")
     for name, metrics in (report.get("evaluation") or {}).items():
@@ -162,6 +162,7 @@ def _demo_through_service(model: Path, pruned: Path, report: Path, ratio: float,
                           stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
         found: dict[str, str] = {}
+        assert up.stdout is not None  # stdout=PIPE
         while len(found) < 2:
             line = up.stdout.readline()
             if not line:
@@ -375,7 +376,7 @@ def _add_spec_options(p: argparse.ArgumentParser, group: str, device: bool = Tru
     for f in fields_of(group):
         if not f.metadata["cli"]:
             continue
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        default = f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
         flag = f.metadata["flag"] or "--" + f.name.replace("_", "-")
         options: dict = {"dest": f.name, "help": f.metadata["help"]}
         if isinstance(default, bool):

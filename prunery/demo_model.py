@@ -70,7 +70,8 @@ class ResNet(nn.Module):
 def _randomise_norms(model: nn.Module) -> nn.Module:
     with torch.no_grad():
         for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
+            if isinstance(m, nn.BatchNorm2d):  # affine, with running statistics (the defaults)
+                assert m.bias is not None and m.running_mean is not None and m.running_var is not None
                 m.weight.uniform_(0.5, 1.5)
                 m.bias.normal_().mul_(0.1)
                 m.running_mean.normal_().mul_(0.1)

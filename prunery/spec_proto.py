@@ -1,5 +1,5 @@
 """The job spec on the wire: `prunery.core.spec.JobSpec` to and from `prunery.v1.PruneSpec`, field by field by
-name (the two have the same fields; tests/test_spec.py checks it). Torch-free: the API and the client use it.
+name (the two have the same fields; tests/core/test_spec.py checks it). Torch-free: the API and the client use it.
 
 Conventions of the wire form, read off the proto's field descriptors rather than listed here:
 - enums carry the engine's names: `Importance.L2` is "l2", `AttentionPruning.ATTENTION_HEAD_DIM` is "head-dim",

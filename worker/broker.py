@@ -141,6 +141,8 @@ def _job_of(message: Any) -> str | None:
         return None
     try:
         body = message.get("body")
+        if body is None:
+            return None
         if (message.get("properties") or {}).get("body_encoding") == "base64":
             body = base64.b64decode(body)
         decoded = json.loads(body)

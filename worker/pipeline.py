@@ -471,7 +471,7 @@ class _Run:
     def _load(self, path: Path, source: _Input) -> torch.export.ExportedProgram:
         name = f"artifacts/{source.id}"
 
-        def msg(e: BaseException) -> str:
+        def msg(e: BaseException | str) -> str:
             return message_line(str(e).replace(str(path), name))
 
         try:

@@ -172,7 +172,13 @@ def reap_expired(session: Session, *, enqueue_fn: EnqueueFn | None, limit: int =
     if result.requeued and enqueue_fn is not None:
         queues = dict(session.execute(select(Job.id, Job.queue).where(Job.id.in_(result.requeued))).all())
         sends = [(i, queues[i]) for i in result.requeued]
-        _after_commit(session, lambda: [enqueue_fn(i, q) for i, q in sends])
+        send = enqueue_fn
+
+        def send_all() -> None:
+            for i, q in sends:
+                send(i, q)
+
+        _after_commit(session, send_all)
     return result
 
 
@@ -213,7 +219,13 @@ def resend_lost(session: Session, older_than_s: float, inspect: Callable[[], Que
         log.warning("%d job(s) of queue %s last sent over %.0fs ago have no message in the broker (lost); sending "
                     "again: %s", len(resent), queue, older_than_s, ", ".join(map(str, resent)))
         if enqueue_fn is not None:
-            _after_commit(session, lambda: [enqueue_fn(i, queue) for i in resent])
+            send = enqueue_fn
+
+            def send_all() -> None:
+                for i in resent:
+                    send(i, queue)
+
+            _after_commit(session, send_all)
     return resent
 
 

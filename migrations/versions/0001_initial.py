@@ -4,8 +4,8 @@ Revision ID: 0001
 Revises:
 Create Date: 2025-11-26
 
-Written by hand to match `prunery.service.store.db` (tests/service/test_db.py checks that the models and the migrated schema
-agree). Constraint names follow the models' naming convention so later revisions can address them.
+Written by hand to match `prunery.service.store.db` (tests/service/test_db.py checks that the models and the
+migrated schema agree). Constraint names follow the models' naming convention so later revisions can address them.
 """
 
 from __future__ import annotations
