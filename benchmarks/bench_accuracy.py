@@ -109,7 +109,7 @@ from torch import nn  # noqa: E402
 from prunery.core import count, load_program  # noqa: E402
 from prunery.core.counting import traced_size  # noqa: E402
 from prunery.core.data import Dataset, load_dataset, save_dataset  # noqa: E402
-from prunery.core.train import evaluate  # noqa: E402
+from prunery.core.evaluation import evaluate  # noqa: E402
 
 EXPORT_BATCH = 2  # the smallest example batch that keeps the exported batch dim dynamic
 MISS = 0.02  # a side whose MACs miss the budget by more than this (relative) is flagged

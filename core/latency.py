@@ -46,7 +46,7 @@ from torch import nn
 from torch.export import ExportedProgram
 
 from .errors import EngineError
-from .train import _device, _on_device, _to
+from .trainable import _device, _on_device, _to
 
 __all__ = ["LatencyError", "SLOWER_MIN_RATIO", "compare_latency", "measure_ms"]
 

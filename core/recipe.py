@@ -3,9 +3,9 @@ to a ratio or a budget, recovery, evaluation.
 
     1. fit the dataset to the program (one tensor per input, by name; shapes, dtypes, token id ranges: see
        `core/data.py`) and split off a held-out part
-    2. sparse training (`--sparse-steps`): the group regulariser of `core/train.py` for that many steps;
+    2. sparse training (`--sparse-steps`): the group regulariser of `core/regulariser.py` for that many steps;
        selection then ranks every group's indices together on the relative score (global pruning)
-    3. importance: the config's magnitude criterion, or from data ("taylor", "fisher": `core/train.py`),
+    3. importance: the config's magnitude criterion, or from data ("taylor", "fisher": `core/data_scores.py`),
        recomputed on the current program before each round when pruning to a target
     4. pruning: `core.prune` at the config's ratio, or `core.targets.prune_to_target` for a MACs, params or
        latency budget; then the batch norms' running statistics are recomputed on training batches (the
@@ -40,25 +40,19 @@ import torch
 from torch.export import ExportedProgram
 
 from .data import Batch, Dataset, DatasetError, fit_to_program
+from .data_scores import fisher_scores, taylor_scores
 from .distill import output_kinds, shared_layer_outputs
+from .evaluation import evaluate
 from .graph import DependencyGraph
 from .latency import compare_latency, measure_ms
+from .losses import make_loss
 from .program_module import has_batch_norm
 from .prune import PruneConfig, PruneError, PruneResult, example_inputs, prune
+from .recovery import finetune, held_out_score, loss_trend, recalibrate_batchnorm
+from .regulariser import sparse_train
 from .spec import DATA_IMPORTANCES, TARGET_FIELDS, JobSpec, fields_of, first_problem
 from .targets import Scores, Target, prune_to_target
-from .train import (
-    default_device,
-    evaluate,
-    finetune,
-    fisher_scores,
-    held_out_score,
-    loss_trend,
-    make_loss,
-    recalibrate_batchnorm,
-    sparse_train,
-    taylor_scores,
-)
+from .trainable import default_device
 
 Progress = Callable[[str, float, str], None]
 

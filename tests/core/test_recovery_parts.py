@@ -15,13 +15,10 @@ from torch import nn
 from prunery.core import PruneConfig, prune
 from prunery.core.data import Dataset
 from prunery.core.distill import output_kinds
+from prunery.core.losses import make_loss
 from prunery.core.recipe import Recipe, has_attention, run_recipe, training_defaults
-from prunery.core.train import (
-    loss_trend,
-    make_loss,
-    recalibrate_batchnorm,
-    trainable_module,
-)
+from prunery.core.recovery import loss_trend, recalibrate_batchnorm
+from prunery.core.trainable import trainable_module
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

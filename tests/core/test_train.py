@@ -1,4 +1,5 @@
-"""Training on exported programs (core/train.py): the group regulariser's gradient, sparse training, recovery
+"""Training on exported programs (core/trainable.py, losses.py, regulariser.py, recovery.py, evaluation.py,
+data_scores.py): the group regulariser's gradient, sparse training, recovery
 by distillation after pruning, Taylor/Fisher importance, best-checkpoint fine-tuning, evaluation, latency.
 Tiny models and synthetic data: a few seconds in all."""
 
@@ -13,21 +14,14 @@ import torch
 from torch import nn
 
 from prunery.core import DependencyGraph, PruneConfig, prune
+from prunery.core.data_scores import fisher_scores, taylor_scores
+from prunery.core.evaluation import evaluate
 from prunery.core.importance import group_scores
+from prunery.core.losses import loss_fn, make_loss
+from prunery.core.recovery import finetune
+from prunery.core.regulariser import GroupRegulariser, sparse_train
 from prunery.core.tensors import program_tensors
-from prunery.core.train import (
-    GroupRegulariser,
-    TrainError,
-    evaluate,
-    finetune,
-    fisher_scores,
-    loss_fn,
-    make_loss,
-    sparse_train,
-    taylor_scores,
-    trainable_module,
-    updated_program,
-)
+from prunery.core.trainable import TrainError, trainable_module, updated_program
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
