@@ -1,5 +1,6 @@
 """Training losses: cross-entropy on class ids, MSE on values, distillation from a teacher (the unpruned
-program) with a loss per output kind (`distill.py`), and cross-entropy with a share of the teacher's KL; one optimisation step on a loss (`_optimise`).
+program) with a loss per output kind (`distill.py`), and cross-entropy with a share of the teacher's KL; one
+optimisation step on a loss (`_optimise`).
 """
 
 from __future__ import annotations

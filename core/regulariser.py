@@ -1,6 +1,6 @@
-"""Sparse training with the group regulariser (DepGraph, "group-level sparsity"). For every group g selected (by default every group
-not `hidden`, the residual stream being pruned only when asked) and every prunable index k of g (a
-component, `g.components[k]`), let
+"""Sparse training with the group regulariser (DepGraph, "group-level sparsity"). For every group g selected
+(by default every group not `hidden`, the residual stream being pruned only when asked) and every prunable
+index k of g (a component, `g.components[k]`), let
 
     S[g,k] = sum over parameter members m of g of ||w_m[k-slice]||_2^2
 
