@@ -10,17 +10,39 @@ carried by every member and the ranking is the paper's, but where a group joins 
 in different numbers of layers (the two halves of a split, one of which feeds a chain of blocks)
 an index is not favoured merely for appearing more often.
 The relative score `I[g,k] / mean_k I[g,k]` makes groups comparable for global pruning.
+
+Whatever its source, importance reaches the pruning as one type, `Importance`: a function of a program and its
+dependency graph giving those scores (`magnitude` here; `core/recipe.py` makes the Taylor and Fisher ones from
+data, `core/data_scores.py`). It is called on the program being pruned, so pruning to a target recomputes it on
+the smaller program every round.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import numpy as np
 import torch
+from torch.export import ExportedProgram
 
 from .graph import DependencyGraph, Group
 from .spec import IMPORTANCES
+from .tensors import program_tensors
+
+Importance = Callable[[DependencyGraph, ExportedProgram], dict[int, np.ndarray]]
+
+
+def magnitude(criterion: str = "l2", seed: int = 0, prune_hidden: bool = False) -> Importance:
+    """The magnitude criterion `criterion` (`IMPORTANCES`) as an `Importance`, over the groups that may be
+    pruned (the residual stream's only with `prune_hidden`)."""
+    if criterion not in IMPORTANCES:
+        raise ValueError(f"unknown importance {criterion!r}; choose one of {', '.join(IMPORTANCES)}")
+
+    def scores(graph: DependencyGraph, ep: ExportedProgram) -> dict[int, np.ndarray]:
+        groups = [g for g in graph.groups if prune_hidden or not g.hidden]
+        return group_scores(graph, program_tensors(ep), criterion, seed, groups)
+
+    return scores
 
 
 def group_scores(

@@ -24,7 +24,7 @@ from torch.export.graph_signature import InputKind
 from .counting import Counts, count, count_macs, traced_size
 from .errors import EngineError
 from .graph import DependencyGraph
-from .importance import group_scores, relative
+from .importance import Importance, group_scores, magnitude, relative
 from .program_module import NodeCall, ProgramModule, call_specs, supported
 from .spec import DATA_IMPORTANCES, JobSpec, first_problem
 from .tensors import program_tensors, tied_names
@@ -93,6 +93,14 @@ def _round_keep(n: int, k: int, round_to: int | None) -> int:
     keep = n - k
     keep = min(n, int(math.ceil(keep / round_to) * round_to))
     return n - keep
+
+
+def config_importance(config: PruneConfig) -> Importance:
+    """The config's magnitude criterion as an `Importance`; PruneError for one that needs data."""
+    if config.importance in DATA_IMPORTANCES:
+        raise PruneError(f"{config.importance} importance is computed from data: give a dataset "
+                         "(prunery prune --dataset FILE, or core.recipe.run_recipe)")
+    return magnitude(config.importance, config.seed, config.prune_hidden)
 
 
 def select(graph: DependencyGraph, config: PruneConfig, tensors: dict[str, torch.Tensor],
@@ -404,13 +412,14 @@ def prune(
     example_args: tuple | None = None,
     *,
     graph: DependencyGraph | None = None,
-    scores: dict[int, np.ndarray] | None = None,
+    importance: Importance | None = None,
 ) -> PruneResult:
     """Prune a program (or a module, exported first with `example_args`) and report what changed.
 
     `graph`: the program's dependency graph, built beforehand with the config's `ignore` (the worker builds
-    it as a stage of its own, to report progress and honour a cancel in between). `scores`: importance per
-    group computed elsewhere (from data: Taylor, Fisher), instead of the config's magnitude criterion."""
+    it as a stage of its own, to report progress and honour a cancel in between). `importance`: how indices are
+    ranked (default: the config's magnitude criterion, `config_importance`); from data (Taylor, Fisher) it comes
+    from `core/recipe.py`."""
     config.validate()
     t0 = time.perf_counter()
     if graph is not None:
@@ -423,12 +432,14 @@ def prune(
     ep = model if isinstance(model, ExportedProgram) else torch.export.export(model, tuple(example_args or ()))
     graph = graph or DependencyGraph(ep, ignore=config.ignore, attention=config.attention)
     t_graph = t0 + graph.build_s
-    tensors = program_tensors(ep)
-    plan = select(graph, config, tensors, scores)
+    scores = (importance or config_importance(config))(graph, ep)
+    t_scores = time.perf_counter()
+    plan = select(graph, config, program_tensors(ep), scores)
     module = pruned_module(ep, plan)
     t_removed = time.perf_counter()
     new_ep = reexport(ep, module)
     t_end = time.perf_counter()
     report = build_report(config, ep, new_ep, graph, plan, {
-        "graph": t_graph - t0, "select_and_remove": t_removed - t_graph, "reexport": t_end - t_removed})
+        "graph": t_graph - t0, "importance": t_scores - t_graph, "select_and_remove": t_removed - t_scores,
+        "reexport": t_end - t_removed})
     return PruneResult(new_ep, report, plan)

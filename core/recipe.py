@@ -44,6 +44,7 @@ from .data_scores import fisher_scores, taylor_scores
 from .distill import output_kinds, shared_layer_outputs
 from .evaluation import evaluate
 from .graph import DependencyGraph
+from .importance import Importance
 from .latency import compare_latency, measure_ms
 from .losses import make_loss
 from .program_module import has_batch_norm
@@ -51,7 +52,7 @@ from .prune import PruneConfig, PruneError, PruneResult, example_inputs, prune
 from .recovery import finetune, held_out_score, loss_trend, recalibrate_batchnorm
 from .regulariser import sparse_train
 from .spec import DATA_IMPORTANCES, TARGET_FIELDS, JobSpec, fields_of, first_problem
-from .targets import Scores, Target, prune_to_target
+from .targets import Target, prune_to_target
 from .trainable import default_device
 
 Progress = Callable[[str, float, str], None]
@@ -274,11 +275,11 @@ def run_recipe(ep: ExportedProgram, config: PruneConfig, recipe: Recipe,
                                               "trend": _warn_flat(report_extra, "sparse", losses, progress)}
         config = dataclasses.replace(config, global_pruning=True)  # the paper: then prune by the relative score
 
-    scores: Scores | None = None
+    importance: Importance | None = None  # the config's magnitude criterion
     if config.importance in DATA_IMPORTANCES:
         score_fn = taylor_scores if config.importance == "taylor" else fisher_scores
 
-        def scores(graph: DependencyGraph, current: ExportedProgram) -> dict[int, np.ndarray]:
+        def importance(graph: DependencyGraph, current: ExportedProgram) -> dict[int, np.ndarray]:
             progress("prune", 0.0, f"{config.importance} importance on {recipe.score_batches} batches")
             return score_fn(graph, current, _first(train, recipe.score_batches), loss,
                             teacher=teacher if loss.distill else None, device=device)
@@ -293,13 +294,13 @@ def run_recipe(ep: ExportedProgram, config: PruneConfig, recipe: Recipe,
                 return measure_ms(p, batch, device=device, threads=_latency_threads(device))
 
         result = prune_to_target(program, config, target, steps=recipe.target_steps, latency=measure,
-                                 scores=scores, on_step=lambda i, r: progress(
+                                 importance=importance, on_step=lambda i, r: progress(
                                      "prune", (i + 1) / recipe.target_steps,
                                      f"round {r['round']}: {target.metric} {r['reached']:.6g} "
                                      f"(aiming at {r['aim']:.6g})"))
     else:
         graph = DependencyGraph(program, ignore=config.ignore, attention=config.attention)
-        result = prune(program, config, graph=graph, scores=scores(graph, program) if scores else None)
+        result = prune(program, config, graph=graph, importance=importance)
     pruned = result.program
 
     if dataset is not None:

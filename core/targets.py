@@ -28,12 +28,14 @@ from torch.export import ExportedProgram
 
 from .counting import Counts, count
 from .graph import DependencyGraph
+from .importance import Importance
 from .prune import (
     PruneConfig,
     PruneError,
     PrunePlan,
     PruneResult,
     build_report,
+    config_importance,
     plan_counts,
     pruned_module,
     reexport,
@@ -42,7 +44,6 @@ from .prune import (
 from .tensors import program_tensors
 
 METRICS = ("macs", "params", "latency_ms")
-Scores = Callable[[DependencyGraph, ExportedProgram], dict[int, np.ndarray]]
 
 
 @dataclass(frozen=True)
@@ -99,13 +100,15 @@ def _closest_plan(ep: ExportedProgram, graph: DependencyGraph, config: PruneConf
 
 def prune_to_target(ep: ExportedProgram, config: PruneConfig, target: Target, *, steps: int = 4,
                     tolerance: float = 0.02, latency: Callable[[ExportedProgram], float] | None = None,
-                    scores: Scores | None = None,
+                    importance: Importance | None = None,
                     on_step: Callable[[int, dict], None] | None = None) -> PruneResult:
     """Prune `ep` until `target` is met within `tolerance` (relative); see the module docstring. The config's
     ratio is ignored (the target sets how much goes); its importance, ignore globs, attention mode,
-    prune_hidden, max_ratio and round_to apply. `on_step(i, record)` follows each round. Raises PruneError when
-    the model cannot get that small (everything prunable is gone first) or already is."""
+    prune_hidden, max_ratio and round_to apply; `importance` ranks the indices, recomputed on the smaller program
+    every round (default: the config's magnitude criterion). `on_step(i, record)` follows each round. Raises
+    PruneError when the model cannot get that small (everything prunable is gone first) or already is."""
     target.validate()
+    importance = importance or config_importance(config)
     if steps < 1:
         raise PruneError(f"steps must be at least 1, got {steps}")
     if target.metric == "latency_ms" and latency is None:
@@ -135,7 +138,7 @@ def prune_to_target(ep: ExportedProgram, config: PruneConfig, target: Target, *,
             aim, metric = aim_value, target.metric
         graph = DependencyGraph(current, ignore=config.ignore, attention=config.attention)
         plan, _ = _closest_plan(current, graph, config, aim, metric,
-                                scores(graph, current) if scores else None, tolerance)
+                                importance(graph, current), tolerance)
         if not plan.pruned.any():
             break
         current = reexport(current, pruned_module(current, plan))

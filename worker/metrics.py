@@ -63,8 +63,9 @@ JOBS_FINISHED = Counter("prunery_jobs_finished_total", "Jobs that reached a fina
 JOB_DURATION = Histogram("prunery_job_duration_seconds",
                          "Wall time of one job attempt, from claim to its final state", buckets=_DURATION_BUCKETS)
 STAGE_DURATION = Histogram("prunery_stage_duration_seconds",
-                           "Wall time of a job stage (load, prune, export, store; graph, select_and_remove and "
-                           "reexport are the engine's parts of prune)", ["stage"], buckets=_DURATION_BUCKETS)
+                           "Wall time of a job stage (load, prune, export, store; graph, importance, "
+                           "select_and_remove and reexport are the engine's parts of prune)", ["stage"],
+                           buckets=_DURATION_BUCKETS)
 JOBS_RUNNING = Gauge("prunery_jobs_running", "Jobs running in this worker now", multiprocess_mode="livesum")
 JOBS_REQUEUED = Counter("prunery_jobs_requeued_total",
                         "Jobs sent to the queue again by the reaper: lease_expired (RUNNING, its worker stopped), "

@@ -15,8 +15,8 @@ announced as a progress event (stage names as in the API's `Job.stage`), a cance
                  in no other way
     graph   15%  the program's dependency graph (`prunery.core.DependencyGraph`, with the spec's ignore globs)
     prune   40%  `prunery.core.prune` with that graph and a `PruneConfig` from the job's spec (the `prunery
-                 prune` options): group selection, removal and re-export, whose parts (select_and_remove,
-                 reexport) the report and the stage metrics break out
+                 prune` options): importance, group selection, removal and re-export, whose parts
+                 (importance, select_and_remove, reexport) the report and the stage metrics break out
     (a spec with a dataset, a target, sparse training or recovery runs `prunery.core.recipe.run_recipe`
      instead of graph and prune: stages sparse 20%, prune 40%, finetune 50%, evaluate 80%, each reporting
      its steps as progress events and honouring a cancel between them)

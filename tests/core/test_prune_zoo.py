@@ -99,3 +99,25 @@ def test_a_batch_dim_exported_without_bounds_stays_dynamic_and_unbounded() -> No
     ep = torch.export.export(model, (torch.randn(4, 64),), dynamic_shapes=({0: torch.export.Dim("batch")},))
     result = prune(ep, PruneConfig(ratio=0.5))
     assert result.program.module()(torch.randn(5000, 64)).shape == (5000, 10)
+
+
+def test_importance_is_one_callable_whatever_its_source(programs) -> None:
+    """`prune(importance=...)` ranks with any `Importance` (a function of the graph and the program): the config's
+    magnitude criterion by default, called once on the program being pruned, its time reported."""
+    from prunery.core.importance import magnitude
+
+    ep = programs("resnet_basic")
+    config = PruneConfig(ratio=0.5, ignore=("fc.*",))
+    calls: list[object] = []
+
+    def inverse_l2(graph, program):  # keeps what L2 would remove
+        calls.append(program)
+        return {gid: -s for gid, s in magnitude("l2")(graph, program).items()}
+
+    default, explicit = prune(ep, config), prune(ep, config, importance=magnitude("l2"))
+    inverse = prune(ep, config, importance=inverse_l2)
+    assert calls == [ep]
+    assert (default.plan.pruned == explicit.plan.pruned).all()
+    assert not (inverse.plan.pruned == default.plan.pruned).all()
+    assert inverse.report["params_after"] == default.report["params_after"]  # the same counts go, other indices
+    assert default.report["timings_s"]["importance"] >= 0

@@ -144,7 +144,7 @@ def test_job_runs_to_succeeded(stack: Stack, conv1d_bytes: bytes, tmp_path: Path
     # the worker's /metrics merges what its job processes recorded
     text = stack.workers[0].metrics()
     assert 'prunery_jobs_finished_total{state="SUCCEEDED"}' in text
-    for stage in ("load", "graph", "prune", "export", "store", "select_and_remove", "reexport"):
+    for stage in ("load", "graph", "prune", "export", "store", "importance", "select_and_remove", "reexport"):
         assert f'prunery_stage_duration_seconds_count{{stage="{stage}"}} 1.0' in text, stage
     assert "prunery_job_duration_seconds_count" in text
     assert "prunery_artifact_out_bytes_total" in text and "prunery_jobs_running 0.0" in text
