@@ -1,6 +1,6 @@
 """`python -m prunery.worker [celery worker options]`: one Prunery worker, configured from PRUNERY_* variables."""
 
-from prunery.worker.app import main
+from .app import main
 
 if __name__ == "__main__":
     main()

@@ -70,10 +70,10 @@ from celery import Celery, Task, signals
 from celery.exceptions import Ignore
 from celery.worker.request import Request
 
-from prunery.service.store.queue import TASK_NAME
-from prunery.worker import broker
-from prunery.worker.broker import broker_transport_options
-from prunery.worker.settings import WorkerSettings
+from ..service.store.queue import TASK_NAME
+from . import broker
+from .broker import broker_transport_options
+from .settings import WorkerSettings
 
 __all__ = ["CLAIM_HOLD_MAX_S", "CLAIM_RETRY_MAX_S", "TASK_NAME", "HandBack", "HandBackRequest", "app",
            "broker_transport_options", "claim_hold_s", "claim_retry_countdown", "enqueue", "hand_back_delay",
@@ -180,7 +180,7 @@ def make_app(settings: WorkerSettings | None = None, *, main: bool = False) -> C
     @celery.task(name=TASK_NAME, ignore_result=True, bind=True, max_retries=None, Request=HandBackRequest)
     def run_job(self: Task, job_id: str) -> dict[str, Any]:
         # imported here: the engine (torch) loads in worker processes only, never in the API
-        from prunery.worker import pipeline
+        from . import pipeline
 
         hold_until = time.monotonic() + claim_hold_s(settings)
         tries = 0
@@ -300,14 +300,14 @@ def _on_worker_init(sender: Any = None, **_kwargs: Any) -> None:
     _prompt_process_replacement()
     broker.ensure_broker_dirs(settings)
     _prepare_metrics_dir()
-    from prunery.worker import metrics
+    from . import metrics
 
     metrics.remove_orphaned_dirs()  # those of workers killed on this host
     if settings.metrics_port:
         _main["metrics"] = metrics.MetricsServer(settings.metrics_port, settings.metrics_addr)
     if settings.preload:
         t0 = time.perf_counter()
-        from prunery.worker import pipeline  # torch, imported once; CUDA stays untouched
+        from . import pipeline  # torch, imported once; CUDA stays untouched
 
         pipeline.preload_engine()
         _main["preload_s"] = time.perf_counter() - t0
@@ -319,7 +319,7 @@ def _on_worker_init(sender: Any = None, **_kwargs: Any) -> None:
 
 @signals.worker_ready.connect
 def _on_worker_ready(sender: Any = None, **_kwargs: Any) -> None:
-    from prunery.worker.reaper import Reaper
+    from .reaper import Reaper
 
     celery = getattr(sender, "app", None) or app
     reaper = Reaper(_settings_of(sender), celery)

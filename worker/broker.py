@@ -19,8 +19,8 @@ from typing import Any
 
 from celery import Celery
 
-from prunery.service.store.queue import TASK_NAME, is_filesystem, is_redis, transport_options
-from prunery.worker.settings import WorkerSettings
+from ..service.store.queue import TASK_NAME, is_filesystem, is_redis, transport_options
+from .settings import WorkerSettings
 
 __all__ = ["HandedBack", "QueueView", "broker_transport_options", "ensure_broker_dirs", "flush_pending",
            "inspect_queue", "pending_jobs", "queue_depth", "restore_message", "send", "send_later"]

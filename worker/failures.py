@@ -8,8 +8,8 @@ import uuid
 
 from google.rpc import code_pb2
 
-from prunery.core.errors import exception_line, one_line
-from prunery.service.store.reasons import Reason
+from ..core.errors import exception_line, one_line
+from ..service.store.reasons import Reason
 
 __all__ = ["MESSAGE_LIMIT", "ClaimDeferred", "JobFailure", "exc_line", "message_line", "out_of_memory",
            "spec_error"]

@@ -19,11 +19,11 @@ from typing import Any, Protocol
 
 from google.rpc import code_pb2
 
-from prunery.service.store import jobs
-from prunery.service.store.db import Database, Job, JobState
-from prunery.service.store.objectstore import ObjectStore
-from prunery.service.store.reasons import Reason
-from prunery.worker.settings import WorkerSettings
+from ..service.store import jobs
+from ..service.store.db import Database, Job, JobState
+from ..service.store.objectstore import ObjectStore
+from ..service.store.reasons import Reason
+from .settings import WorkerSettings
 
 __all__ = ["TERMINAL", "Attempt", "LeaseKeeper", "memory_limit"]
 

@@ -71,7 +71,7 @@ import torch
 from google.rpc import code_pb2
 from sqlalchemy import select
 
-from prunery.core import (
+from ..core import (
     ArchiveLoadError,
     DependencyGraph,
     PruneConfig,
@@ -80,17 +80,17 @@ from prunery.core import (
     prune,
     vet_archive,
 )
-from prunery.core.data import Dataset, DatasetError, load_dataset
-from prunery.core.recipe import Recipe, run_recipe
-from prunery.core.spec import JobSpec, first_problem
-from prunery.service.store import jobs
-from prunery.service.store.db import Artifact, ArtifactKind, ArtifactState, Database, Job, JobState, utcnow
-from prunery.service.store.objectstore import ObjectNotFound, ObjectStore, TooLarge, open_store
-from prunery.service.store.reasons import Reason
-from prunery.worker import metrics
-from prunery.worker.failures import ClaimDeferred, JobFailure, exc_line, message_line, out_of_memory, spec_error
-from prunery.worker.lease import TERMINAL, LeaseKeeper, memory_limit
-from prunery.worker.settings import WorkerSettings
+from ..core.data import Dataset, DatasetError, load_dataset
+from ..core.recipe import Recipe, run_recipe
+from ..core.spec import JobSpec, first_problem
+from ..service.store import jobs
+from ..service.store.db import Artifact, ArtifactKind, ArtifactState, Database, Job, JobState, utcnow
+from ..service.store.objectstore import ObjectNotFound, ObjectStore, TooLarge, open_store
+from ..service.store.reasons import Reason
+from . import metrics
+from .failures import ClaimDeferred, JobFailure, exc_line, message_line, out_of_memory, spec_error
+from .lease import TERMINAL, LeaseKeeper, memory_limit
+from .settings import WorkerSettings
 
 __all__ = ["STAGES", "ClaimDeferred", "JobFailure", "spec_of", "preload_engine", "run_job", "select_device"]
 

@@ -87,13 +87,13 @@ from typing import Any
 from sqlalchemy import delete, event, select
 from sqlalchemy.orm import Session
 
-from prunery.service.store import jobs
-from prunery.service.store.db import Artifact, ArtifactState, Database, Job, JobState, utcnow
-from prunery.service.store.objectstore import ObjectStore
-from prunery.worker import broker
-from prunery.worker.broker import QueueView
-from prunery.worker.metrics import pid_alive, remove_orphaned_dirs
-from prunery.worker.settings import WorkerSettings
+from ..service.store import jobs
+from ..service.store.db import Artifact, ArtifactState, Database, Job, JobState, utcnow
+from ..service.store.objectstore import ObjectStore
+from . import broker
+from .broker import QueueView
+from .metrics import pid_alive, remove_orphaned_dirs
+from .settings import WorkerSettings
 
 __all__ = ["ReapResult", "Reaper", "UploadSweep", "reap_expired", "requeue_message", "resend_lost",
            "sweep_pending_uploads"]
@@ -322,7 +322,7 @@ class Reaper(threading.Thread):
             self._db.dispose()
 
     def tick(self) -> ReapResult:
-        from prunery.worker import metrics
+        from . import metrics
 
         if self._db is None:
             self._db = Database(self.settings.database_url)
@@ -353,7 +353,7 @@ class Reaper(threading.Thread):
 
     def _object_store(self) -> ObjectStore:
         if self._store is None:
-            from prunery.service.store.objectstore import open_store
+            from ..service.store.objectstore import open_store
 
             self._store = open_store(self.settings.store_url)
         return self._store
@@ -366,7 +366,7 @@ class Reaper(threading.Thread):
             log.exception("job %s: could not delete its partial outputs", job_id)
 
     def _sweep_uploads(self) -> None:
-        from prunery.worker import metrics
+        from . import metrics
 
         now = time.monotonic()
         if now < self._next_upload_sweep or self._db is None:

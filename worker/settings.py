@@ -47,7 +47,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from prunery.service.store.config import DEFAULT_QUEUE, env_number
+from ..service.store.config import DEFAULT_QUEUE, env_number
 
 
 def _float(name: str, default: float, minimum: float = 0.0) -> float:

@@ -27,10 +27,24 @@ from sqlalchemy import delete, select, update
 from sqlalchemy.engine import CursorResult
 from sqlalchemy.orm import Session
 
-from prunery.service.api import errors
-from prunery.service.api.auth import current_tenant
-from prunery.service.api.errors import ApiError, Reason, Violation
-from prunery.service.api.names import (
+from prunery.v1 import prunery_pb2 as pb
+from prunery.v1 import prunery_pb2_grpc as pb_grpc
+
+from ..store import jobs
+from ..store.db import (
+    Artifact,
+    ArtifactKind,
+    ArtifactState,
+    Job,
+    JobState,
+    Tenant,
+    utcnow,
+)
+from ..store.objectstore import InvalidRange, ObjectNotFound, ObjectWriter, TooLarge
+from . import errors
+from .auth import current_tenant
+from .errors import ApiError, Reason, Violation
+from .names import (
     ARTIFACT_NAME_RE,
     JOB_RESULT_RE,
     MAX_DISPLAY_NAME,
@@ -44,21 +58,8 @@ from prunery.service.api.names import (
     parse_filter,
     parse_name,
 )
-from prunery.service.api.protos import artifact_proto, result_names
-from prunery.service.api.servicers import ApiBackend, blocking, cap_error, streaming, tenant_bytes, unary
-from prunery.service.store import jobs
-from prunery.service.store.db import (
-    Artifact,
-    ArtifactKind,
-    ArtifactState,
-    Job,
-    JobState,
-    Tenant,
-    utcnow,
-)
-from prunery.service.store.objectstore import InvalidRange, ObjectNotFound, ObjectWriter, TooLarge
-from prunery.v1 import prunery_pb2 as pb
-from prunery.v1 import prunery_pb2_grpc as pb_grpc
+from .protos import artifact_proto, result_names
+from .servicers import ApiBackend, blocking, cap_error, streaming, tenant_bytes, unary
 
 __all__ = ["ArtifactService"]
 

@@ -23,10 +23,10 @@ from typing import Any
 
 import grpc
 
-from prunery.service.api import errors
-from prunery.service.api.errors import ApiError, Reason
-from prunery.service.api.limits import BlockingPool, TenantLimits
-from prunery.service.store.db import Database, authenticate
+from ..store.db import Database, authenticate
+from . import errors
+from .errors import ApiError, Reason
+from .limits import BlockingPool, TenantLimits
 
 __all__ = ["PUBLIC_METHOD_PREFIXES", "Authentication", "Behavior", "TokenAuthenticator", "bearer_token",
            "current_tenant"]

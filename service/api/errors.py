@@ -23,7 +23,7 @@ from google.protobuf import any_pb2, duration_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from prunery.service.store.reasons import Reason
+from ..store.reasons import Reason
 
 DOMAIN = "prunery.dev"
 

@@ -22,11 +22,25 @@ from sqlalchemy import delete, func, or_, select
 from sqlalchemy.engine import Row
 from sqlalchemy.orm import Session
 
-from prunery.core.spec import JobSpec
-from prunery.service.api import errors
-from prunery.service.api.auth import current_tenant
-from prunery.service.api.errors import ApiError, Reason, Violation, quote
-from prunery.service.api.names import (
+from prunery.spec_proto import spec_from_proto
+from prunery.v1 import prunery_pb2 as pb
+from prunery.v1 import prunery_pb2_grpc as pb_grpc
+
+from ...core.spec import JobSpec
+from ..store import jobs
+from ..store.db import (
+    Artifact,
+    ArtifactKind,
+    ArtifactState,
+    Job,
+    JobEvent,
+    JobState,
+    Tenant,
+)
+from . import errors
+from .auth import current_tenant
+from .errors import ApiError, Reason, Violation, quote
+from .names import (
     ARTIFACT_NAME_RE,
     MAX_IGNORE,
     MAX_REQUEST_ID,
@@ -36,21 +50,8 @@ from prunery.service.api.names import (
     parse_filter,
     parse_job_name,
 )
-from prunery.service.api.protos import event_proto, job_proto, result_names, same_request, stored_spec
-from prunery.service.api.servicers import WATCH_FALLBACK_POLL_S, ApiBackend, blocking, streaming, unary
-from prunery.service.store import jobs
-from prunery.service.store.db import (
-    Artifact,
-    ArtifactKind,
-    ArtifactState,
-    Job,
-    JobEvent,
-    JobState,
-    Tenant,
-)
-from prunery.spec_proto import spec_from_proto
-from prunery.v1 import prunery_pb2 as pb
-from prunery.v1 import prunery_pb2_grpc as pb_grpc
+from .protos import event_proto, job_proto, result_names, same_request, stored_spec
+from .servicers import WATCH_FALLBACK_POLL_S, ApiBackend, blocking, streaming, unary
 
 __all__ = ["JobService"]
 

@@ -27,7 +27,7 @@ from typing import Any, TypeVar
 
 import grpc
 
-from prunery.service.api.errors import ApiError, Reason
+from .errors import ApiError, Reason
 
 __all__ = ["BlockingPool", "TenantLimits"]
 

@@ -23,8 +23,8 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 
-from prunery.service.api.auth import Behavior
-from prunery.service.store.db import Database, Job, JobState
+from ..store.db import Database, Job, JobState
+from .auth import Behavior
 
 log = logging.getLogger(__name__)
 

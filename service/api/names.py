@@ -18,13 +18,14 @@ from typing import Any
 from sqlalchemy import and_, or_
 from sqlalchemy.engine import Connection
 
-from prunery.service.api import errors
-from prunery.service.api.errors import ApiError, Reason, Violation, quote
-from prunery.service.store.db import (
+from prunery.v1 import prunery_pb2 as pb
+
+from ..store.db import (
     Artifact,
     Job,
 )
-from prunery.v1 import prunery_pb2 as pb
+from . import errors
+from .errors import ApiError, Reason, Violation, quote
 
 __all__ = ["ARTIFACT_NAME_RE", "JOB_NAME_RE", "JOB_RESULT_RE", "SHA256_RE", "artifact_name", "job_name",
            "label_violations", "page", "parse_artifact_name", "parse_filter", "parse_job_name", "parse_name"]

@@ -11,17 +11,18 @@ from typing import Any
 
 from sqlalchemy.engine import Row
 
-from prunery.core.spec import JobSpec
-from prunery.service.api import errors
-from prunery.service.api.names import artifact_name, job_name, parse_artifact_name
-from prunery.service.store import jobs
-from prunery.service.store.db import (
+from prunery.spec_proto import spec_from_proto, spec_to_proto
+from prunery.v1 import prunery_pb2 as pb
+
+from ...core.spec import JobSpec
+from ..store import jobs
+from ..store.db import (
     Artifact,
     Job,
     JobEvent,
 )
-from prunery.spec_proto import spec_from_proto, spec_to_proto
-from prunery.v1 import prunery_pb2 as pb
+from . import errors
+from .names import artifact_name, job_name, parse_artifact_name
 
 __all__ = ["artifact_proto", "event_proto", "job_proto", "result_names", "same_request", "stored_spec"]
 

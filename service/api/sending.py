@@ -17,8 +17,8 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
-from prunery.service.api.settings import Settings
-from prunery.service.store.queue import TASK_NAME, transport_options
+from ..store.queue import TASK_NAME, transport_options
+from .settings import Settings
 
 __all__ = ["CeleryEnqueuer", "RetryingSender", "enqueue"]
 

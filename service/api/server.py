@@ -40,18 +40,19 @@ from grpc_health.v1 import health, health_pb2
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
-from prunery.service.api.artifact_service import ArtifactService
-from prunery.service.api.auth import Authentication, Behavior, TokenAuthenticator
-from prunery.service.api.job_service import JobService
-from prunery.service.api.jobcache import JobCache
-from prunery.service.api.limits import BlockingPool, TenantLimits
-from prunery.service.api.metrics import CallMetrics, Metrics
-from prunery.service.api.sending import CeleryEnqueuer, RetryingSender
-from prunery.service.api.servicers import ApiBackend
-from prunery.service.api.settings import Settings
-from prunery.service.store import db, jobs
-from prunery.service.store.objectstore import ObjectStore, open_store
 from prunery.v1 import prunery_pb2
+
+from ..store import db, jobs
+from ..store.objectstore import ObjectStore, open_store
+from .artifact_service import ArtifactService
+from .auth import Authentication, Behavior, TokenAuthenticator
+from .job_service import JobService
+from .jobcache import JobCache
+from .limits import BlockingPool, TenantLimits
+from .metrics import CallMetrics, Metrics
+from .sending import CeleryEnqueuer, RetryingSender
+from .servicers import ApiBackend
+from .settings import Settings
 
 __all__ = ["SERVICE_NAMES", "PruneryServer", "build_server", "serve"]
 

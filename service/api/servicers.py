@@ -28,17 +28,17 @@ from sqlalchemy import func, select
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 
-from prunery.service.api import errors
-from prunery.service.api.errors import ApiError, Reason
-from prunery.service.api.jobcache import JobCache
-from prunery.service.api.limits import BlockingPool
-from prunery.service.api.metrics import Metrics
-from prunery.service.api.settings import Settings
-from prunery.service.store.db import (
+from ..store.db import (
     Artifact,
     Database,
 )
-from prunery.service.store.objectstore import ObjectStore
+from ..store.objectstore import ObjectStore
+from . import errors
+from .errors import ApiError, Reason
+from .jobcache import JobCache
+from .limits import BlockingPool
+from .metrics import Metrics
+from .settings import Settings
 
 __all__ = ["WATCH_FALLBACK_POLL_S", "ApiBackend", "Enqueue", "blocking", "cap_error", "streaming", "tenant_bytes",
            "unary"]

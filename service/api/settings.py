@@ -48,7 +48,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from prunery.service.store.config import DEFAULT_QUEUE, env_number
+from ..store.config import DEFAULT_QUEUE, env_number
 
 DEFAULT_LISTEN_ADDRESS = "127.0.0.1:50051"
 DEFAULT_TENANT_CAP_BYTES = 8 << 30

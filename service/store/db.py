@@ -50,7 +50,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 from sqlalchemy.pool import StaticPool
 
-from prunery.service.store.config import DEFAULT_QUEUE
+from .config import DEFAULT_QUEUE
 
 SQLITE_BUSY_TIMEOUT_S = 30.0
 

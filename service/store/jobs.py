@@ -49,9 +49,9 @@ from sqlalchemy import ColumnElement, func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from prunery.service.store.config import DEFAULT_QUEUE
-from prunery.service.store.db import Job, JobEvent, JobState, Tenant, utcnow
-from prunery.service.store.reasons import Reason
+from .config import DEFAULT_QUEUE
+from .db import Job, JobEvent, JobState, Tenant, utcnow
+from .reasons import Reason
 
 __all__ = [
     "DEFAULT_MAX_ATTEMPTS", "RESENT", "TERMINAL", "TRANSITIONS", "TOO_MANY_ATTEMPTS", "IllegalTransition",

@@ -16,7 +16,7 @@ from pathlib import Path
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
-from prunery.service.store import db
+from . import db
 
 
 class TokenStoreError(RuntimeError):
