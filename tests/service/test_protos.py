@@ -40,7 +40,7 @@ FIELD_NUMBERS = {
                   "finetune_lr": 19, "distill": 20, "target_macs": 21, "target_params": 22, "target_latency_ms": 23,
                   "target_steps": 24, "finetune_epochs": 25, "optimizer": 26, "warmup": 27, "clip_grad": 28,
                   "distill_loss": 29, "teacher_weight": 30, "hidden_weight": 31},
-    "UploadArtifactRequest": {"metadata": 1, "chunk": 2},
+    "UploadArtifactRequest": {"metadata": 1, "chunk": 2, "sha256": 3},
     "WatchJobRequest": {"name": 1, "after_sequence": 2},
 }
 ENUMS = {
